@@ -1,0 +1,25 @@
+"""Errors shared by the core, the ports and the entry points."""
+
+from __future__ import annotations
+
+
+class PermanentError(ValueError):
+    """Input that can never succeed, however often it is retried.
+
+    Entry points log it, record it where `pcp status` shows it, and acknowledge the event.
+    """
+
+
+class CorruptState(PermanentError):
+    """A stored document that cannot be parsed."""
+
+
+class Conflict(Exception):
+    """A conditional write lost a race (HTTP 412): re-read and decide again."""
+
+
+class CapacityError(Exception):
+    """Compute has no capacity or quota for a start (ZONE_RESOURCE_POOL_EXHAUSTED, quota).
+
+    Retrying now will not help: the run ends with this reason in plain words.
+    """

@@ -1,0 +1,617 @@
+"""Wire messages: each has one parser (`from_json`) and one writer (`to_json`).
+
+Parsers are strict: unknown fields, wrong types and oversize values raise `PermanentError`
+with a reason a person can act on. Nothing here touches a shell: `training_config` is split
+into an argument list once, here, and travels as a list from then on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pcp.core.errors import PermanentError
+from pcp.core.timefmt import iso, opt_iso, opt_time, parse_time
+
+RUN_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+NODE_RE = re.compile(r"^(shepherd|worker-(0|[1-9][0-9]{0,2}))$")
+STACK_RE = re.compile(r"^[a-z][a-z0-9-]{0,29}$")
+PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_]+$")
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_CONFIG_BYTES = 16 * 1024
+MAX_TEXT = 1024
+MAX_RESTARTS = 10
+
+JsonObj = dict[str, Any]
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+
+def load_object(data: bytes | str, what: str) -> JsonObj:
+    """Parse a JSON object, with a precise reason when it is not one."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise PermanentError(f"{what} is {len(data)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    if not data.strip():
+        return {}
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PermanentError(f"{what} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PermanentError(
+            f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise PermanentError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def dump(obj: JsonObj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def check_fields(obj: JsonObj, allowed: tuple[str, ...], what: str) -> None:
+    unknown = sorted(k for k in obj if k not in allowed)
+    if not unknown:
+        return
+    key = unknown[0]
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise PermanentError(
+        f"unknown field {key!r} in {what}{hint}; allowed fields: {', '.join(allowed)}"
+    )
+
+
+def _bool(obj: JsonObj, key: str, what: str, default: bool = False) -> bool:
+    v = obj.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise PermanentError(f"{what}: {key} must be true or false, got {v!r}")
+    return v
+
+
+def _text(obj: JsonObj, key: str, what: str, limit: int = MAX_TEXT) -> str | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise PermanentError(f"{what}: {key} must be a string, got {type(v).__name__}")
+    if len(v.encode("utf-8")) > limit:
+        raise PermanentError(f"{what}: {key} is longer than {limit} bytes")
+    if "\x00" in v:
+        raise PermanentError(f"{what}: {key} contains a NUL character")
+    return v
+
+
+def _int(obj: JsonObj, key: str, what: str, lo: int, hi: int, default: int) -> int:
+    v = obj.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise PermanentError(f"{what}: {key} must be a whole number, got {v!r}")
+    if not lo <= v <= hi:
+        raise PermanentError(f"{what}: {key} must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def validate_run_id(value: object, what: str = "run_id") -> str:
+    if not isinstance(value, str):
+        raise PermanentError(f"{what} must be a string, got {type(value).__name__}")
+    if not RUN_ID_RE.match(value):
+        raise PermanentError(
+            f"{what} {value!r} is invalid: use 1-63 characters of a-z, 0-9 and '-', "
+            "starting with a letter (it becomes a storage path and a VM label)"
+        )
+    return value
+
+
+def run_id_from_message_id(message_id: str) -> str:
+    """A stable run id for a request that named none, so a redelivery is the same run."""
+    cleaned = re.sub(r"[^a-z0-9-]", "-", message_id.lower()).strip("-")
+    if not cleaned:
+        raise PermanentError(f"cannot derive a run id from message id {message_id!r}")
+    return validate_run_id(f"run-{cleaned}"[:63].rstrip("-"))
+
+
+def split_training_config(value: object) -> tuple[str, ...]:
+    """`training_config` as an argument list: a string split shell-style, or a list of strings."""
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        if not all(isinstance(a, str) for a in value):
+            raise PermanentError("training_config as a list must hold only strings")
+        size = sum(len(a.encode("utf-8")) + 1 for a in value)
+        args = tuple(value)
+    elif isinstance(value, str):
+        size = len(value.encode("utf-8"))
+        if size > MAX_CONFIG_BYTES:
+            raise PermanentError(
+                f"training_config is {size} bytes; the limit is {MAX_CONFIG_BYTES} (16 KiB)"
+            )
+        try:
+            args = tuple(shlex.split(value, posix=True))
+        except ValueError as e:
+            raise PermanentError(f"training_config has unbalanced quotes: {e}") from None
+    else:
+        raise PermanentError(
+            f"training_config must be a string or a list of strings, got {type(value).__name__}"
+        )
+    if size > MAX_CONFIG_BYTES:
+        raise PermanentError(
+            f"training_config is {size} bytes; the limit is {MAX_CONFIG_BYTES} (16 KiB)"
+        )
+    if any("\x00" in a for a in args):
+        raise PermanentError("training_config contains a NUL character")
+    return args
+
+
+def _binary(obj: JsonObj, what: str) -> str | dict[str, str] | None:
+    """A flake reference or store path, or a map platform -> store path."""
+    v = obj.get("binary")
+    if v is None:
+        return None
+    if isinstance(v, str):
+        text = _text(obj, "binary", what)
+        if not text or not text.strip() or any(c in text for c in "\n\r"):
+            raise PermanentError(f"{what}: binary must be a non-empty single line")
+        return text
+    if isinstance(v, dict):
+        if not v:
+            raise PermanentError(f"{what}: binary map must name at least one platform")
+        out: dict[str, str] = {}
+        for platform, ref in v.items():
+            if not PLATFORM_RE.match(platform):
+                raise PermanentError(
+                    f"{what}: binary platform {platform!r} must look like x86_64-linux"
+                )
+            if not isinstance(ref, str) or not ref.strip() or "\n" in ref or len(ref) > MAX_TEXT:
+                raise PermanentError(f"{what}: binary for {platform} must be a non-empty line")
+            out[platform] = ref
+        return out
+    raise PermanentError(f"{what}: binary must be a string or a platform map")
+
+
+# ---------------------------------------------------------------- start request
+
+START_FIELDS = (
+    "run_id",
+    "stack",
+    "keep_vm_alive",
+    "training_config",
+    "binary",
+    "max_hours",
+    "max_restarts",
+    "requested_by",
+)
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """A request to run training on a stack. Every field is optional on the wire."""
+
+    run_id: str
+    keep_vm_alive: bool = False
+    training_args: tuple[str, ...] = ()
+    binary: str | dict[str, str] | None = None
+    max_hours: float | None = None
+    max_restarts: int = 0
+    requested_by: str | None = None
+    stack: str | None = None
+
+    @classmethod
+    def from_json(cls, data: bytes | str, message_id: str | None = None) -> StartRequest:
+        what = "start request"
+        obj = load_object(data, what)
+        check_fields(obj, START_FIELDS, what)
+        if obj.get("run_id") is not None:
+            run_id = validate_run_id(obj["run_id"])
+        elif message_id:
+            run_id = run_id_from_message_id(message_id)
+        else:
+            raise PermanentError("start request has no run_id and no message id to derive one")
+        stack = _text(obj, "stack", what)
+        if stack is not None and not STACK_RE.match(stack):
+            raise PermanentError(f"{what}: stack {stack!r} is not a valid stack name")
+        max_hours = obj.get("max_hours")
+        if max_hours is not None:
+            if isinstance(max_hours, bool) or not isinstance(max_hours, (int, float)):
+                raise PermanentError(f"{what}: max_hours must be a number, got {max_hours!r}")
+            if not max_hours > 0 or max_hours != max_hours or max_hours == float("inf"):
+                raise PermanentError(f"{what}: max_hours must be positive, got {max_hours}")
+            max_hours = float(max_hours)
+        return cls(
+            run_id=run_id,
+            keep_vm_alive=_bool(obj, "keep_vm_alive", what),
+            training_args=split_training_config(obj.get("training_config")),
+            binary=_binary(obj, what),
+            max_hours=max_hours,
+            max_restarts=_int(obj, "max_restarts", what, 0, MAX_RESTARTS, 0),
+            requested_by=_text(obj, "requested_by", what, 256),
+            stack=stack,
+        )
+
+    def to_dict(self) -> JsonObj:
+        out: JsonObj = {"run_id": self.run_id, "keep_vm_alive": self.keep_vm_alive}
+        if self.training_args:
+            out["training_config"] = list(self.training_args)
+        if self.binary is not None:
+            out["binary"] = self.binary
+        if self.max_hours is not None:
+            out["max_hours"] = self.max_hours
+        if self.max_restarts:
+            out["max_restarts"] = self.max_restarts
+        if self.requested_by is not None:
+            out["requested_by"] = self.requested_by
+        if self.stack is not None:
+            out["stack"] = self.stack
+        return out
+
+    def to_json(self) -> bytes:
+        return dump(self.to_dict())
+
+
+# ---------------------------------------------------------------- stop request
+
+STOP_FIELDS = ("run_id", "reason", "requested_by")
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    run_id: str
+    reason: str = "stop requested"
+    requested_by: str | None = None
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> StopRequest:
+        what = "stop request"
+        obj = load_object(data, what)
+        check_fields(obj, STOP_FIELDS, what)
+        if obj.get("run_id") is None:
+            raise PermanentError("stop request must name a run_id")
+        return cls(
+            run_id=validate_run_id(obj["run_id"]),
+            reason=_text(obj, "reason", what, 512) or "stop requested",
+            requested_by=_text(obj, "requested_by", what, 256),
+        )
+
+    def to_json(self) -> bytes:
+        out: JsonObj = {"run_id": self.run_id, "reason": self.reason}
+        if self.requested_by is not None:
+            out["requested_by"] = self.requested_by
+        return dump(out)
+
+
+# ---------------------------------------------------------------- node markers
+
+MarkerKind = Literal["booted", "done"]
+MARKER_FIELDS = ("run_id", "node", "attempt", "at", "exit_code", "signal", "duration_s", "host")
+MARKER_PATH_RE = re.compile(r"^markers/([^/]+)/([^/]+)/(booted|done)\.json$")
+
+
+def marker_path(run_id: str, node: str, kind: str) -> str:
+    return f"markers/{run_id}/{node}/{kind}.json"
+
+
+@dataclass(frozen=True)
+class NodeMarker:
+    """`booted` or `done`, written by a node agent under markers/<run_id>/<node>/."""
+
+    run_id: str
+    node: str
+    kind: MarkerKind
+    attempt: int
+    at: datetime
+    exit_code: int | None = None
+    signal: str | None = None
+    duration_s: float | None = None
+    host: str | None = None
+
+    @staticmethod
+    def parse_path(name: str) -> tuple[str, str, MarkerKind]:
+        m = MARKER_PATH_RE.match(name)
+        if not m:
+            raise PermanentError(
+                f"object {name!r} is not a node marker "
+                "(expected markers/<run_id>/<node>/booted.json or done.json)"
+            )
+        run_id, node, kind = m.group(1), m.group(2), m.group(3)
+        validate_run_id(run_id, "marker run id")
+        if not NODE_RE.match(node):
+            raise PermanentError(f"marker node {node!r} must be shepherd or worker-<n>")
+        return run_id, node, "booted" if kind == "booted" else "done"
+
+    @classmethod
+    def from_json(cls, data: bytes | str, object_name: str) -> NodeMarker:
+        run_id, node, kind = cls.parse_path(object_name)
+        what = f"marker {object_name}"
+        obj = load_object(data, what)
+        check_fields(obj, MARKER_FIELDS, what)
+        if obj.get("run_id", run_id) != run_id or obj.get("node", node) != node:
+            raise PermanentError(f"{what}: body names {obj.get('run_id')}/{obj.get('node')}")
+        exit_code = obj.get("exit_code")
+        if exit_code is not None and (
+            isinstance(exit_code, bool) or not isinstance(exit_code, int)
+        ):
+            raise PermanentError(f"{what}: exit_code must be a whole number or null")
+        signal = obj.get("signal")
+        if signal is not None:
+            signal = str(signal)[:32]
+        duration = obj.get("duration_s")
+        if duration is not None and (
+            isinstance(duration, bool) or not isinstance(duration, (int, float))
+        ):
+            raise PermanentError(f"{what}: duration_s must be a number or null")
+        if kind == "done" and exit_code is None and signal is None:
+            raise PermanentError(f"{what}: a done marker needs an exit_code or a signal")
+        return cls(
+            run_id=run_id,
+            node=node,
+            kind=kind,
+            attempt=_int(obj, "attempt", what, 1, 1000, 1),
+            at=parse_time(obj.get("at"), f"{what}: at"),
+            exit_code=exit_code,
+            signal=signal,
+            duration_s=None if duration is None else float(duration),
+            host=_text(obj, "host", what, 256),
+        )
+
+    @property
+    def path(self) -> str:
+        return marker_path(self.run_id, self.node, self.kind)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.kind == "done" and self.exit_code == 0 and self.signal is None
+
+    def to_json(self) -> bytes:
+        out: JsonObj = {
+            "run_id": self.run_id,
+            "node": self.node,
+            "attempt": self.attempt,
+            "at": iso(self.at),
+        }
+        if self.kind == "done":
+            out.update(exit_code=self.exit_code, signal=self.signal, duration_s=self.duration_s)
+        if self.host is not None:
+            out["host"] = self.host
+        return dump(out)
+
+
+# ---------------------------------------------------------------- sweep tick
+
+SWEEP_FIELDS = ("op", "requested_by")
+
+
+@dataclass(frozen=True)
+class SweepTick:
+    """What Cloud Scheduler (or `pcp sweep`) publishes. The body carries nothing essential."""
+
+    requested_by: str | None = None
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> SweepTick:
+        what = "sweep tick"
+        obj = load_object(data, what)
+        check_fields(obj, SWEEP_FIELDS, what)
+        if obj.get("op", "tick") != "tick":
+            raise PermanentError(f"{what}: op must be 'tick', got {obj.get('op')!r}")
+        return cls(requested_by=_text(obj, "requested_by", what, 256))
+
+    def to_json(self) -> bytes:
+        out: JsonObj = {"op": "tick"}
+        if self.requested_by is not None:
+            out["requested_by"] = self.requested_by
+        return dump(out)
+
+
+# ---------------------------------------------------------------- node assignment
+
+ASSIGNMENT_FIELDS = (
+    "run_id",
+    "attempt",
+    "stack",
+    "node",
+    "role",
+    "rank",
+    "num_nodes",
+    "head_host",
+    "port",
+    "binary",
+    "args",
+    "deadline",
+    "boot_deadline",
+    "keep_vm_alive",
+)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Everything a node needs to take part in one attempt of a run.
+
+    Workers read it from instance metadata (key `pcp-assignment`); the shepherd receives it
+    inside a `ShepherdCommand`.
+    """
+
+    run_id: str
+    attempt: int
+    stack: str
+    node: str
+    role: Literal["shepherd", "worker"]
+    rank: int
+    num_nodes: int
+    head_host: str
+    port: int
+    binary: str | dict[str, str] | None
+    args: tuple[str, ...]
+    deadline: datetime
+    boot_deadline: datetime
+    keep_vm_alive: bool = False
+
+    @property
+    def head_node(self) -> str:
+        return f"{self.head_host}:{self.port}"
+
+    def argv(self, executable: str) -> list[str]:
+        """The binary's argument list (DESIGN section 7). Never passed through a shell."""
+        if self.role == "shepherd":
+            return [executable, "shepherd", f"--port={self.port}", *self.args]
+        return [executable, "worker", f"--head-node={self.head_node}", *self.args]
+
+    def env(self, output_dir: str) -> dict[str, str]:
+        return {
+            "PCP_RUN_ID": self.run_id,
+            "PCP_ATTEMPT": str(self.attempt),
+            "PCP_STACK": self.stack,
+            "PCP_NODE": self.node,
+            "PCP_ROLE": self.role,
+            "PCP_NODE_RANK": str(self.rank),
+            "PCP_NUM_NODES": str(self.num_nodes),
+            "PCP_HEAD_NODE": self.head_node,
+            "PCP_OUTPUT_DIR": output_dir,
+            "MASTER_ADDR": self.head_host,
+            "MASTER_PORT": str(self.port),
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.num_nodes),
+        }
+
+    def to_dict(self) -> JsonObj:
+        return {
+            "run_id": self.run_id,
+            "attempt": self.attempt,
+            "stack": self.stack,
+            "node": self.node,
+            "role": self.role,
+            "rank": self.rank,
+            "num_nodes": self.num_nodes,
+            "head_host": self.head_host,
+            "port": self.port,
+            "binary": self.binary,
+            "args": list(self.args),
+            "deadline": iso(self.deadline),
+            "boot_deadline": iso(self.boot_deadline),
+            "keep_vm_alive": self.keep_vm_alive,
+        }
+
+    def to_json(self) -> bytes:
+        return dump(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, obj: JsonObj) -> Assignment:
+        what = "assignment"
+        check_fields(obj, ASSIGNMENT_FIELDS, what)
+        role = obj.get("role")
+        if role not in ("shepherd", "worker"):
+            raise PermanentError(f"{what}: role must be shepherd or worker, got {role!r}")
+        node = obj.get("node")
+        if not isinstance(node, str) or not NODE_RE.match(node):
+            raise PermanentError(f"{what}: node {node!r} must be shepherd or worker-<n>")
+        args = obj.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise PermanentError(f"{what}: args must be a list of strings")
+        head = _text(obj, "head_host", what, 256)
+        if not head:
+            raise PermanentError(f"{what}: head_host is required")
+        return cls(
+            run_id=validate_run_id(obj.get("run_id")),
+            attempt=_int(obj, "attempt", what, 1, 1000, 1),
+            stack=_text(obj, "stack", what, 64) or "",
+            node=node,
+            role=role,
+            rank=_int(obj, "rank", what, 0, 100000, 0),
+            num_nodes=_int(obj, "num_nodes", what, 1, 100001, 1),
+            head_host=head,
+            port=_int(obj, "port", what, 1, 65535, 9000),
+            binary=_binary(obj, what),
+            args=tuple(args),
+            deadline=parse_time(obj.get("deadline"), f"{what}: deadline"),
+            boot_deadline=parse_time(obj.get("boot_deadline"), f"{what}: boot_deadline"),
+            keep_vm_alive=_bool(obj, "keep_vm_alive", what),
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Assignment:
+        return cls.from_dict(load_object(data, "assignment"))
+
+
+# ---------------------------------------------------------------- shepherd command
+
+SHEPHERD_FIELDS = ("action", "run_id", "attempt", "assignment", "reason")
+
+
+@dataclass(frozen=True)
+class ShepherdCommand:
+    """Published on `pcp-<stack>-shepherd`; pulled by the shepherd host's daemon."""
+
+    action: Literal["start", "stop"]
+    run_id: str
+    attempt: int
+    assignment: Assignment | None = None
+    reason: str = ""
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ShepherdCommand:
+        what = "shepherd command"
+        obj = load_object(data, what)
+        check_fields(obj, SHEPHERD_FIELDS, what)
+        action = obj.get("action")
+        if action not in ("start", "stop"):
+            raise PermanentError(f"{what}: action must be start or stop, got {action!r}")
+        raw = obj.get("assignment")
+        assignment = None
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise PermanentError(f"{what}: assignment must be an object")
+            assignment = Assignment.from_dict(raw)
+        if action == "start" and assignment is None:
+            raise PermanentError(f"{what}: start needs an assignment")
+        return cls(
+            action=action,
+            run_id=validate_run_id(obj.get("run_id")),
+            attempt=_int(obj, "attempt", what, 1, 1000, 1),
+            assignment=assignment,
+            reason=_text(obj, "reason", what, 512) or "",
+        )
+
+    def to_json(self) -> bytes:
+        out: JsonObj = {"action": self.action, "run_id": self.run_id, "attempt": self.attempt}
+        if self.assignment is not None:
+            out["assignment"] = self.assignment.to_dict()
+        if self.reason:
+            out["reason"] = self.reason
+        return dump(out)
+
+    def attributes(self) -> dict[str, str]:
+        return {"action": self.action, "run_id": self.run_id, "attempt": str(self.attempt)}
+
+
+@dataclass(frozen=True)
+class Received:
+    """Metadata the entry point knows about a delivered message (for logs and dedupe)."""
+
+    message_id: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+__all__ = [
+    "Assignment",
+    "NodeMarker",
+    "Received",
+    "ShepherdCommand",
+    "StartRequest",
+    "StopRequest",
+    "SweepTick",
+    "marker_path",
+    "opt_iso",
+    "opt_time",
+]

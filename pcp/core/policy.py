@@ -1,0 +1,70 @@
+"""A stack's fixed settings, as the lifecycle needs them, and the cost estimate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+STACK_SIZES = {"tiny": 1, "small": 3, "large": 7, "huge": 15}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Per-stack limits and names. Defaults answer the seed's open questions."""
+
+    stack: str
+    worker_count: int
+    shepherd_host: str = "shepherd.invalid"
+    tcp_port: int = 9000
+    max_run_hours: float = 6.0
+    boot_timeout_minutes: float = 15.0
+    keep_alive_hours: float = 2.0
+    sweep_interval_minutes: float = 5.0
+    default_binary: str | None = None
+    worker_hourly_usd: float = 0.0
+    shepherd_hourly_usd: float = 0.0
+    max_queue: int = 50
+    recent_limit: int = 200
+
+    def vm_name(self, index: int) -> str:
+        return f"pcp-{self.stack}-worker-{index}"
+
+    @property
+    def worker_vms(self) -> tuple[str, ...]:
+        return tuple(self.vm_name(i) for i in range(self.worker_count))
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return ("shepherd", *(f"worker-{i}" for i in range(self.worker_count)))
+
+    def vm_of(self, node: str) -> str | None:
+        """The VM a node runs on; the shepherd is not a VM of ours."""
+        if node == "shepherd":
+            return None
+        return self.vm_name(int(node.removeprefix("worker-")))
+
+    def node_of_vm(self, vm: str) -> str | None:
+        prefix = f"pcp-{self.stack}-worker-"
+        if not vm.startswith(prefix) or not vm[len(prefix):].isdigit():
+            return None
+        return f"worker-{int(vm[len(prefix):])}"
+
+    @property
+    def boot_timeout(self) -> timedelta:
+        return timedelta(minutes=self.boot_timeout_minutes)
+
+    @property
+    def sweep_interval(self) -> timedelta:
+        return timedelta(minutes=self.sweep_interval_minutes)
+
+    def run_hours(self, requested: float | None) -> float:
+        """The run's length: the request's max_hours, capped by the stack's max_run_hours."""
+        if requested is None:
+            return self.max_run_hours
+        return min(requested, self.max_run_hours)
+
+    def estimate_cost(self, started: datetime, ended: datetime) -> float:
+        """Node-hours times hourly prices: every worker VM plus the shepherd host."""
+        hours = max((ended - started).total_seconds(), 0.0) / 3600.0
+        per_hour = self.worker_count * self.worker_hourly_usd + self.shepherd_hourly_usd
+        return round(hours * per_hour, 4)

@@ -1,0 +1,322 @@
+"""Run state: the stack document (control/stack.json) and the run record (runs/<id>/run.json).
+
+The stored fact is the phase and, once a run ends, its terminal reason; the status a person
+sees is derived from them through one total mapping.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pcp.core.errors import CorruptState, PermanentError
+from pcp.core.messages import StartRequest, dump
+from pcp.core.timefmt import iso, opt_iso, opt_time, parse_time
+
+SCHEMA = 1
+
+
+class Phase(StrEnum):
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+class Reason(StrEnum):
+    """Why a run ended. Persisted; the status is derived from it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    BOOT_TIMEOUT = "boot_timeout"
+    NODE_LOST = "node_lost"
+    REJECTED = "rejected"
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+
+STATUS_OF_REASON: dict[Reason, Status] = {
+    Reason.SUCCEEDED: Status.SUCCEEDED,
+    Reason.FAILED: Status.FAILED,
+    Reason.CANCELLED: Status.CANCELLED,
+    Reason.TIMED_OUT: Status.FAILED,
+    Reason.BOOT_TIMEOUT: Status.FAILED,
+    Reason.NODE_LOST: Status.FAILED,
+    Reason.REJECTED: Status.REJECTED,
+}
+STATUS_OF_PHASE = {
+    Phase.QUEUED: Status.QUEUED,
+    Phase.STARTING: Status.STARTING,
+    Phase.RUNNING: Status.RUNNING,
+}
+RESTARTABLE = frozenset({Reason.NODE_LOST, Reason.BOOT_TIMEOUT})
+
+
+class NodePhase(StrEnum):
+    PENDING = "pending"
+    BOOTED = "booted"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class NodeState:
+    name: str
+    phase: NodePhase = NodePhase.PENDING
+    booted_at: datetime | None = None
+    done_at: datetime | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    duration_s: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.phase is NodePhase.DONE and (self.exit_code != 0 or self.signal is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "phase": self.phase.value,
+            "booted_at": opt_iso(self.booted_at),
+            "done_at": opt_iso(self.done_at),
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "duration_s": self.duration_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NodeState:
+        return cls(
+            name=d["name"],
+            phase=NodePhase(d["phase"]),
+            booted_at=opt_time(d.get("booted_at"), "booted_at"),
+            done_at=opt_time(d.get("done_at"), "done_at"),
+            exit_code=d.get("exit_code"),
+            signal=d.get("signal"),
+            duration_s=d.get("duration_s"),
+        )
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    at: datetime
+    change: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": iso(self.at), "change": self.change, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HistoryEntry:
+        return cls(parse_time(d["at"], "history.at"), d["change"], d["reason"])
+
+
+@dataclass(frozen=True)
+class Run:
+    """One accepted request and, once started, its current attempt."""
+
+    request: StartRequest
+    phase: Phase
+    accepted_at: datetime
+    attempt: int = 1
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    deadline: datetime | None = None
+    nodes: tuple[NodeState, ...] = ()
+    reason: Reason | None = None
+    detail: str = ""
+    keep_alive_until: datetime | None = None
+    cost_usd: float | None = None
+    history: tuple[HistoryEntry, ...] = ()
+
+    @property
+    def run_id(self) -> str:
+        return self.request.run_id
+
+    @property
+    def status(self) -> Status:
+        if self.reason is not None:
+            return STATUS_OF_REASON[self.reason]
+        return STATUS_OF_PHASE[self.phase]
+
+    def node(self, name: str) -> NodeState | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def with_node(self, node: NodeState) -> Run:
+        return replace(self, nodes=tuple(node if n.name == node.name else n for n in self.nodes))
+
+    def log(self, at: datetime, change: str, reason: str) -> Run:
+        return replace(self, history=(*self.history, HistoryEntry(at, change, reason)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status.value,
+            "request": self.request.to_dict(),
+            "phase": self.phase.value,
+            "attempt": self.attempt,
+            "accepted_at": iso(self.accepted_at),
+            "started_at": opt_iso(self.started_at),
+            "ended_at": opt_iso(self.ended_at),
+            "deadline": opt_iso(self.deadline),
+            "nodes": [n.to_dict() for n in self.nodes],
+            "reason": None if self.reason is None else self.reason.value,
+            "detail": self.detail,
+            "keep_alive_until": opt_iso(self.keep_alive_until),
+            "cost_usd": self.cost_usd,
+            "history": [h.to_dict() for h in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Run:
+        return cls(
+            request=StartRequest.from_json(json.dumps(d["request"])),
+            phase=Phase(d["phase"]),
+            attempt=int(d.get("attempt", 1)),
+            accepted_at=parse_time(d["accepted_at"], "accepted_at"),
+            started_at=opt_time(d.get("started_at"), "started_at"),
+            ended_at=opt_time(d.get("ended_at"), "ended_at"),
+            deadline=opt_time(d.get("deadline"), "deadline"),
+            nodes=tuple(NodeState.from_dict(n) for n in d.get("nodes", [])),
+            reason=None if d.get("reason") is None else Reason(d["reason"]),
+            detail=d.get("detail", ""),
+            keep_alive_until=opt_time(d.get("keep_alive_until"), "keep_alive_until"),
+            cost_usd=d.get("cost_usd"),
+            history=tuple(HistoryEntry.from_dict(h) for h in d.get("history", [])),
+        )
+
+    def to_json(self) -> bytes:
+        return dump(self.to_dict())
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Run:
+        try:
+            return cls.from_dict(json.loads(data))
+        except (ValueError, KeyError, TypeError, PermanentError) as e:
+            raise CorruptState(f"run record cannot be read: {e}") from None
+
+
+@dataclass(frozen=True)
+class RecentRun:
+    """A compact line for an ended run: enough for dedupe, `pcp runs` and late events."""
+
+    run_id: str
+    reason: Reason
+    detail: str
+    ended_at: datetime
+    started_at: datetime | None = None
+    cost_usd: float | None = None
+
+    @property
+    def status(self) -> Status:
+        return STATUS_OF_REASON[self.reason]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status.value,
+            "reason": self.reason.value,
+            "detail": self.detail,
+            "started_at": opt_iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+            "cost_usd": self.cost_usd,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecentRun:
+        return cls(
+            run_id=d["run_id"],
+            reason=Reason(d["reason"]),
+            detail=d.get("detail", ""),
+            ended_at=parse_time(d["ended_at"], "ended_at"),
+            started_at=opt_time(d.get("started_at"), "started_at"),
+            cost_usd=d.get("cost_usd"),
+        )
+
+    @classmethod
+    def of(cls, run: Run) -> RecentRun:
+        assert run.reason is not None and run.ended_at is not None
+        return cls(run.run_id, run.reason, run.detail, run.ended_at, run.started_at, run.cost_usd)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """VMs kept running after a keep_vm_alive run, until `until` (never forever)."""
+
+    run_id: str
+    vms: tuple[str, ...]
+    until: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "vms": list(self.vms), "until": iso(self.until)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Lease:
+        return cls(d["run_id"], tuple(d["vms"]), parse_time(d["until"], "lease.until"))
+
+
+@dataclass(frozen=True)
+class StackState:
+    """control/stack.json: the active run, the FIFO queue, the keep-alive lease, recent ends."""
+
+    active: Run | None = None
+    queue: tuple[Run, ...] = ()
+    lease: Lease | None = None
+    recent: tuple[RecentRun, ...] = ()
+
+    def find(self, run_id: str) -> Run | RecentRun | None:
+        if self.active is not None and self.active.run_id == run_id:
+            return self.active
+        for run in self.queue:
+            if run.run_id == run_id:
+                return run
+        for line in self.recent:
+            if line.run_id == run_id:
+                return line
+        return None
+
+    def queue_position(self, run_id: str) -> int | None:
+        for i, run in enumerate(self.queue):
+            if run.run_id == run_id:
+                return i + 1
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "active": None if self.active is None else self.active.to_dict(),
+            "queue": [r.to_dict() for r in self.queue],
+            "lease": None if self.lease is None else self.lease.to_dict(),
+            "recent": [r.to_dict() for r in self.recent],
+        }
+
+    def to_json(self) -> bytes:
+        return dump(self.to_dict())
+
+    @classmethod
+    def from_json(cls, data: bytes) -> StackState:
+        try:
+            d = json.loads(data)
+            if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+                found = d.get("schema") if isinstance(d, dict) else d
+                raise ValueError(f"unknown schema {found!r}")
+            return cls(
+                active=None if d.get("active") is None else Run.from_dict(d["active"]),
+                queue=tuple(Run.from_dict(r) for r in d.get("queue", [])),
+                lease=None if d.get("lease") is None else Lease.from_dict(d["lease"]),
+                recent=tuple(RecentRun.from_dict(r) for r in d.get("recent", [])),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, PermanentError) as e:
+            raise CorruptState(f"control/stack.json cannot be read: {e}") from None

@@ -1,0 +1,75 @@
+"""Settings for the functions and the CLI, from environment variables, checked at cold start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pcp.core.policy import Policy
+
+REQUIRED = ("PCP_STACK", "PCP_PROJECT", "PCP_ZONE", "PCP_BUCKET", "PCP_WORKER_COUNT",
+            "PCP_SHEPHERD_HOST")
+
+
+class SettingsError(RuntimeError):
+    """A missing or malformed setting; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    stack: str
+    project: str
+    zone: str
+    bucket: str
+    policy: Policy
+    compute_endpoint: str | None = None  # the local replica's Compute endpoint
+
+    def topic(self, kind: str) -> str:
+        """Topic names are fixed by the Pulumi program: pcp-<stack>-<kind>."""
+        return f"pcp-{self.stack}-{kind}"
+
+    @property
+    def shepherd_subscription(self) -> str:
+        return f"pcp-{self.stack}-shepherd-host"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        missing = [k for k in REQUIRED if not env.get(k)]
+        if missing:
+            raise SettingsError(f"missing environment variable(s): {', '.join(missing)}")
+
+        def number(key: str, default: float) -> float:
+            raw = env.get(key, "")
+            if raw == "":
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise SettingsError(f"{key} must be a number, got {raw!r}") from None
+            if value < 0:
+                raise SettingsError(f"{key} must not be negative, got {raw!r}")
+            return value
+
+        count = number("PCP_WORKER_COUNT", 0)
+        if count < 1 or count != int(count):
+            raise SettingsError(f"PCP_WORKER_COUNT must be a whole number >= 1, got "
+                                f"{env['PCP_WORKER_COUNT']!r}")
+        stack = env["PCP_STACK"]
+        policy = Policy(
+            stack=stack,
+            worker_count=int(count),
+            shepherd_host=env["PCP_SHEPHERD_HOST"],
+            tcp_port=int(number("PCP_TCP_PORT", 9000)),
+            max_run_hours=number("PCP_MAX_RUN_HOURS", 6),
+            boot_timeout_minutes=number("PCP_BOOT_TIMEOUT_MINUTES", 15),
+            keep_alive_hours=number("PCP_KEEP_ALIVE_HOURS", 2),
+            sweep_interval_minutes=number("PCP_SWEEP_INTERVAL_MINUTES", 5),
+            default_binary=env.get("PCP_BINARY") or None,
+            worker_hourly_usd=number("PCP_WORKER_HOURLY_USD", 0),
+            shepherd_hourly_usd=number("PCP_SHEPHERD_HOURLY_USD", 0),
+        )
+        return cls(stack=stack, project=env["PCP_PROJECT"], zone=env["PCP_ZONE"],
+                   bucket=env["PCP_BUCKET"], policy=policy,
+                   compute_endpoint=env.get("PCP_COMPUTE_ENDPOINT") or None)
