@@ -19,6 +19,7 @@ from pcp.core.commands import (
     StopNodes,
 )
 from pcp.core.events import (
+    LABEL_ATTEMPT,
     LABEL_KEEP_ALIVE,
     LABEL_RUN,
     Event,
@@ -266,14 +267,17 @@ def _check_nodes(tx: _Tx, run: Run, views: dict[str, VmView], now: datetime,
         if vm_name is None or node.phase is NodePhase.DONE:
             continue
         vm = views.get(vm_name)
-        if node.phase is NodePhase.BOOTED and (vm is None or not vm.up):
+        ours = vm is not None and vm.labels.get(LABEL_RUN) == run.run_id and \
+            vm.labels.get(LABEL_ATTEMPT) == str(run.attempt)
+        if vm is not None and vm.up and ours:
+            continue
+        if node.phase is NodePhase.BOOTED or (vm is not None and ours):
             status = "missing" if vm is None else vm.status
-            _end(tx, Reason.NODE_LOST, f"{node.name} lost: VM {vm_name} is {status}", now, policy)
+            when = "" if node.phase is NodePhase.BOOTED else " before it booted"
+            _end(tx, Reason.NODE_LOST, f"{node.name} lost{when}: VM {vm_name} is {status}",
+                 now, policy)
             return
-        if node.phase is NodePhase.PENDING and (
-            vm is None or not vm.up or vm.labels.get(LABEL_RUN) != run.run_id
-        ):
-            restart.append(node.name)
+        restart.append(node.name)
     if restart:
         tx.emit(StartNodes(run.run_id, run.attempt,
                            tuple(a for a in _assignments(run, policy) if a.node in restart),
@@ -295,7 +299,9 @@ def _stop_orphans(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None
     if ev.state_lost:
         epoch = int(now.timestamp())
         allowed.update(v.name for v in ev.vms if (v.label_epoch(LABEL_KEEP_ALIVE) or 0) > epoch)
-    orphans = tuple(sorted(v.name for v in ev.vms if v.up and v.name not in allowed))
+    stopping = {vm for c in tx.commands if isinstance(c, StopNodes) for vm in c.vms}
+    orphans = tuple(sorted(v.name for v in ev.vms
+                           if v.up and v.name not in allowed and v.name not in stopping))
     if orphans:
         why = "stack state was lost" if ev.state_lost else "no run or lease holds it"
         tx.emit(StopNodes(orphans, f"orphan: {why}"))

@@ -337,8 +337,9 @@ class NodeMarker:
         what = f"marker {object_name}"
         obj = load_object(data, what)
         check_fields(obj, MARKER_FIELDS, what)
-        if obj.get("run_id", run_id) != run_id or obj.get("node", node) != node:
-            raise PermanentError(f"{what}: body names {obj.get('run_id')}/{obj.get('node')}")
+        body_run, body_node = obj.get("run_id", run_id), obj.get("node", node)
+        if body_run != run_id or body_node != node:
+            raise PermanentError(f"{what}: body names {body_run}/{body_node}")
         exit_code = obj.get("exit_code")
         if exit_code is not None and (
             isinstance(exit_code, bool) or not isinstance(exit_code, int)

@@ -1,0 +1,202 @@
+"""Service: load, decide, save under a generation check, execute; over the in-memory twins."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from pcp.adapters.memory import MemoryBus, MemoryFleet, MemoryStore
+from pcp.core.errors import Conflict, PermanentError
+from pcp.core.messages import NodeMarker, ShepherdCommand, StopRequest
+from pcp.core.policy import Policy
+from pcp.core.state import StackState, Status
+from pcp.service import STACK_DOC, ConflictExhausted, Service, run_doc, summary_doc
+from tests.core.helpers import at, marker, policy, req
+
+pytestmark = pytest.mark.service
+
+
+def make(p: Policy | None = None) -> tuple[Service, MemoryStore, MemoryFleet, MemoryBus]:
+    p = p or policy()
+    store, fleet, bus = MemoryStore(), MemoryFleet(p.stack, p.worker_vms), MemoryBus()
+    return Service(store, fleet, bus, p, sleep=lambda _: None), store, fleet, bus
+
+
+def write_marker(store: MemoryStore, m: NodeMarker) -> str:
+    store.put(m.path, m.to_json())
+    return m.path
+
+
+def stack(store: MemoryStore) -> StackState:
+    blob = store.get(STACK_DOC)
+    assert blob is not None
+    return StackState.from_json(blob.data)
+
+
+def test_a_whole_run_through_the_service() -> None:
+    svc, store, fleet, bus = make(policy(workers=2))
+    svc.handle(req("r1"), at(0))
+    assert fleet.running() == {"pcp-tiny-worker-0", "pcp-tiny-worker-1"}
+    meta = json.loads(fleet.vms["pcp-tiny-worker-1"].metadata["pcp-assignment"])
+    assert meta["rank"] == 2 and meta["head_host"] == "mac"
+    shepherd = ShepherdCommand.from_json(bus.on("shepherd")[0])
+    assert shepherd.action == "start" and shepherd.assignment is not None
+    assert json.loads(store.get(run_doc("r1")).data)["status"] == "starting"  # type: ignore[union-attr]
+    for node in ("shepherd", "worker-0", "worker-1"):
+        svc.handle_marker(write_marker(store, marker("r1", node, "booted", 1)), at(1))
+    store.put("runs/r1/shepherd/metrics.json", b'{"final_loss": 0.01, "loss": [1, 0.01]}')
+    for node in ("shepherd", "worker-0", "worker-1"):
+        out = svc.handle_marker(write_marker(store, marker("r1", node, "done", 30)), at(30))
+    assert "succeeded" in out.reason
+    assert fleet.running() == set()
+    summary = json.loads(store.get(summary_doc("r1")).data)  # type: ignore[union-attr]
+    assert summary["status"] == "succeeded" and summary["duration_s"] == 1800
+    assert summary["metrics"] == {"final_loss": 0.01}
+    assert "runs/r1/shepherd/metrics.json" in summary["files"]
+    assert summary["estimated_cost_usd"] == pytest.approx(0.5 * (2 * 1.0 + 0.5))
+
+
+def test_lost_race_rereads_and_decides_again() -> None:
+    svc, store, fleet, _ = make()
+    svc.handle(req("r1"), at(0))
+    original_put = store.put
+    raced = {"done": False}
+
+    def racing_put(name: str, data: bytes, **kw: object) -> int:
+        if name == STACK_DOC and not raced["done"]:
+            raced["done"] = True
+            # Someone else queues r2 between our load and our save.
+            other = make()[0]
+            other.store = store
+            other.handle(req("r2"), at(0))
+        return original_put(name, data, **kw)  # type: ignore[arg-type]
+
+    store.put = racing_put  # type: ignore[method-assign]
+    out = svc.handle(req("r3"), at(0))
+    assert out.conflicts == 1 and out.saved
+    assert [r.run_id for r in stack(store).queue] == ["r2", "r3"]
+
+
+def test_bounded_retries_then_a_clear_error() -> None:
+    svc, store, _, _ = make()
+    svc.max_attempts = 3
+
+    def always_conflict(name: str, data: bytes, **kw: object) -> int:
+        raise Conflict(name)
+
+    store.put = always_conflict  # type: ignore[method-assign]
+    with pytest.raises(ConflictExhausted, match="lost 3 races in a row"):
+        svc.handle(req("r1"), at(0))
+
+
+def test_concurrent_markers_lose_no_update() -> None:
+    p = policy(workers=15)
+    svc, store, fleet, _ = make(p)
+    svc.handle(req("r1"), at(0))
+    paths = [write_marker(store, marker("r1", n, "done", 5)) for n in p.node_names]
+    barrier = threading.Barrier(len(paths))
+    errors: list[BaseException] = []
+
+    def deliver(path: str) -> None:
+        try:
+            barrier.wait()
+            svc.handle_marker(path, at(5))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=deliver, args=(p_,)) for p_ in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    final = stack(store)
+    assert final.recent[0].status is Status.SUCCEEDED and final.active is None
+    assert all(vm.stops == 1 for vm in fleet.vms.values())
+
+
+def test_capacity_error_ends_the_run_in_plain_words() -> None:
+    svc, store, fleet, _ = make()
+    fleet.exhausted = True
+    out = svc.handle(req("r1"), at(0))
+    assert out.errors and "ZONE_RESOURCE_POOL_EXHAUSTED" in out.errors[0]
+    line = stack(store).recent[0]
+    assert line.status is Status.FAILED
+    assert line.detail.startswith("could not start the VMs: ZONE_RESOURCE_POOL_EXHAUSTED")
+
+
+def test_crash_between_save_and_execute_heals_on_the_next_sweep() -> None:
+    svc, store, fleet, bus = make()
+
+    def crash(command: object, now: object) -> None:
+        raise RuntimeError("function instance died")
+
+    svc._run = crash  # type: ignore[method-assign,assignment]
+    with pytest.raises(RuntimeError):
+        svc.handle(req("r1"), at(0))
+    assert fleet.running() == set() and stack(store).active is not None
+    healthy = make()[0]
+    healthy.store, healthy.fleet, healthy.bus = store, fleet, bus
+    out = healthy.sweep(at(1))
+    assert "re-issued start for worker-0" in out.reason
+    assert fleet.running() == {"pcp-tiny-worker-0"}
+    assert len(bus.on("shepherd")) == 1
+
+
+def test_sweep_stops_everything_when_the_stack_document_is_lost() -> None:
+    svc, store, fleet, _ = make(policy(workers=3))
+    svc.handle(req("r1"), at(0))
+    store.delete(STACK_DOC)
+    out = svc.sweep(at(1))
+    assert fleet.running() == set()
+    assert "stack state was lost" in out.reason
+    audits = store.list("control/sweeps/")
+    record = json.loads(store.get(audits[-1]).data)  # type: ignore[union-attr]
+    assert record["state_lost"] is True and record["actions"][0]["command"] == "stop_nodes"
+    assert {v["status"] for v in record["vms"]} == {"RUNNING"}
+
+
+def test_corrupt_stack_document_is_kept_aside_and_the_sweep_still_acts() -> None:
+    svc, store, fleet, _ = make()
+    svc.handle(req("r1"), at(0))
+    store.put(STACK_DOC, b"{ this is not json")
+    svc.sweep(at(1))
+    assert fleet.running() == set()
+    kept = [n for n in store.list("control/") if "corrupt" in n]
+    assert len(kept) == 1 and store.get(kept[0]).data == b"{ this is not json"  # type: ignore[union-attr]
+    assert stack(store) == StackState(recent=())
+
+
+def test_marker_that_was_deleted_is_permanent() -> None:
+    svc, _, _, _ = make()
+    with pytest.raises(PermanentError, match="does not exist"):
+        svc.handle_marker("markers/r1/worker-0/done.json", at(0))
+    with pytest.raises(PermanentError, match="is not a node marker"):
+        svc.handle_marker("runs/r1/worker-0/stdout.log", at(0))
+
+
+def test_nothing_is_written_when_nothing_changes() -> None:
+    svc, store, _, _ = make()
+    svc.handle(req("r1"), at(0))
+    writes = store.writes
+    out = svc.handle(req("r1"), at(0))
+    assert not out.saved and store.writes == writes
+
+
+def test_rejection_is_recorded_for_status() -> None:
+    svc, store, fleet, _ = make()
+    svc.reject("run-9", "start request is not valid JSON: Expecting value", at(0))
+    record = json.loads(store.get(run_doc("run-9")).data)  # type: ignore[union-attr]
+    assert record["status"] == "rejected" and "not valid JSON" in record["detail"]
+    assert fleet.running() == set()
+
+
+def test_stop_request_through_the_service() -> None:
+    svc, store, fleet, bus = make()
+    svc.handle(req("r1"), at(0))
+    svc.handle(StopRequest("r1", "enough"), at(3))
+    assert fleet.running() == set()
+    stop = ShepherdCommand.from_json(bus.on("shepherd")[-1])
+    assert stop.action == "stop" and "enough" in stop.reason
