@@ -1,0 +1,74 @@
+"""The BlobStore port over a GCS bucket (google-cloud-storage).
+
+Compare-and-swap is an upload with `if_generation_match`; GCS answers a lost race with 412,
+which becomes `Conflict` so the service re-reads and decides again.
+
+Retries: uploads default to the library's `DEFAULT_RETRY` (429, 5xx, connection errors and
+timeouts, with backoff). For a conditional put that is safe: a replayed request can never
+overwrite a newer generation, because the precondition still guards it. The one ambiguity
+is a request that succeeded while its response was lost: the replay then fails with 412 and
+we report `Conflict`; the caller re-reads, sees its own write, and decides again from there
+(decisions are idempotent, commands are re-issued level-triggered). An unconditional put is
+last-writer-wins anyway, so replaying it changes nothing the caller could rely on. Errors
+left after the retries propagate, so the trigger redelivers the event.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from google.api_core.exceptions import NotFound, PreconditionFailed
+from google.cloud import storage
+
+from pcp.core.errors import Conflict
+from pcp.core.ports import Blob
+
+
+class GcsStore:
+    """Objects in one bucket. The client is built on first use, never at import time."""
+
+    def __init__(self, bucket: str, client: storage.Client | None = None,
+                 project: str | None = None) -> None:
+        self.bucket_name = bucket
+        self._client = client
+        self._project = project
+        self._bucket: storage.Bucket | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def bucket(self) -> storage.Bucket:
+        with self._lock:
+            if self._bucket is None:
+                if self._client is None:
+                    # Honours STORAGE_EMULATOR_HOST, which is how the local replica's functions
+                    # reach fake-gcs-server; otherwise Application Default Credentials.
+                    self._client = storage.Client(project=self._project)
+                self._bucket = self._client.bucket(self.bucket_name)
+            return self._bucket
+
+    def get(self, name: str) -> Blob | None:
+        # One request: the media download carries the generation in x-goog-generation, so
+        # data and generation always belong together (a metadata read first could race).
+        blob = self.bucket.blob(name)
+        try:
+            data = blob.download_as_bytes()
+        except NotFound:
+            return None
+        if blob.generation is None:  # a server that omits the header: ask for it
+            blob.reload()
+        return Blob(data, int(blob.generation))
+
+    def put(self, name: str, data: bytes, *, if_generation_match: int | None = None,
+            content_type: str = "application/json") -> int:
+        blob = self.bucket.blob(name)
+        try:
+            blob.upload_from_string(data, content_type=content_type,
+                                    if_generation_match=if_generation_match)
+        except PreconditionFailed as exc:
+            raise Conflict(f"gs://{self.bucket_name}/{name}: generation is not "
+                           f"{if_generation_match}") from exc
+        return int(blob.generation)
+
+    def list(self, prefix: str) -> list[str]:
+        client = self.bucket.client
+        return sorted(b.name for b in client.list_blobs(self.bucket, prefix=prefix))
