@@ -1,0 +1,103 @@
+"""`python -m pcp.agent worker|shepherd [...]`: parse, assemble adapters, run, exit.
+
+SIGTERM (a VM stop, `launchctl bootout`, `systemctl stop`) and SIGINT only set an event;
+the running session forwards the signal to the binary, uploads, writes done and returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from pcp.agent.config import AgentConfig
+from pcp.agent.deadman import DEFAULT_POWEROFF, parse_command
+from pcp.agent.log import Log
+from pcp.core.ports import BlobStore
+
+DEFAULT_WORK_DIR = "/opt/pcp/work"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pcp.agent", allow_abbrev=False,
+                                description="pcp node agent (see docs/agent.md)")
+    p.add_argument("role", choices=("worker", "shepherd"))
+    p.add_argument("--bucket", help="stack bucket (worker default: pcp-bucket metadata; "
+                   "otherwise pcp-<stack>-<project>)")
+    p.add_argument("--project", help="Google Cloud project (worker default: pcp-project metadata)")
+    p.add_argument("--stack", help="stack name (worker default: pcp-stack metadata)")
+    p.add_argument("--poweroff-command", default=DEFAULT_POWEROFF, metavar="CMD",
+                   help="worker power-off command, split into arguments and run without a "
+                   f"shell; empty = just exit (default {DEFAULT_POWEROFF!r})")
+    p.add_argument("--work-dir", type=Path, default=Path(DEFAULT_WORK_DIR),
+                   help=f"per-run working directories (default {DEFAULT_WORK_DIR})")
+    p.add_argument("--once", action="store_true",
+                   help="shepherd: exit after one run, with the binary's exit code")
+    p.add_argument("--grace", type=float, default=20.0, metavar="S",
+                   help="SIGTERM to SIGKILL for the binary (default 20)")
+    p.add_argument("--upload-interval", type=float, default=5.0, metavar="S",
+                   help="log and heartbeat uploads (default 5)")
+    p.add_argument("--poll-interval", type=float, default=5.0, metavar="S",
+                   help="run record and metadata polling (default 5)")
+    p.add_argument("--output-interval", type=float, default=60.0, metavar="S",
+                   help="PCP_OUTPUT_DIR uploads while running; 0 = only at exit (default 60)")
+    p.add_argument("--boot-grace", type=float, default=60.0, metavar="S",
+                   help="worker: wait this long for an assignment before powering off "
+                   "(default 60)")
+    p.add_argument("--nix-bin-dir", metavar="DIR",
+                   help="directory holding nix and nix-store (default: PATH, then the "
+                   "multi-user profile)")
+    return p
+
+
+def make_store(bucket: str, project: str | None) -> BlobStore:
+    from pcp.adapters.gcs_store import GcsStore  # the client is built on first use
+
+    return GcsStore(bucket, project=project)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("grace", "upload_interval", "poll_interval", "output_interval", "boot_grace"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    cfg = AgentConfig(
+        role=args.role, work_dir=args.work_dir, bucket=args.bucket, project=args.project,
+        stack=args.stack, poweroff=tuple(parse_command(args.poweroff_command)), once=args.once,
+        grace=args.grace, upload_interval=args.upload_interval,
+        poll_interval=args.poll_interval, output_interval=args.output_interval,
+        boot_grace=args.boot_grace, nix_bin_dir=args.nix_bin_dir)
+    log = Log(stack=cfg.stack or "", role=cfg.role)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not stop.is_set():
+            log.info("signal", f"received {signal.Signals(signum).name}: stopping")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.role == "shepherd":
+        from pcp.agent.shepherd import Shepherd
+
+        if not cfg.stack or not cfg.project:
+            parser.error("shepherd needs --stack and --project")
+        bucket = cfg.bucket or cfg.default_bucket()
+        assert bucket is not None
+        log.info("agent_start", f"shepherd for stack {cfg.stack}, bucket {bucket}")
+        return Shepherd(cfg, make_store(bucket, cfg.project), log, stop).run()
+    from pcp.agent.assignment import Metadata
+    from pcp.agent.worker import Worker
+
+    metadata = Metadata()
+    log.info("agent_start", f"worker, metadata server {metadata.host}")
+    return Worker(cfg, metadata, make_store, log, stop).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Turn the assignment's `binary` into an argument-list prefix: realise it via Nix if needed.
+
+Accepted forms (docs/agent.md):
+- a flake reference (`github:org/repo#trainer`, `.#trainer`; anything with `#` or a URL-like
+  `scheme:`): `nix build --no-link --print-out-paths REF`, then the single executable in
+  `<out>/bin` (or `REF!program` to name it);
+- a Nix store path (`/nix/store/...`, optionally ending in `/bin/<program>`, or `PATH!program`):
+  `nix-store --realise PATH`, then the same lookup;
+- a map platform -> one of the above (`x86_64-linux` on workers, `aarch64-darwin` on the Mac);
+- an absolute path to an executable file (local replica, tests);
+- `python:<module>`: run the module with the agent's own interpreter (local replica only).
+
+Nix is always invoked with an argument list, never through a shell. Where Nix lives is
+configurable (`--nix-bin-dir`), which is also how the tests stand in a fake `nix` for the
+real one, which cannot be installed there.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+NOT_REALISED = 127  # the shell's "command not found": the node's exit code when this fails
+STORE_DIR = "/nix/store/"
+# Where the multi-user installer puts nix; systemd and launchd do not have it on PATH.
+DEFAULT_NIX_DIRS = ("/nix/var/nix/profiles/default/bin", "/run/current-system/sw/bin")
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+PROGRAM_RE = re.compile(r"^[A-Za-z0-9._+-]+$")
+SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*:")
+MACHINES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
+
+Kind = Literal["python", "path", "store", "flake"]
+
+
+class BinaryError(Exception):
+    """The binary cannot be realised; the node writes `done` with exit code 127."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do for a binary spec: pure, so the choice is testable without Nix."""
+
+    kind: Kind
+    target: str  # module, path, store path (root) or flake reference
+    program: str | None = None  # executable name under <out>/bin, when given
+    subpath: str = ""  # for a store path like /nix/store/x/bin/y: "bin/y"
+
+
+def host_platform(machine: str | None = None, sys_platform: str | None = None) -> str:
+    """Nix's name for this host, e.g. x86_64-linux or aarch64-darwin."""
+    m = (machine or platform.machine()).lower()
+    m = MACHINES.get(m, m)
+    s = sys_platform or sys.platform
+    system = "darwin" if s == "darwin" else "linux" if s.startswith("linux") else s
+    return f"{m}-{system}"
+
+
+def plan(spec: str | dict[str, str] | None, host: str) -> Plan:
+    """Classify a binary spec; raise BinaryError with what to fix when it is unusable."""
+    if spec is None:
+        raise BinaryError("the assignment names no binary and the stack has no default "
+                          "(set pcp:binary or pass binary in the start request)")
+    if isinstance(spec, dict):
+        if host not in spec:
+            raise BinaryError(f"the binary map has no entry for this platform {host} "
+                              f"(it has {', '.join(sorted(spec))})")
+        spec = spec[host]
+    spec = spec.strip()
+    if spec.startswith("python:"):
+        module = spec.removeprefix("python:")
+        if not MODULE_RE.match(module):
+            raise BinaryError(f"python:{module} is not a dotted module name")
+        return Plan("python", module)
+    target, program = spec, None
+    if "!" in spec:
+        target, _, program = spec.rpartition("!")
+        if not PROGRAM_RE.match(program) or not target:
+            raise BinaryError(f"{spec!r}: after '!' must come a program name under bin/")
+    if target.startswith(STORE_DIR):
+        parts = Path(target).parts  # ('/', 'nix', 'store', '<hash>-<name>', ...rest)
+        if len(parts) < 4 or ".." in parts:
+            raise BinaryError(f"{target!r} is not a Nix store path")
+        return Plan("store", str(Path(*parts[:4])), program, "/".join(parts[4:]))
+    if "#" in target or SCHEME_RE.match(target):
+        return Plan("flake", target, program)
+    if target.startswith("/") and program is None:
+        return Plan("path", target)
+    raise BinaryError(
+        f"cannot tell what binary {spec!r} is: use a flake reference (github:org/repo#pkg), "
+        "a Nix store path (/nix/store/...), a platform map of those, an absolute path to an "
+        "executable, or python:<module>")
+
+
+def find_nix(name: str, bin_dir: str | None) -> str:
+    """The path of `nix` or `nix-store`; a clear error when Nix is not installed."""
+    if bin_dir:
+        candidate = Path(bin_dir) / name
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+        raise BinaryError(f"{name} not found in --nix-bin-dir {bin_dir}")
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in DEFAULT_NIX_DIRS:
+        candidate = Path(d) / name
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise BinaryError(f"Nix is not installed ({name} is neither on PATH nor in "
+                      f"{', '.join(DEFAULT_NIX_DIRS)}); the worker startup script installs it, "
+                      "on the shepherd host see docs/agent.md")
+
+
+def pick_program(out: Path, program: str | None) -> str:
+    """The executable inside a realised output: named, or the only one in bin/."""
+    if program is None and out.is_file() and os.access(out, os.X_OK):
+        return str(out)
+    bin_dir = out / "bin"
+    if program is not None:
+        exe = bin_dir / program
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return str(exe)
+        raise BinaryError(f"{out} has no executable bin/{program}")
+    found = sorted(p.name for p in bin_dir.iterdir()
+                   if p.is_file() and os.access(p, os.X_OK)) if bin_dir.is_dir() else []
+    if len(found) == 1:
+        return str(bin_dir / found[0])
+    if not found:
+        raise BinaryError(f"{out} has no executable in bin/")
+    raise BinaryError(f"{out}/bin has several executables ({', '.join(found)}); "
+                      "name one with REF!program")
+
+
+@dataclass
+class Realiser:
+    """Runs Nix for a plan. `cancelled` is polled so a stop or deadline aborts a long build."""
+
+    nix_bin_dir: str | None = None
+    host: str = ""
+    log_to: IO[bytes] | None = None  # where Nix's progress goes (the node's stderr.log)
+    cancelled: Callable[[], bool] = lambda: False
+
+    def realise(self, spec: str | dict[str, str] | None) -> list[str]:
+        p = plan(spec, self.host or host_platform())
+        if p.kind == "python":
+            return [sys.executable, "-m", p.target]
+        if p.kind == "path":
+            if not (Path(p.target).is_file() and os.access(p.target, os.X_OK)):
+                raise BinaryError(f"{p.target} is not an executable file")
+            return [p.target]
+        if p.kind == "flake":
+            nix = find_nix("nix", self.nix_bin_dir)
+            argv = [nix, "--extra-experimental-features", "nix-command flakes", "build",
+                    "--no-link", "--print-out-paths", p.target]
+        else:
+            argv = [find_nix("nix-store", self.nix_bin_dir), "--realise", p.target]
+        outs = [Path(line) for line in self._run(argv).splitlines() if line.startswith("/")]
+        if not outs:
+            raise BinaryError(f"{argv[0]} printed no store path for {p.target}")
+        if p.subpath:
+            exe = outs[0] / p.subpath
+            if not (exe.is_file() and os.access(exe, os.X_OK)):
+                raise BinaryError(f"{exe} is not an executable file")
+            return [str(exe)]
+        errors = []
+        for out in outs:  # a flake may print several outputs; the first with a program wins
+            try:
+                return [pick_program(out, p.program)]
+            except BinaryError as e:
+                errors.append(str(e))
+        raise BinaryError("; ".join(errors))
+
+    def _run(self, argv: list[str]) -> str:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=self.log_to, start_new_session=True)
+        except OSError as e:
+            raise BinaryError(f"cannot run {argv[0]}: {e}") from None
+        while True:
+            try:
+                out, _ = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if self.cancelled():
+                    proc.kill()
+                    proc.wait()
+                    raise BinaryError(f"{Path(argv[0]).name} stopped: the node was told "
+                                      "to stop before the binary was realised") from None
+        if proc.returncode != 0:
+            raise BinaryError(f"{Path(argv[0]).name} {argv[-1]} failed with exit code "
+                              f"{proc.returncode} (its output is in stderr.log)")
+        return out.decode("utf-8", "replace")

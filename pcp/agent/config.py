@@ -1,0 +1,31 @@
+"""The agent's settings, from its command line (see __main__.py); all times in seconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    role: str  # "worker" or "shepherd"
+    work_dir: Path
+    bucket: str | None = None
+    project: str | None = None
+    stack: str | None = None
+    poweroff: tuple[str, ...] = ("shutdown", "-h", "now")
+    once: bool = False
+    grace: float = 20.0  # SIGTERM -> SIGKILL for the binary
+    upload_interval: float = 5.0  # logs and heartbeat
+    poll_interval: float = 5.0  # run record, and the metadata while waiting for an assignment
+    output_interval: float = 60.0  # PCP_OUTPUT_DIR while running (always at exit); 0 = off
+    boot_grace: float = 60.0  # how long a worker with no assignment waits before powering off
+    progress_interval: float = 5.0  # "waiting for the shepherd" lines
+    nix_bin_dir: str | None = None
+    keep_runs: int = 3  # local work directories of older runs are deleted
+
+    def default_bucket(self) -> str | None:
+        """The stack bucket's name as the Pulumi program makes it: pcp-<stack>-<project>."""
+        if self.stack and self.project:
+            return f"pcp-{self.stack}-{self.project}"
+        return None

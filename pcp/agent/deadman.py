@@ -1,0 +1,60 @@
+"""The node's dead-man's switch: when a worker VM powers itself off, and how.
+
+Independent of the control plane (DESIGN section 6, layer 3): even if every function fails,
+a worker never idles past its run. The decision is a pure function of the assignment, the
+run record and the time; the agent re-evaluates it every poll until it says "now".
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from datetime import datetime
+
+from pcp.agent.log import Log
+from pcp.agent.record import RunView
+from pcp.core.messages import Assignment
+
+DEFAULT_POWEROFF = "shutdown -h now"
+
+
+def power_off_at(a: Assignment, record: RunView | None, now: datetime) -> tuple[datetime, str]:
+    """When to power off after this node's part of the run is over, and why."""
+    if now >= a.deadline:
+        return now, "the run's deadline has passed"
+    if not a.keep_vm_alive:
+        return now, "this node is done and the run does not keep VMs alive"
+    if record is not None:
+        over = record.over_for(a.attempt)
+        if over is not None and record.attempt > a.attempt:
+            return now, over
+        if over is not None:
+            if record.keep_alive_until is None:
+                return now, f"{over} without a keep-alive lease"
+            until = min(record.keep_alive_until, a.deadline)
+            return until, f"keep-alive lease until {until.isoformat()}"
+    return a.deadline, "keep_vm_alive: waiting for the run to end, at most until its deadline"
+
+
+def parse_command(text: str) -> list[str]:
+    """The power-off command as an argument list; empty means 'just exit' (local replica)."""
+    return shlex.split(text)
+
+
+def power_off(argv: list[str], reason: str, log: Log) -> int:
+    """Run the power-off command without a shell. Returns the agent's exit code."""
+    if not argv:
+        log.info("power_off_skipped", f"{reason}; the power-off command is empty: exiting")
+        return 0
+    log.info("power_off", reason, command=argv)
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.error("power_off_failed", f"{argv[0]}: {e}; the sweeper and the GCE run-duration "
+                  "cap still stop this VM")
+        return 1
+    if done.returncode != 0:
+        log.error("power_off_failed", f"{argv[0]} exited with {done.returncode}; the sweeper "
+                  "and the GCE run-duration cap still stop this VM")
+        return 1
+    return 0

@@ -1,0 +1,217 @@
+"""One node's part of one attempt: realise, (wait for the shepherd), booted, run, done.
+
+Shared by the worker and the shepherd agent. `done` is written whenever the binary was
+started or could not be realised, after the logs and outputs are uploaded, so the run's
+result never depends on the logs being complete. A node that never started its binary
+(stopped while waiting, shepherd never answered) writes neither marker: the control plane's
+boot timeout owns that case, and it may restart the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pcp.agent.binary import NOT_REALISED, BinaryError, Realiser
+from pcp.agent.config import AgentConfig
+from pcp.agent.log import Log
+from pcp.agent.record import RunView, read_run
+from pcp.agent.runner import CANNOT_EXECUTE, Exit, Runner
+from pcp.agent.ticker import Task, Ticker
+from pcp.agent.uploader import Uploader
+from pcp.core.messages import Assignment
+from pcp.core.ports import BlobStore
+
+LOOP_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Result:
+    booted: bool
+    exit: Exit | None  # None when no done marker was written
+    stopped: str | None = None  # why the agent stopped the binary (or the wait), if it did
+
+
+class Session:
+    def __init__(self, a: Assignment, store: BlobStore, cfg: AgentConfig, log: Log,
+                 agent_stop: threading.Event) -> None:
+        self.a = a
+        self.store = store
+        self.cfg = cfg
+        self.log = log.bind(run_id=a.run_id, node=a.node, attempt=a.attempt)
+        self.agent_stop = agent_stop
+        self.uploader = Uploader(store, a, self.log)
+        self.dir = cfg.work_dir / a.run_id / str(a.attempt)
+        self.output = self.dir / "output"
+        self.stdout = self.dir / "stdout.log"
+        self.stderr = self.dir / "stderr.log"
+        self.record: RunView | None = None
+        self.stop_reason: str | None = None
+        self._stop = threading.Event()
+        self.runner: Runner | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.a.run_id, self.a.attempt
+
+    def request_stop(self, reason: str) -> None:
+        """Stop the binary (or the wait before it): SIGTERM, grace, SIGKILL. Thread-safe."""
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            self._stop.set()
+
+    def stopping(self) -> str | None:
+        if self._stop.is_set():
+            return self.stop_reason
+        if self.agent_stop.is_set():
+            return "the agent received SIGTERM"
+        if datetime.now(UTC) >= self.a.deadline:
+            return "the run's deadline has passed"
+        return None
+
+    # ------------------------------------------------------------ phases
+
+    def run(self) -> Result:
+        self.output.mkdir(parents=True, exist_ok=True)
+        prune(self.cfg.work_dir, keep=self.cfg.keep_runs, current=self.a.run_id)
+        self.log.info("session_start", f"{self.a.role} {self.a.node} of run {self.a.run_id} "
+                      f"attempt {self.a.attempt}", binary=self.a.binary)
+        started = time.monotonic()
+        try:
+            with open(self.stderr, "ab") as nix_log:
+                realiser = Realiser(self.cfg.nix_bin_dir, log_to=nix_log,
+                                    cancelled=lambda: self.stopping() is not None)
+                prefix = realiser.realise(self.a.binary)
+        except BinaryError as e:
+            if self.stopping() is not None:
+                return Result(False, None, self.stopping())
+            self.log.error("binary_not_realised", str(e))
+            return self._fail(NOT_REALISED, f"cannot realise the binary: {e}", started)
+        self.log.info("binary_realised", " ".join(prefix), argv0=prefix[0])
+        if self.a.role == "worker" and not self.wait_for_head():
+            return Result(False, None, self.stopping())
+        why = self.stopping()
+        if why is not None:
+            self.log.info("not_started", why)
+            return Result(False, None, why)
+        return self.launch(prefix)
+
+    def wait_for_head(self) -> bool:
+        """Until the shepherd's port accepts a connection, or the boot deadline passes."""
+        host, port = self.a.head_host, self.a.port
+        start, next_note, next_poll = time.monotonic(), 0.0, 0.0
+        while True:
+            why = self.stopping()
+            if why is not None:
+                self.log.info("wait_stopped", f"stopped waiting for the shepherd: {why}")
+                return False
+            if datetime.now(UTC) >= self.a.boot_deadline:
+                self.log.error("shepherd_unreachable", f"the shepherd at {host}:{port} did not "
+                               "answer before the boot deadline; not starting (no booted marker)")
+                return False
+            try:
+                socket.create_connection((host, port), timeout=2.0).close()
+                self.log.info("shepherd_reachable", f"{host}:{port} accepts connections")
+                return True
+            except OSError as e:
+                waited = time.monotonic() - start
+                if waited >= next_note:
+                    self.log.info("waiting_for_shepherd", f"{host}:{port}: {e} "
+                                  f"({waited:.0f} s)", waited_s=round(waited, 1))
+                    next_note += self.cfg.progress_interval
+            if time.monotonic() - start >= next_poll:
+                next_poll += self.cfg.poll_interval
+                self._watch_run()
+            self._stop.wait(0.5)
+
+    def launch(self, prefix: list[str]) -> Result:
+        argv = prefix + self.a.argv(prefix[0])[1:]
+        env = {**os.environ, **self.a.env(str(self.output))}
+        runner = Runner(argv, env, self.dir, self.stdout, self.stderr)
+        self.uploader.marker("booted")
+        started = time.monotonic()
+        try:
+            runner.start()
+        except OSError as e:
+            self.log.error("binary_not_started", f"{argv[0]}: {e}")
+            return self._fail(CANNOT_EXECUTE, f"cannot start {argv[0]}: {e}", started)
+        self.runner = runner
+        self.log.info("binary_started", f"pid {runner.pid}", argv=argv)
+        up = self.uploader
+        ticker = Ticker([
+            Task("upload_logs", self.cfg.upload_interval,
+                 lambda: up.logs(self.stdout, self.stderr)),
+            Task("heartbeat", self.cfg.upload_interval,
+                 lambda: up.heartbeat("running", runner.pid)),
+            Task("watch_run", self.cfg.poll_interval, self._watch_run),
+            Task("upload_output", self.cfg.output_interval, lambda: up.output(self.output)),
+        ], self.log)
+        stopped: str | None = None
+        while runner.poll() is None:
+            why = self.stopping()
+            if why is not None and stopped is None:
+                stopped = why
+                self.log.info("stopping_binary", why, grace_s=self.cfg.grace)
+                self._note(f"stopping the binary: {why}")
+                runner.terminate(self.cfg.grace)
+            runner.tick()
+            ticker.tick()
+            time.sleep(LOOP_SECONDS)
+        runner.reap_group()
+        result = runner.exit()
+        self.log.info("binary_exited", f"exit code {result.exit_code}", exit_code=result.exit_code,
+                      signal=result.signal, duration_s=result.duration_s)
+        self._finish(result, heartbeat=True)
+        return Result(True, result, stopped)
+
+    # ------------------------------------------------------------ helpers
+
+    def _fail(self, code: int, text: str, started: float) -> Result:
+        self._note(text)
+        result = Exit(code, None, round(time.monotonic() - started, 3))
+        self._finish(result, heartbeat=False)
+        return Result(False, result, None)
+
+    def _finish(self, result: Exit, heartbeat: bool) -> None:
+        """Upload what there is, then write done; an upload failure never loses done."""
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("upload_logs", lambda: self.uploader.logs(self.stdout, self.stderr, True)),
+            ("upload_output", lambda: self.uploader.output(self.output))]
+        if heartbeat:
+            steps.append(("heartbeat", lambda: self.uploader.heartbeat("exited", None)))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - done must still be written
+                self.log.error("upload_failed", f"{name}: {type(e).__name__}: {e}")
+        self.uploader.marker("done", result.exit_code, result.signal, result.duration_s)
+
+    def _watch_run(self) -> None:
+        self.record = read_run(self.store, self.a.run_id)
+        if self.record is not None:
+            why = self.record.over_for(self.a.attempt)
+            if why is not None:
+                self.request_stop(why)
+
+    def _note(self, text: str) -> None:
+        """A line from the agent in the node's stderr.log, where `pcp logs` shows it."""
+        with open(self.stderr, "a", encoding="utf-8") as f:
+            f.write(f"pcp-agent: {text}\n")
+
+
+def prune(work_dir: Path, keep: int, current: str) -> None:
+    """Delete local work directories of older runs, keeping the `keep` most recent."""
+    try:
+        runs = sorted((p for p in work_dir.iterdir() if p.is_dir() and p.name != current),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for old in runs[max(keep - 1, 0):]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""Copy a node's logs, outputs, heartbeat and markers into the stack bucket.
+
+GCS objects are immutable, so a growing log is re-uploaded whole; a file is sent again only
+when its size or modification time changed since the last upload. Everything lands under
+`runs/<run_id>/<node>/`, except the markers, which go under `markers/` (the only prefix that
+raises events), so logs and checkpoints never invoke a function.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import socket
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pcp.agent.log import Log
+from pcp.core.messages import Assignment, NodeMarker
+from pcp.core.ports import BlobStore
+from pcp.core.timefmt import iso
+
+# Names the agent writes itself; an output file of the same name would overwrite them.
+RESERVED = frozenset({"stdout.log", "stderr.log", "heartbeat.json"})
+
+
+def content_type(name: str) -> str:
+    if name.endswith(".log"):
+        return "text/plain; charset=utf-8"
+    guessed, _ = mimetypes.guess_type(name)
+    return guessed or "application/octet-stream"
+
+
+class Uploader:
+    def __init__(self, store: BlobStore, assignment: Assignment, log: Log) -> None:
+        self.store = store
+        self.a = assignment
+        self.log = log
+        self.prefix = f"runs/{assignment.run_id}/{assignment.node}/"
+        self.host = socket.gethostname()
+        self._sent: dict[str, tuple[int, int]] = {}
+
+    def file(self, path: Path, name: str, force: bool = False) -> bool:
+        """Upload `path` as `name` if it changed since last time (or `force`)."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (st.st_size, st.st_mtime_ns)
+        if not force and self._sent.get(name) == stamp:
+            return False
+        put_file = getattr(self.store, "put_file", None)  # streams big files when offered
+        if callable(put_file):
+            put_file(name, path, content_type=content_type(name))
+        else:
+            self.store.put(name, path.read_bytes(), content_type=content_type(name))
+        self._sent[name] = stamp
+        return True
+
+    def logs(self, stdout: Path, stderr: Path, force: bool = False) -> None:
+        self.file(stdout, self.prefix + "stdout.log", force)
+        self.file(stderr, self.prefix + "stderr.log", force)
+
+    def output(self, directory: Path) -> int:
+        """Upload every regular file under `directory`, keeping relative paths. Returns count."""
+        sent = 0
+        if not directory.is_dir():
+            return 0
+        for root, dirs, files in os.walk(directory):  # does not follow symlinked directories
+            dirs.sort()
+            for fname in sorted(files):
+                path = Path(root) / fname
+                rel = path.relative_to(directory).as_posix()
+                if path.is_symlink() or not path.is_file():
+                    continue
+                if rel in RESERVED:
+                    self.log.warning("output_skipped", f"output file {rel} would overwrite the "
+                                     "agent's own object of that name; not uploaded")
+                    continue
+                sent += self.file(path, self.prefix + rel)
+        return sent
+
+    def heartbeat(self, phase: str, pid: int | None, now: datetime | None = None) -> None:
+        body: dict[str, Any] = {
+            "run_id": self.a.run_id, "node": self.a.node, "attempt": self.a.attempt,
+            "at": iso(now or datetime.now(UTC)), "host": self.host, "phase": phase, "pid": pid,
+        }
+        self.store.put(self.prefix + "heartbeat.json",
+                       json.dumps(body, sort_keys=True).encode())
+
+    def marker(self, kind: str, exit_code: int | None = None, signal: str | None = None,
+               duration_s: float | None = None, tries: int = 3) -> NodeMarker:
+        """Write booted or done. Retried (on top of the client's own retries of 5xx and 429):
+        a lost done marker leaves the run waiting for the sweeper."""
+        marker = NodeMarker(run_id=self.a.run_id, node=self.a.node,
+                            kind="booted" if kind == "booted" else "done",
+                            attempt=self.a.attempt, at=datetime.now(UTC), exit_code=exit_code,
+                            signal=signal, duration_s=duration_s, host=self.host)
+        for attempt in range(tries):
+            try:
+                self.store.put(marker.path, marker.to_json())
+                break
+            except Exception as e:  # noqa: BLE001 - transient storage errors are retried
+                if attempt == tries - 1:
+                    raise
+                self.log.warning("marker_retry", f"writing {marker.path} failed: {e}")
+                time.sleep(2**attempt)
+        self.log.info(f"marker_{kind}", f"wrote {marker.path}", exit_code=exit_code,
+                      signal=signal, duration_s=duration_s)
+        return marker
