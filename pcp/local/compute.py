@@ -1,0 +1,578 @@
+"""A local Compute Engine endpoint: the Compute v1 REST calls ComputeFleet makes, no more.
+
+The production `google-cloud-compute` client talks to it unchanged (REST transport,
+`api_endpoint="http://127.0.0.1:PORT"`, anonymous credentials), so the tests and the local
+replica exercise the real request and response shapes, the real exception mapping and the
+fleet's own operation waiting. Served: instances get, list (label filter), start, stop,
+setMetadata, setLabels, setScheduling, and zoneOperations get and wait.
+
+What makes it more than a stub: fingerprints are checked (a stale one gets GCE's 412
+`conditionNotMet`), VMs follow GCE's status machine (TERMINATED -> STAGING -> RUNNING ->
+STOPPING -> TERMINATED), `scheduling.maxRunDuration` is enforced by a background thread
+(termination action STOP or DELETE), and `faults` makes calls slow, operations long-running,
+or calls fail on demand. The local replica turns a VM into a process through `on_start` /
+`on_stop`, and calls `power_off` when that process shuts its "VM" down itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from pcp.logs import log
+
+UP = frozenset({"PROVISIONING", "STAGING", "RUNNING"})
+MUTATIONS = ("start", "stop", "setMetadata", "setLabels", "setScheduling")
+# Operation errors as GCE reports them: the HTTP status it puts on the finished operation.
+OP_ERROR_STATUS = {"ZONE_RESOURCE_POOL_EXHAUSTED": (503, "SERVICE UNAVAILABLE"),
+                   "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS": (503, "SERVICE UNAVAILABLE"),
+                   "QUOTA_EXCEEDED": (403, "FORBIDDEN")}
+HTTP_REASON = {400: "badRequest", 403: "forbidden", 404: "notFound", 412: "conditionNotMet",
+               429: "rateLimitExceeded", 500: "backendError", 503: "backendError"}
+DROPPED = "(dropped)"  # a fault: the mutation answers DONE and changes nothing
+_PATH = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/"
+                   r"(?P<coll>instances|operations)(?:/(?P<name>[^/]+)(?:/(?P<verb>[A-Za-z]+))?)?$")
+_CLAUSE = re.compile(r'\s*(?:AND\s+)?labels\.(?P<key>[a-z0-9_-]+)\s*(?P<op>!=|=)\s*'
+                     r'(?:"(?P<quoted>[^"]*)"|(?P<bare>[^\s"()]+))\s*')
+
+Hook = Callable[["VmRecord"], None]
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _fingerprint() -> str:
+    # GCE fingerprints are opaque base64 tokens; a fresh random one per write is all a client
+    # may rely on (it must echo back the one it read).
+    return base64.b64encode(os.urandom(8)).decode()
+
+
+@dataclass
+class VmRecord:
+    """One VM as the endpoint holds it. Fields use GCE's JSON names where they are JSON."""
+
+    name: str
+    id: int
+    status: str = "TERMINATED"
+    labels: dict[str, str] = field(default_factory=dict)
+    label_fingerprint: str = field(default_factory=_fingerprint)
+    metadata: dict[str, str] = field(default_factory=dict)
+    metadata_fingerprint: str = field(default_factory=_fingerprint)
+    scheduling: dict[str, Any] = field(default_factory=dict)
+    machine_type: str = "n1-standard-4"
+    accelerator: tuple[str, int] | None = ("nvidia-tesla-t4", 1)
+    started_at: float | None = None  # time.monotonic() when it last became RUNNING
+    last_start: str | None = None
+    last_stop: str | None = None
+    starts: int = 0
+    stops: int = 0
+
+    def max_run_seconds(self) -> float | None:
+        duration = self.scheduling.get("maxRunDuration")
+        if not isinstance(duration, dict) or "seconds" not in duration:
+            return None
+        return int(duration["seconds"]) + int(duration.get("nanos", 0)) / 1e9
+
+
+class _HttpError(Exception):
+    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+        self.reason = reason or HTTP_REASON.get(code, "error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "errors": [
+            {"message": self.message, "domain": "global", "reason": self.reason}]}}
+
+
+class Faults:
+    """Slow calls, long-running operations and failures, switched on by tests and the bench.
+
+    - `delay_seconds[kind]` (or `["*"]` for every call): latency added before a call answers.
+    - `slow_seconds[kind]` for a mutation: the call answers with a RUNNING operation that
+      finishes (and changes the VM) that many seconds later.
+    - `fail_next(kind, vm, error)`: the next matching call fails. `error` is an operation error
+      code (ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED, ...: the call answers with an
+      operation that finishes with that error, as GCE does), or an HTTP status for the call
+      itself (503, 429, 500...). 412 on setMetadata/setLabels means another writer changed the
+      VM just before, so the fingerprint the client holds has gone stale.
+    - `drop_next(kind, vm)`: the next matching mutation succeeds but changes nothing, as when
+      GCE silently ignores a field: what a read-back check exists to catch.
+    Kinds: get, list, start, stop, setMetadata, setLabels, setScheduling, operations.get,
+    operations.wait.
+    """
+
+    def __init__(self) -> None:
+        self.delay_seconds: dict[str, float] = {}
+        self.slow_seconds: dict[str, float] = {}
+        self._pending: list[tuple[str, str | None, str | int]] = []
+        self._lock = threading.Lock()
+
+    def fail_next(self, kind: str, vm: str | None = None,
+                  error: str | int = "ZONE_RESOURCE_POOL_EXHAUSTED") -> None:
+        if isinstance(error, str) and kind not in MUTATIONS:
+            raise ValueError(f"operation error {error!r} needs a mutation, not {kind!r}")
+        with self._lock:
+            self._pending.append((kind, vm, error))
+
+    def drop_next(self, kind: str, vm: str | None = None) -> None:
+        if kind not in MUTATIONS:
+            raise ValueError(f"only a mutation can be dropped, not {kind!r}")
+        with self._lock:
+            self._pending.append((kind, vm, DROPPED))
+
+    def delay(self, kind: str) -> float:
+        return self.delay_seconds.get(kind, self.delay_seconds.get("*", 0.0))
+
+    def take(self, kind: str, vm: str | None) -> str | int | None:
+        with self._lock:
+            for i, (k, v, error) in enumerate(self._pending):
+                if k == kind and (v is None or v == vm):
+                    del self._pending[i]
+                    return error
+        return None
+
+
+class LocalCompute:
+    """One project and zone of Compute Engine on 127.0.0.1, with hooks for the local replica.
+
+    `on_start(vm)` runs when a VM becomes RUNNING, `on_stop(vm)` when it is being stopped
+    (by a stop call or by maxRunDuration); both run outside the endpoint's lock, and the stop
+    operation finishes only when `on_stop` returns, like a guest's ACPI shutdown.
+    """
+
+    def __init__(self, project: str, zone: str, on_start: Hook | None = None,
+                 on_stop: Hook | None = None, *, enforce_interval: float = 0.05,
+                 wait_cap_seconds: float = 10.0) -> None:
+        self.project, self.zone = project, zone
+        self.on_start, self.on_stop = on_start, on_stop
+        self.faults = Faults()
+        self.calls: list[tuple[str, str]] = []
+        self.call_counts: Counter[tuple[str, str | None]] = Counter()
+        # Operation waits are capped like GCE's (2 minutes there), shorter so shutdown is quick.
+        self.wait_cap_seconds = wait_cap_seconds
+        self._enforce_interval = enforce_interval
+        self._vms: dict[str, VmRecord] = {}
+        self._ops: dict[str, dict[str, Any]] = {}
+        self._ids = itertools.count(1000)
+        self._lock = threading.Condition()
+        self._timers: list[threading.Thread] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def endpoint(self) -> str:
+        if self._server is None:
+            raise RuntimeError("LocalCompute is not started")
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> LocalCompute:
+        handler = type("Handler", (_Handler,), {"compute": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._stopping.clear()
+        # A short poll interval: shutdown() waits for the loop to notice, 0.5 s by default.
+        self._threads = [threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                          daemon=True, name="local-compute"),
+                         threading.Thread(target=self._enforce, daemon=True,
+                                          name="local-compute-maxrun")]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        for t in [*self._threads, *self._timers]:
+            t.join(timeout=5)
+        self._server = None
+
+    def __enter__(self) -> LocalCompute:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ the stack's VMs
+
+    def add_instance(self, name: str, labels: Mapping[str, str] | None = None,
+                     metadata: Mapping[str, str] | None = None, *, status: str = "TERMINATED",
+                     scheduling: Mapping[str, Any] | None = None,
+                     machine_type: str = "n1-standard-4",
+                     accelerator: tuple[str, int] | None = ("nvidia-tesla-t4", 1)) -> VmRecord:
+        """Create a VM as the Pulumi program would (no hooks run, even if RUNNING)."""
+        with self._lock:
+            vm = VmRecord(name, next(self._ids), status, dict(labels or {}),
+                          metadata=dict(metadata or {}),
+                          scheduling=dict(scheduling or {"onHostMaintenance": "TERMINATE",
+                                                         "automaticRestart": False}),
+                          machine_type=machine_type, accelerator=accelerator)
+            if status == "RUNNING":
+                vm.started_at = time.monotonic()
+            self._vms[name] = vm
+            return vm
+
+    def vm(self, name: str) -> VmRecord:
+        with self._lock:
+            return self._vms[name]
+
+    def metadata_of(self, name: str) -> dict[str, str]:
+        """A copy of a VM's live metadata: what the metadata server serves."""
+        with self._lock:
+            vm = self._vms.get(name)
+            if vm is None:
+                raise KeyError(name)
+            return dict(vm.metadata)
+
+    def power_off(self, name: str) -> None:
+        """The guest shut itself down (`shutdown -h now`): TERMINATED, no on_stop hook."""
+        with self._lock:
+            vm = self._vms.get(name)
+            if vm is not None:
+                self._terminated(vm)
+
+    def count(self, kind: str, vm: str | None = None) -> int:
+        """API calls of one kind seen so far, for one VM or in total."""
+        with self._lock:
+            if vm is not None:
+                return self.call_counts[(kind, vm)]
+            return sum(n for (k, _), n in self.call_counts.items() if k == kind)
+
+    # ------------------------------------------------------------ state machine
+
+    def _terminated(self, vm: VmRecord) -> None:
+        """Under the lock: the VM is down now."""
+        if vm.status != "TERMINATED":
+            vm.status, vm.started_at, vm.last_stop = "TERMINATED", None, _now_rfc3339()
+            vm.stops += 1
+            self._lock.notify_all()
+
+    def _hook(self, hook: Hook | None, vm: VmRecord, what: str) -> None:
+        if hook is None:
+            return
+        try:
+            hook(vm)
+        except Exception as e:  # noqa: BLE001 - a guest failing to boot or stop is not ours
+            log("ERROR", f"local_compute.{what}_hook", stack="", reason=f"{vm.name}: {e!r}")
+
+    def _begin_start(self, vm: VmRecord) -> Callable[[], None] | None:
+        with self._lock:
+            if vm.status in UP:
+                return None
+            if vm.status != "TERMINATED":
+                raise _HttpError(400, f"The resource '{vm.name}' is not ready "
+                                 f"(status {vm.status})", "resourceNotReady")
+            vm.status = "STAGING"
+
+        def finish() -> None:
+            with self._lock:
+                if vm.status != "STAGING":
+                    return  # stopped or powered off while staging
+                vm.status, vm.started_at, vm.last_start = "RUNNING", time.monotonic(), \
+                    _now_rfc3339()
+                vm.starts += 1
+                self._lock.notify_all()
+            self._hook(self.on_start, vm, "start")
+        return finish
+
+    def _begin_stop(self, vm: VmRecord, delete: bool = False) -> Callable[[], None] | None:
+        with self._lock:
+            if vm.status not in UP:
+                return None  # TERMINATED already, or another stop is finishing it
+            vm.status = "STOPPING"
+
+        def finish() -> None:
+            self._hook(self.on_stop, vm, "stop")
+            with self._lock:
+                self._terminated(vm)
+                if delete:
+                    self._vms.pop(vm.name, None)
+        return finish
+
+    def _enforce(self) -> None:
+        """GCE's hard cap: a VM RUNNING longer than its maxRunDuration is terminated."""
+        while not self._stopping.wait(self._enforce_interval):
+            due: list[tuple[VmRecord, bool]] = []
+            with self._lock:
+                now = time.monotonic()
+                for vm in self._vms.values():
+                    limit = vm.max_run_seconds()
+                    if (vm.status == "RUNNING" and limit is not None
+                            and vm.started_at is not None and now - vm.started_at >= limit):
+                        action = vm.scheduling.get("instanceTerminationAction", "STOP")
+                        due.append((vm, action == "DELETE"))
+            for vm, delete in due:
+                log("NOTICE", "local_compute.max_run_duration", stack="",
+                    reason=f"{vm.name} ran past maxRunDuration; "
+                           f"{'deleting' if delete else 'stopping'} it")
+                finish = self._begin_stop(vm, delete)
+                if finish is not None:
+                    finish()
+
+    # ------------------------------------------------------------ operations
+
+    def _operation(self, kind: str, vm: VmRecord, apply: Callable[[], None] | None,
+                   error: str | None) -> dict[str, Any]:
+        """Record an operation; run `apply` now (DONE) or after `slow_seconds` (RUNNING)."""
+        with self._lock:
+            name = f"operation-{next(self._ids)}-{kind}-{vm.name}"
+            op: dict[str, Any] = {
+                "kind": "compute#operation", "id": str(next(self._ids)), "name": name,
+                "zone": self._zone_url(), "operationType": kind, "targetId": str(vm.id),
+                "targetLink": f"{self._zone_url()}/instances/{vm.name}", "status": "RUNNING",
+                "progress": 0, "insertTime": _now_rfc3339(), "startTime": _now_rfc3339(),
+                "selfLink": f"{self._zone_url()}/operations/{name}", "user": "local",
+            }
+            self._ops[name] = op
+        delay = self.faults.slow_seconds.get(kind, 0.0)
+
+        def complete() -> None:
+            if error is None and apply is not None:
+                apply()
+            with self._lock:
+                if error is not None:
+                    status, text = OP_ERROR_STATUS.get(error, (400, "BAD REQUEST"))
+                    op["error"] = {"errors": [{"code": error, "message": self._error_text(
+                        error, vm)}]}
+                    op["httpErrorStatusCode"], op["httpErrorMessage"] = status, text
+                op.update(status="DONE", progress=100, endTime=_now_rfc3339())
+                self._lock.notify_all()
+
+        if delay <= 0:
+            complete()
+        else:
+            def later() -> None:
+                if not self._stopping.wait(delay):  # an endpoint being stopped drops it
+                    complete()
+            timer = threading.Thread(target=later, daemon=True, name=f"local-compute-{name}")
+            with self._lock:
+                self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+            timer.start()
+        with self._lock:
+            return dict(op)
+
+    def _error_text(self, code: str, vm: VmRecord) -> str:
+        gpu = vm.accelerator[0] if vm.accelerator else vm.machine_type
+        if code.startswith("ZONE_RESOURCE_POOL_EXHAUSTED"):
+            return (f"The zone 'projects/{self.project}/zones/{self.zone}' does not have enough "
+                    f"resources available to fulfill the request ({gpu}). Try a different "
+                    "zone, or try again later.")
+        if code == "QUOTA_EXCEEDED":
+            return f"Quota '{gpu.upper().replace('-', '_')}_GPUS' exceeded. Limit: 0.0."
+        return f"{code} (injected)"
+
+    def _zone_url(self) -> str:
+        return (f"https://www.googleapis.com/compute/v1/projects/{self.project}"
+                f"/zones/{self.zone}")
+
+    # ------------------------------------------------------------ JSON views
+
+    def _instance_json(self, vm: VmRecord) -> dict[str, Any]:
+        zone = self._zone_url()
+        body: dict[str, Any] = {
+            "kind": "compute#instance", "id": str(vm.id), "name": vm.name,
+            "zone": zone, "status": vm.status, "machineType": f"{zone}/machineTypes/"
+            f"{vm.machine_type}", "labels": dict(vm.labels),
+            "labelFingerprint": vm.label_fingerprint,
+            "metadata": {"kind": "compute#metadata", "fingerprint": vm.metadata_fingerprint,
+                         "items": [{"key": k, "value": v} for k, v in vm.metadata.items()]},
+            "scheduling": json.loads(json.dumps(vm.scheduling)),
+            "selfLink": f"{zone}/instances/{vm.name}",
+        }
+        if vm.accelerator:
+            body["guestAccelerators"] = [{
+                "acceleratorType": f"{zone}/acceleratorTypes/{vm.accelerator[0]}",
+                "acceleratorCount": vm.accelerator[1]}]
+        if vm.last_start:
+            body["lastStartTimestamp"] = vm.last_start
+        if vm.last_stop:
+            body["lastStopTimestamp"] = vm.last_stop
+        return body
+
+    # ------------------------------------------------------------ request handling
+
+    def handle(self, method: str, path: str, query: dict[str, list[str]],
+               body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        m = _PATH.match(path)
+        if m is None or m["project"] != self.project or m["zone"] != self.zone:
+            raise _HttpError(404, f"The resource '{path}' was not found")
+        coll, name, verb = m["coll"], m["name"], m["verb"]
+        if coll == "operations":
+            kind = "operations.wait" if verb == "wait" else "operations.get"
+        elif name is None:
+            kind = "list"
+        else:
+            kind = verb or "get"
+        target = None if coll == "operations" else name
+        with self._lock:
+            self.calls.append((method, path))
+            self.call_counts[(kind, target)] += 1
+        if delay := self.faults.delay(kind):
+            time.sleep(delay)
+        if coll == "operations" and name is not None:
+            return 200, self._op_call(kind, name, method)
+        if kind == "list" and method == "GET":
+            return 200, self._list(query.get("filter", [""])[0])
+        if name is None or (verb is None) != (method == "GET") or (
+                verb is not None and verb not in MUTATIONS):
+            raise _HttpError(400, f"{method} {path} is not served by the local endpoint")
+        with self._lock:
+            vm = self._vms.get(name)
+        if vm is None:
+            raise _HttpError(404, f"The resource 'projects/{self.project}/zones/{self.zone}"
+                                  f"/instances/{name}' was not found")
+        injected = self.faults.take(kind, name)
+        if isinstance(injected, int) and not (injected == 412 and kind in ("setMetadata",
+                                                                           "setLabels")):
+            raise _injected_http(kind, injected)
+        if kind == "get":
+            with self._lock:
+                return 200, self._instance_json(vm)
+        return 200, self._mutate(kind, vm, body, injected)
+
+    def _mutate(self, kind: str, vm: VmRecord, body: dict[str, Any],
+                injected: str | int | None) -> dict[str, Any]:
+        error = injected if isinstance(injected, str) and injected != DROPPED else None
+        apply: Callable[[], None] | None = None
+        if error is not None or injected == DROPPED:
+            pass  # a refused or dropped call changes nothing
+        elif kind == "start":
+            apply = self._begin_start(vm)
+        elif kind == "stop":
+            apply = self._begin_stop(vm)
+        elif kind in ("setMetadata", "setLabels"):
+            self._check_fingerprint(kind, vm, body, stale=injected == 412)
+            apply = self._setter(kind, vm, body)
+        elif kind == "setScheduling":
+            scheduling = {k: v for k, v in body.items() if v not in ([], {}, None)}
+            apply = self._assign(vm, "scheduling", scheduling)
+        return self._operation(kind, vm, apply, error)
+
+    def _check_fingerprint(self, kind: str, vm: VmRecord, body: dict[str, Any],
+                           stale: bool) -> None:
+        key = "fingerprint" if kind == "setMetadata" else "labelFingerprint"
+        attr = "metadata_fingerprint" if kind == "setMetadata" else "label_fingerprint"
+        with self._lock:
+            if stale:  # another writer got there first
+                setattr(vm, attr, _fingerprint())
+            if body.get(key) != getattr(vm, attr):
+                raise _HttpError(412, "Supplied fingerprint does not match current "
+                                      f"{'metadata' if kind == 'setMetadata' else 'label'} "
+                                      "fingerprint.", "conditionNotMet")
+
+    def _setter(self, kind: str, vm: VmRecord, body: dict[str, Any]) -> Callable[[], None]:
+        if kind == "setMetadata":
+            items = {str(i["key"]): str(i.get("value", "")) for i in body.get("items", [])}
+            with self._lock:  # the fingerprint changes with the request, as in GCE
+                vm.metadata_fingerprint = _fingerprint()
+            return self._assign(vm, "metadata", items)
+        labels = {str(k): str(v) for k, v in (body.get("labels") or {}).items()}
+        with self._lock:
+            vm.label_fingerprint = _fingerprint()
+        return self._assign(vm, "labels", labels)
+
+    def _assign(self, vm: VmRecord, attr: str, value: Any) -> Callable[[], None]:
+        def apply() -> None:
+            with self._lock:  # replaced whole, so a reader never sees a half-written dict
+                setattr(vm, attr, value)
+        return apply
+
+    def _list(self, filter_text: str) -> dict[str, Any]:
+        clauses = _parse_filter(filter_text)
+        with self._lock:
+            items = [self._instance_json(vm) for vm in self._vms.values()
+                     if all((vm.labels.get(k) == v) == (op == "=") for k, op, v in clauses)]
+        return {"kind": "compute#instanceList", "id": f"projects/{self.project}/zones/"
+                f"{self.zone}/instances", "items": items,
+                "selfLink": f"{self._zone_url()}/instances"}
+
+    def _op_call(self, kind: str, name: str, method: str) -> dict[str, Any]:
+        if (kind == "operations.wait") != (method == "POST"):
+            raise _HttpError(400, f"{method} is not served for {kind}")
+        injected = self.faults.take(kind, None)
+        if isinstance(injected, int):
+            raise _injected_http(kind, injected)
+        cap = time.monotonic() + self.wait_cap_seconds
+        with self._lock:
+            op = self._ops.get(name)
+            if op is None:
+                raise _HttpError(404, f"The resource 'operations/{name}' was not found")
+            while (kind == "operations.wait" and op["status"] != "DONE"
+                   and not self._stopping.is_set() and time.monotonic() < cap):
+                self._lock.wait(timeout=min(0.1, max(0.0, cap - time.monotonic())))
+            return dict(op)
+
+
+def _injected_http(kind: str, code: int) -> _HttpError:
+    if code == 429:  # how GCE words an API rate limit: it says "quota", yet it is transient
+        return _HttpError(429, "Quota exceeded for quota metric 'Queries' and limit 'Queries "
+                               "per minute' of service 'compute.googleapis.com'")
+    return _HttpError(code, f"{kind} failed (injected HTTP {code})")
+
+
+def _parse_filter(text: str) -> list[tuple[str, str, str]]:
+    """`labels.KEY = "VALUE"` clauses joined by AND: the filter ComputeFleet sends."""
+    clauses: list[tuple[str, str, str]] = []
+    pos = 0
+    while pos < len(text):
+        m = _CLAUSE.match(text, pos)
+        if m is None or (not clauses and text[pos:].lstrip().startswith("AND")):
+            raise _HttpError(400, f"Invalid value for field 'filter': {text!r} (the local "
+                                  "endpoint serves labels.KEY = \"VALUE\" joined by AND)")
+        value = m["quoted"] if m["quoted"] is not None else m["bare"]
+        clauses.append((m["key"], m["op"], value))
+        pos = m.end()
+    return clauses
+
+
+class _Handler(BaseHTTPRequestHandler):
+    compute: LocalCompute
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+        self._serve("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve("POST")
+
+    def _serve(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        url = urlsplit(self.path)
+        try:
+            try:
+                body = json.loads(raw) if raw.strip() else {}
+            except json.JSONDecodeError:
+                raise _HttpError(400, "Invalid JSON payload received.") from None
+            code, payload = self.compute.handle(method, url.path, parse_qs(url.query), body)
+        except _HttpError as e:
+            code, payload = e.code, e.body()
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # every call is in LocalCompute.calls; access lines would only be noise

@@ -1,0 +1,113 @@
+"""A GCE metadata server stand-in for one local "VM": what the node agent reads at boot.
+
+The agent reaches it through `GCE_METADATA_HOST=127.0.0.1:PORT` (`MetadataServer.host`), the
+same variable the Google libraries honour, so its production code path reads the assignment.
+Served, as GCE serves them:
+
+- `/computeMetadata/v1/instance/name`: the VM name;
+- `/computeMetadata/v1/instance/attributes/<key>`: one attribute's value, 404 when missing;
+- `/computeMetadata/v1/instance/attributes/?recursive=true`: every attribute as JSON (without
+  `recursive`, the keys one per line).
+
+Every request must carry `Metadata-Flavor: Google` (403 without it, as on GCE: the header is
+what stops a server-side request forgery from reading the metadata). Attributes are looked up
+on every request, so a `setMetadata` on the local Compute endpoint is visible at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+PREFIX = "/computeMetadata/v1/instance/"
+
+
+class MetadataServer:
+    """One VM's metadata on 127.0.0.1; `lookup()` returns its live attributes."""
+
+    def __init__(self, lookup: Callable[[], dict[str, str]], name: str) -> None:
+        self.lookup = lookup
+        self.name = name
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def host(self) -> str:
+        """`127.0.0.1:PORT`, the value for GCE_METADATA_HOST."""
+        if self._server is None:
+            raise RuntimeError("MetadataServer is not started")
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def start(self) -> MetadataServer:
+        handler = type("Handler", (_Handler,), {"metadata": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True, name=f"metadata-{self.name}")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self) -> MetadataServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def answer(self, path: str, query: dict[str, list[str]]) -> tuple[int, str, str]:
+        """(status, content type, body) for a GET of `path`."""
+        if path == PREFIX + "name":
+            return 200, "application/text", self.name
+        if not path.startswith(PREFIX + "attributes/"):
+            return 404, "text/html", "Not Found"
+        try:
+            attributes = self.lookup()
+        except KeyError:
+            return 404, "text/html", "Not Found"  # the VM is gone
+        key = unquote(path[len(PREFIX + "attributes/"):])
+        if key == "":
+            if query.get("recursive", [""])[0].lower() == "true":
+                return 200, "application/json", json.dumps(attributes)
+            return 200, "application/text", "".join(f"{k}\n" for k in sorted(attributes))
+        if key not in attributes:
+            return 404, "text/html", "Not Found"
+        return 200, "application/text", attributes[key]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    metadata: MetadataServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+        url = urlsplit(self.path)
+        if self.headers.get("Metadata-Flavor") != "Google":
+            code, ctype, body = 403, "text/html", "Missing Metadata-Flavor:Google header.\n"
+        else:
+            code, ctype, body = self.metadata.answer(url.path, parse_qs(url.query))
+        data = body.encode("utf-8")
+        self.send_response(code)
+        self.send_header("Metadata-Flavor", "Google")
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # a polling agent would flood the output
