@@ -155,7 +155,12 @@ class ComputeFleet:
     # ------------------------------------------------------------ one VM
 
     def _start_one(self, vm: _Vm, a: Assignment, deadline: datetime) -> None:
-        inst = self._get(vm)
+        try:
+            inst = self._get(vm)
+        except gexc.NotFound:
+            # Retrying cannot create a VM: end the run with the reason instead.
+            raise CapacityError(f"VM {vm.name} does not exist in {self.zone}: deploy the "
+                                f"stack (pulumi up) or check pcp:worker_count") from None
         if inst.guest_accelerators:
             vm.gpu = _last_segment(inst.guest_accelerators[0].accelerator_type)
         else:

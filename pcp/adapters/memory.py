@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pcp.core.errors import CapacityError, Conflict
-from pcp.core.events import LABEL_ATTEMPT, LABEL_DEADLINE, LABEL_RUN, LABEL_STACK, VmView
+from pcp.core.events import (
+    LABEL_ATTEMPT,
+    LABEL_DEADLINE,
+    LABEL_KEEP_ALIVE,
+    LABEL_RUN,
+    LABEL_STACK,
+    VmView,
+)
 from pcp.core.messages import Assignment
 from pcp.core.ports import Blob
 
@@ -94,6 +101,7 @@ class MemoryFleet:
                 vm.metadata["pcp-assignment"] = a.to_json().decode()
                 vm.labels.update({LABEL_RUN: a.run_id, LABEL_ATTEMPT: str(a.attempt),
                                   LABEL_DEADLINE: str(int(deadline.timestamp()))})
+                vm.labels.pop(LABEL_KEEP_ALIVE, None)
                 vm.max_run_seconds = 1  # armed; the exact value is the adapter's business
                 vm.status = "RUNNING"
                 vm.starts += 1

@@ -19,7 +19,8 @@ class Conflict(Exception):
 
 
 class CapacityError(Exception):
-    """Compute has no capacity or quota for a start (ZONE_RESOURCE_POOL_EXHAUSTED, quota).
+    """Compute refused a start for a reason retrying will not fix: no capacity in the zone
+    (ZONE_RESOURCE_POOL_EXHAUSTED), quota, or a VM that does not exist.
 
-    Retrying now will not help: the run ends with this reason in plain words.
+    The run ends with this reason in plain words.
     """

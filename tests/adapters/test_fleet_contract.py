@@ -187,8 +187,7 @@ def test_start_takes_over_a_vm_kept_alive_by_another_run(harness: Harness) -> No
     assert vm.status == "RUNNING"
     assert vm.labels[LABEL_RUN] == "run-new"
     assert vm.stops == 1
-    if isinstance(harness, ComputeHarness):  # the twin leaves the lease label to the service
-        assert LABEL_KEEP_ALIVE not in vm.labels
+    assert LABEL_KEEP_ALIVE not in vm.labels
 
 
 def test_stop_running_stopped_and_missing_vms_succeeds(harness: Harness) -> None:

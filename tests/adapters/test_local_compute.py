@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -107,6 +108,17 @@ def test_exhausted_zone_or_quota_is_a_capacity_error_in_plain_words(
     assert compute.count("start", NAMES[1]) == 1  # not retried: it would not help
     assert compute.vm(NAMES[1]).status == "TERMINATED"
     assert compute.vm(NAMES[0]).status == "RUNNING"  # the other VM was still handled
+
+
+def test_start_of_a_vm_that_does_not_exist_is_refused_not_retried(
+        compute: LocalCompute) -> None:
+    fleet = ComputeFleet(PROJECT, ZONE, "ghost", compute.endpoint, op_timeout=30.0,
+                         backoff_seconds=0.05)
+    a = replace(assignment(0), stack="ghost")
+    with pytest.raises(CapacityError, match="VM pcp-ghost-worker-0 does not exist in "
+                                            "us-central1-a: deploy the stack"):
+        fleet.start([a], a.deadline)
+    assert fleet.calls["get"] == 1
 
 
 def test_capacity_wins_over_other_errors(compute: LocalCompute) -> None:
