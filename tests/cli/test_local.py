@@ -1,0 +1,86 @@
+"""`pcp local up|down` are thin wrappers around `pcp.local.replica` (imported lazily).
+
+The replica itself (processes, emulators) is tested in tests/e2e; here a stand-in module
+records what the wrappers pass and returns what the real one returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.cli
+
+
+class FakeReplica(types.ModuleType):
+    def __init__(self, fail: Exception | None = None) -> None:
+        super().__init__("pcp.local.replica")
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail = fail
+
+    def up(self, stack: str, state_dir: Path) -> dict[str, Any]:
+        self.calls.append(("up", stack, Path(state_dir)))
+        if self.fail is not None:
+            raise self.fail
+        return {"stack": stack, "project": "pcp-local", "bucket": f"pcp-{stack}-pcp-local",
+                "storage_endpoint": "http://127.0.0.1:1", "pubsub_host": "127.0.0.1:2"}
+
+    def down(self, state_dir: Path, stack: str | None = None) -> list[str]:
+        self.calls.append(("down", Path(state_dir), stack))
+        return ["tiny"]
+
+
+@pytest.fixture
+def replica(monkeypatch) -> FakeReplica:  # noqa: ANN001
+    fake = FakeReplica()
+    monkeypatch.setitem(sys.modules, "pcp.local.replica", fake)
+    return fake
+
+
+def test_up_passes_stack_and_state_dir_and_records_the_state(replica, invoke,  # noqa: ANN001
+                                                             tmp_path) -> None:
+    result = invoke(["local", "up", "--stack", "small"], env={"PCP_LOCAL_DIR": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert replica.calls == [("up", "small", tmp_path)]
+    state = json.loads((tmp_path / "small.json").read_text())
+    assert state["pubsub_host"] == "127.0.0.1:2"
+    assert "pcp run --stack small --wait" in result.stdout
+    # The CLI now resolves the stack through that file.
+    from pcp.cli_config import resolve_from
+
+    config = resolve_from({"stack": "small"}, {"PCP_LOCAL_DIR": str(tmp_path)})
+    assert config.local and config.bucket == "pcp-small-pcp-local"
+
+
+def test_up_failure_is_one_line(monkeypatch, invoke, tmp_path) -> None:  # noqa: ANN001
+    fake = FakeReplica(fail=RuntimeError("java not found (the Pub/Sub emulator needs it)\nmore"))
+    monkeypatch.setitem(sys.modules, "pcp.local.replica", fake)
+    result = invoke(["local", "up"], env={"PCP_LOCAL_DIR": str(tmp_path)})
+    assert result.exit_code == 1
+    assert result.stderr == ("pcp: error: the local replica did not start: java not found "
+                             "(the Pub/Sub emulator needs it)\n")
+
+
+def test_up_refuses_an_unknown_stack(replica, invoke) -> None:  # noqa: ANN001
+    result = invoke(["local", "up", "--stack", "mega"])
+    assert result.exit_code == 1 and "unknown stack 'mega'" in result.stderr
+    assert replica.calls == []
+
+
+def test_down(replica, invoke, tmp_path) -> None:  # noqa: ANN001
+    result = invoke(["local", "down"], env={"PCP_LOCAL_DIR": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert replica.calls == [("down", tmp_path, None)]
+    assert "local replica stopped: tiny" in result.stdout
+
+
+def test_missing_replica_module_is_a_clear_error(monkeypatch, invoke) -> None:  # noqa: ANN001
+    monkeypatch.setitem(sys.modules, "pcp.local.replica", None)  # as if it were not shipped
+    result = invoke(["local", "up"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("pcp: error: the local replica is not available")
