@@ -100,6 +100,19 @@ def decide(state: StackState, event: Event, now: datetime, policy: Policy) -> Tr
 
 def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None:
     known = tx.state.find(req.run_id)
+    active = tx.state.active
+    if active is not None and active.run_id == req.run_id and active.phase is Phase.STARTING:
+        # A redelivery after a transient failure: re-issue what has not booted (idempotent).
+        pending = [n.name for n in active.nodes if n.phase is NodePhase.PENDING]
+        _reissue(tx, active, pending, policy)
+        tx.note(f"duplicate start request for run {req.run_id} (starting): re-issued the start "
+                f"of {', '.join(pending) or 'no node'}")
+        return
+    if isinstance(known, RecentRun) and known.reason is Reason.REJECTED:
+        # A corrected request may reuse the id of one that was rejected and never ran.
+        tx.state = replace(tx.state, recent=tuple(r for r in tx.state.recent
+                                                  if r.run_id != req.run_id))
+        known = None
     if known is not None:
         tx.note(f"duplicate start request for run {req.run_id} ({known.status.value}): no-op")
         return
@@ -279,14 +292,22 @@ def _check_nodes(tx: _Tx, run: Run, views: dict[str, VmView], now: datetime,
             return
         restart.append(node.name)
     if restart:
-        tx.emit(StartNodes(run.run_id, run.attempt,
-                           tuple(a for a in _assignments(run, policy) if a.node in restart),
-                           _deadline(run)))
         tx.note(f"re-issued start for {', '.join(restart)} (VM not up under run {run.run_id})")
     shepherd = run.node("shepherd")
     if run.phase is Phase.STARTING and shepherd is not None and shepherd.phase is NodePhase.PENDING:
-        tx.emit(CommandShepherd(_shepherd_start(run, policy)))
+        restart.append("shepherd")
         tx.note("re-sent the start command to the shepherd (not booted yet)")
+    _reissue(tx, run, restart, policy)
+
+
+def _reissue(tx: _Tx, run: Run, nodes: list[str], policy: Policy) -> None:
+    """Start again the named nodes of the active attempt; both commands are idempotent."""
+    workers = tuple(a for a in _assignments(run, policy)
+                    if a.node in nodes and a.role == "worker")
+    if workers:
+        tx.emit(StartNodes(run.run_id, run.attempt, workers, _deadline(run)))
+    if "shepherd" in nodes:
+        tx.emit(CommandShepherd(_shepherd_start(run, policy)))
 
 
 def _stop_orphans(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None:
@@ -404,7 +425,11 @@ def _end(tx: _Tx, reason: Reason, detail: str, now: datetime, policy: Policy) ->
     vms = policy.worker_vms
     restart = reason in RESTARTABLE and run.attempt <= run.request.max_restarts
     until = min(now + timedelta(hours=policy.keep_alive_hours), _deadline(run))
+    # Only an attempt whose every node booted is known to hold every VM: before that, a VM
+    # may still run an earlier run's assignment (a refused or interrupted start), and a lease
+    # would keep it past that run's deadline (found by the fault campaign).
     keep = (run.request.keep_vm_alive and not restart and until > now
+            and run.phase is Phase.RUNNING
             and reason not in (Reason.CANCELLED, Reason.TIMED_OUT))
     state = replace(tx.state, active=None)
     shepherd = run.node("shepherd")

@@ -46,12 +46,35 @@ def test_start_while_busy_queues_fifo() -> None:
     assert s.state.queue_position("r3") == 2
 
 
-@pytest.mark.parametrize("phase", ["starting", "queued", "ended"])
+def test_duplicate_start_of_a_starting_run_reissues_what_has_not_booted() -> None:
+    s = Stack(policy(workers=2))
+    s(req("r1"))
+    s(marker("r1", "worker-1", "booted"))
+    before = s.state
+    t = s(req("r1"))
+    assert t.state == before
+    start = of(t, StartNodes)[0]
+    assert isinstance(start, StartNodes) and start.vms == ("pcp-tiny-worker-0",)
+    assert kinds(t) == ["StartNodes", "CommandShepherd"]
+    assert "re-issued the start of shepherd, worker-0" in t.reason
+
+
+def test_a_rejected_run_id_can_be_reused_by_a_corrected_request() -> None:
+    s = Stack()
+    s(Rejected("exp-1", "training_config has unbalanced quotes"))
+    t = s(req("exp-1"))
+    assert "run exp-1 accepted" in t.reason
+    assert s.state.active is not None and s.state.active.run_id == "exp-1"
+    assert all(r.run_id != "exp-1" for r in s.state.recent)
+
+
+@pytest.mark.parametrize("phase", ["running", "queued", "ended"])
 def test_duplicate_start_is_a_noop(phase: str) -> None:
     s = Stack()
     s(req("r0"))
-    if phase == "starting":
+    if phase == "running":
         run = "r0"
+        s.boot_all("r0")
     elif phase == "queued":
         run = "r1"
         s(req("r1"))
