@@ -1,0 +1,65 @@
+"""pcp: the Pulumi program of one stack (tiny, small, large or huge).
+
+Reads the stack configuration and wires the components; every resource is defined in
+`pcp_infra/`. Checked with Pulumi mocks only (tests/infra): no Pulumi CLI runs in this repo's CI.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_INFRA_DIR = str(Path(__file__).resolve().parent)
+if _INFRA_DIR not in sys.path:
+    sys.path.insert(0, _INFRA_DIR)
+
+import pulumi  # noqa: E402
+from pcp_infra.apis import ProjectApis  # noqa: E402
+from pcp_infra.config import StackConfig  # noqa: E402
+from pcp_infra.fleet import WorkerFleet  # noqa: E402
+from pcp_infra.functions import ControlFunctions  # noqa: E402
+from pcp_infra.identity import GithubFederation, ServiceAccounts  # noqa: E402
+from pcp_infra.messaging import Messaging  # noqa: E402
+from pcp_infra.network import WorkerNetwork  # noqa: E402
+from pcp_infra.scheduler import SweepSchedule  # noqa: E402
+from pcp_infra.source import CodeArchives  # noqa: E402
+from pcp_infra.storage import StateBucket  # noqa: E402
+
+cfg = StackConfig.from_pulumi_config()
+
+apis = ProjectApis("apis", cfg)
+enabled = list(apis.services.values())
+
+accounts = ServiceAccounts("identity", cfg, depends_on=enabled)
+github = GithubFederation("github", cfg, accounts, depends_on=enabled)
+bucket = StateBucket("storage", cfg, accounts, depends_on=enabled)
+messaging = Messaging("messaging", cfg, accounts, bucket, depends_on=enabled)
+network = WorkerNetwork("network", cfg, depends_on=enabled)
+code = CodeArchives("code", cfg, bucket, depends_on=enabled)
+fleet = WorkerFleet("fleet", cfg, accounts, bucket, network, depends_on=enabled)
+functions = ControlFunctions(
+    "functions", cfg, accounts, bucket, messaging, code, depends_on=enabled
+)
+schedule = SweepSchedule("scheduler", cfg, messaging, depends_on=[*enabled, functions])
+
+# The CLI and the workflows read these (`pulumi stack output --json`).
+pulumi.export("stack", cfg.stack)
+pulumi.export("project", cfg.project)
+pulumi.export("region", cfg.region)
+pulumi.export("zone", cfg.zone)
+pulumi.export("worker_count", cfg.worker_count)
+pulumi.export("vm_names", fleet.vm_names)
+pulumi.export("bucket", bucket.name)
+pulumi.export("topics", messaging.topic_names)
+pulumi.export("shepherd_subscription", messaging.shepherd_subscription.name)
+pulumi.export("dead_letter_subscription", messaging.dead_letter_subscription.name)
+pulumi.export("functions", functions.function_names)
+pulumi.export("function_source_sha256", code.functions_sha256)
+pulumi.export("function_source", code.functions_url)
+pulumi.export("agent_archive", code.agent_url)
+pulumi.export("agent_sha256", code.agent_sha256)
+pulumi.export("scheduler_job", schedule.job.name)
+pulumi.export("service_accounts", accounts.emails)
+pulumi.export("workload_identity_provider", github.provider_name)
+pulumi.export("dispatch_service_account", accounts.emails["dispatch"])
+pulumi.export("deploy_service_account", accounts.emails["deploy"])

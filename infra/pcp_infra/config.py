@@ -1,0 +1,338 @@
+"""Stack configuration: every `pcp:` key the program reads, parsed and validated once.
+
+Each key is declared (with the same default) in `infra/Pulumi.yaml`; the infra tests check that
+the two agree, and that the program reads no undeclared key. Pulumi config has no float type, so
+the hourly prices are strings that are parsed here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Sentinel for keys that have no default and must be set per stack.
+REQUIRED = object()
+
+#: Default of every `pcp:` key, as declared in Pulumi.yaml (REQUIRED = no default).
+DEFAULTS: Mapping[str, Any] = {
+    "worker_count": 1,
+    "machine_type": "n1-standard-4",
+    "gpu_type": "nvidia-tesla-t4",
+    "gpu_count": 1,
+    "zone": "us-central1-a",
+    "region": "us-central1",
+    "boot_image": (
+        "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-11-py310"
+    ),
+    "boot_disk_gb": 100,
+    "spot": False,
+    "external_ip": True,
+    "shepherd_host": REQUIRED,
+    "tcp_port": 9000,
+    "worker_ports": "",
+    "max_run_hours": 6,
+    "boot_timeout_minutes": 15,
+    "keep_alive_hours": 2,
+    "results_retention_days": 30,
+    "sweep_interval_minutes": 5,
+    "binary": "",
+    "github_repository": REQUIRED,
+    "worker_hourly_usd": "0.54",
+    "shepherd_hourly_usd": "0",
+    "bucket_location": "US",
+    "worker_ssh_source_ranges": ["35.235.240.0/20"],
+    "allow_shepherd_from": [],
+    "cachix_cache": "",
+    "cachix_public_key": "",
+    "nix_installer_url": "",
+}
+
+#: Stack sizes are bounded by the design (1..15 workers); larger needs a deliberate change here.
+MAX_WORKERS = 15
+
+#: Width of the default worker-to-worker port range: tcp_port .. tcp_port + this.
+DEFAULT_WORKER_PORT_SPAN = 100
+
+#: Google's range for IAP TCP forwarding (the only default source of SSH).
+IAP_RANGE = "35.235.240.0/20"
+
+#: Machine families whose GPUs come pre-attached: `guest_accelerators` must not be listed.
+ACCELERATOR_OPTIMIZED_PREFIXES = ("a2-", "a3-", "a4-", "g2-", "g4-")
+
+_STACK_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+_REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+_PORTS_RE = re.compile(r"^\d{1,5}(-\d{1,5})?$")
+_PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+# The patterns infra/bootstrap/worker-startup.sh applies to the same metadata values.
+_CACHIX_CACHE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_CACHIX_KEY_RE = re.compile(r"^[A-Za-z0-9._-]+:[A-Za-z0-9+/]+={0,2}$")
+_INSTALLER_URL_RE = re.compile(r"^https://[A-Za-z0-9./_~+-]+$")
+
+
+class ConfigError(ValueError):
+    """A `pcp:` value that cannot work; the message names the key."""
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"pcp:{key} must be true or false, got {value!r}")
+
+
+def _parse_int(key: str, value: Any, lo: int, hi: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"pcp:{key} must be an integer, got {value!r}") from None
+    if not lo <= number <= hi:
+        raise ConfigError(f"pcp:{key} must be between {lo} and {hi}, got {number}")
+    return number
+
+
+def _parse_price(key: str, value: Any) -> float:
+    try:
+        price = float(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"pcp:{key} must be a number (USD per hour), got {value!r}") from None
+    if price < 0:
+        raise ConfigError(f"pcp:{key} must not be negative, got {price}")
+    return price
+
+
+def _parse_cidrs(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        text = value.strip()
+        items = json.loads(text) if text.startswith("[") else [p for p in text.split(",") if p]
+    else:
+        items = list(value)
+    cidrs = []
+    for item in items:
+        try:
+            net = ipaddress.ip_network(str(item).strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"pcp:{key}: {item!r} is not a CIDR range") from None
+        if net.prefixlen == 0:
+            raise ConfigError(f"pcp:{key}: {item!r} opens the workers to the whole internet")
+        cidrs.append(str(net))
+    return tuple(cidrs)
+
+
+def _parse_optional(key: str, value: Any, pattern: re.Pattern[str]) -> str:
+    text = str(value or "").strip()
+    if text and not pattern.match(text):
+        raise ConfigError(f"pcp:{key} {text!r} does not match {pattern.pattern}")
+    return text
+
+
+def _parse_ports(key: str, value: str) -> tuple[str, ...]:
+    specs = tuple(p.strip() for p in value.split(",") if p.strip())
+    for spec in specs:
+        if not _PORTS_RE.match(spec):
+            raise ConfigError(f"pcp:{key}: {spec!r} is not a port or port range (a-b)")
+        bounds = [int(b) for b in spec.split("-")]
+        if not all(1 <= b <= 65535 for b in bounds) or bounds != sorted(bounds):
+            raise ConfigError(f"pcp:{key}: {spec!r} is not a valid port range")
+    return specs
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Everything the program needs to know about one stack."""
+
+    stack: str
+    project: str
+    worker_count: int
+    machine_type: str
+    gpu_type: str
+    gpu_count: int
+    zone: str
+    region: str
+    boot_image: str
+    boot_disk_gb: int
+    spot: bool
+    external_ip: bool
+    shepherd_host: str
+    tcp_port: int
+    worker_ports: tuple[str, ...]
+    max_run_hours: int
+    boot_timeout_minutes: int
+    keep_alive_hours: int
+    results_retention_days: int
+    sweep_interval_minutes: int
+    binary: str
+    github_repository: str
+    worker_hourly_usd: float
+    shepherd_hourly_usd: float
+    bucket_location: str
+    worker_ssh_source_ranges: tuple[str, ...]
+    allow_shepherd_from: tuple[str, ...]
+    cachix_cache: str
+    cachix_public_key: str
+    nix_installer_url: str
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pulumi_config(cls) -> StackConfig:
+        """Read `pcp:*` (and `gcp:project`) from the running Pulumi stack."""
+        import pulumi
+
+        pcp = pulumi.Config("pcp")
+        raw: dict[str, Any] = {}
+        for key, default in DEFAULTS.items():
+            if default is REQUIRED:
+                raw[key] = pcp.require(key)
+            elif isinstance(default, list):
+                value = pcp.get_object(key)
+                raw[key] = default if value is None else value
+            else:
+                value = pcp.get(key)
+                raw[key] = default if value is None else value
+        project = pulumi.Config("gcp").require("project")
+        return cls.from_mapping(stack=pulumi.get_stack(), project=project, values=raw)
+
+    @classmethod
+    def from_mapping(cls, *, stack: str, project: str, values: Mapping[str, Any]) -> StackConfig:
+        """Parse and validate raw values (strings, or already-typed YAML values)."""
+        unknown = set(values) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError(f"unknown pcp: keys {sorted(unknown)}")
+        v = {k: (values[k] if k in values else DEFAULTS[k]) for k in DEFAULTS}
+        missing = [k for k, val in v.items() if val is REQUIRED]
+        if missing:
+            raise ConfigError(f"missing required config: {', '.join('pcp:' + k for k in missing)}")
+
+        if not _STACK_RE.match(stack):
+            raise ConfigError(
+                f"stack name {stack!r} must be 1-12 lowercase letters/digits (it is part of "
+                "service account ids, which are limited to 30 characters)"
+            )
+        if not _PROJECT_RE.match(project):
+            raise ConfigError(f"gcp:project {project!r} is not a valid project id")
+
+        zone = str(v["zone"]).strip()
+        region = str(v["region"]).strip()
+        if not zone.startswith(region + "-"):
+            raise ConfigError(f"pcp:zone {zone!r} is not in pcp:region {region!r}")
+
+        tcp_port = _parse_int("tcp_port", v["tcp_port"], 1024, 65535 - DEFAULT_WORKER_PORT_SPAN)
+        worker_ports = _parse_ports("worker_ports", str(v["worker_ports"] or ""))
+        if not worker_ports:
+            worker_ports = (f"{tcp_port}-{tcp_port + DEFAULT_WORKER_PORT_SPAN}",)
+
+        machine_type = str(v["machine_type"]).strip()
+        gpu_type = str(v["gpu_type"] or "").strip()
+        gpu_count = _parse_int("gpu_count", v["gpu_count"], 0, 16)
+        accelerator_optimized = machine_type.startswith(ACCELERATOR_OPTIMIZED_PREFIXES)
+        if gpu_count and not gpu_type and not accelerator_optimized:
+            raise ConfigError("pcp:gpu_type must be set when pcp:gpu_count > 0")
+
+        shepherd_host = str(v["shepherd_host"]).strip()
+        if not shepherd_host:
+            raise ConfigError("pcp:shepherd_host must not be empty")
+        repo = str(v["github_repository"]).strip()
+        if not _REPO_RE.match(repo):
+            raise ConfigError(f"pcp:github_repository must be 'owner/repo', got {repo!r}")
+
+        ssh_ranges = _parse_cidrs("worker_ssh_source_ranges", v["worker_ssh_source_ranges"])
+        shepherd_from = _parse_cidrs("allow_shepherd_from", v["allow_shepherd_from"])
+
+        return cls(
+            stack=stack,
+            project=project,
+            worker_count=_parse_int("worker_count", v["worker_count"], 1, MAX_WORKERS),
+            machine_type=machine_type,
+            gpu_type=gpu_type,
+            gpu_count=gpu_count,
+            zone=zone,
+            region=region,
+            boot_image=str(v["boot_image"]).strip(),
+            boot_disk_gb=_parse_int("boot_disk_gb", v["boot_disk_gb"], 20, 65536),
+            spot=_parse_bool("spot", v["spot"]),
+            external_ip=_parse_bool("external_ip", v["external_ip"]),
+            shepherd_host=shepherd_host,
+            tcp_port=tcp_port,
+            worker_ports=worker_ports,
+            max_run_hours=_parse_int("max_run_hours", v["max_run_hours"], 1, 24 * 7),
+            boot_timeout_minutes=_parse_int(
+                "boot_timeout_minutes", v["boot_timeout_minutes"], 1, 240
+            ),
+            keep_alive_hours=_parse_int("keep_alive_hours", v["keep_alive_hours"], 0, 24 * 7),
+            results_retention_days=_parse_int(
+                "results_retention_days", v["results_retention_days"], 1, 3650
+            ),
+            sweep_interval_minutes=_parse_int(
+                "sweep_interval_minutes", v["sweep_interval_minutes"], 1, 59
+            ),
+            binary=str(v["binary"] or "").strip(),
+            github_repository=repo,
+            worker_hourly_usd=_parse_price("worker_hourly_usd", v["worker_hourly_usd"]),
+            shepherd_hourly_usd=_parse_price("shepherd_hourly_usd", v["shepherd_hourly_usd"]),
+            bucket_location=str(v["bucket_location"]).strip(),
+            worker_ssh_source_ranges=ssh_ranges,
+            allow_shepherd_from=shepherd_from,
+            cachix_cache=_parse_optional("cachix_cache", v["cachix_cache"], _CACHIX_CACHE_RE),
+            cachix_public_key=_parse_optional(
+                "cachix_public_key", v["cachix_public_key"], _CACHIX_KEY_RE
+            ),
+            nix_installer_url=_parse_optional(
+                "nix_installer_url", v["nix_installer_url"], _INSTALLER_URL_RE
+            ),
+        )
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def accelerator_optimized(self) -> bool:
+        """True for machine types with built-in GPUs (g2 + L4, a2 + A100, ...)."""
+        return self.machine_type.startswith(ACCELERATOR_OPTIMIZED_PREFIXES)
+
+    @property
+    def attach_guest_accelerators(self) -> bool:
+        """Whether `guest_accelerators` is listed on the VMs (never for built-in GPUs)."""
+        return self.gpu_count > 0 and not self.accelerator_optimized
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.accelerator_optimized or self.gpu_count > 0
+
+    def worker_bootstrap_metadata(self) -> dict[str, str]:
+        """Optional metadata read by the worker startup script (only the keys that are set)."""
+        optional = {
+            "pcp-cachix-cache": self.cachix_cache,
+            "pcp-cachix-public-key": self.cachix_public_key,
+            "pcp-nix-installer-url": self.nix_installer_url,
+        }
+        return {key: value for key, value in optional.items() if value}
+
+    def function_environment(self, bucket_name: str) -> dict[str, str]:
+        """The runtime environment of every Cloud Function (all values strings)."""
+        return {
+            "PCP_STACK": self.stack,
+            "PCP_PROJECT": self.project,
+            "PCP_ZONE": self.zone,
+            "PCP_BUCKET": bucket_name,
+            "PCP_WORKER_COUNT": str(self.worker_count),
+            "PCP_SHEPHERD_HOST": self.shepherd_host,
+            "PCP_TCP_PORT": str(self.tcp_port),
+            "PCP_MAX_RUN_HOURS": str(self.max_run_hours),
+            "PCP_BOOT_TIMEOUT_MINUTES": str(self.boot_timeout_minutes),
+            "PCP_KEEP_ALIVE_HOURS": str(self.keep_alive_hours),
+            "PCP_SWEEP_INTERVAL_MINUTES": str(self.sweep_interval_minutes),
+            "PCP_BINARY": self.binary,
+            "PCP_WORKER_HOURLY_USD": _price_str(self.worker_hourly_usd),
+            "PCP_SHEPHERD_HOURLY_USD": _price_str(self.shepherd_hourly_usd),
+        }
+
+
+def _price_str(price: float) -> str:
+    return f"{price:g}"

@@ -1,0 +1,129 @@
+"""The four Cloud Functions (2nd gen), each triggered by one Pub/Sub topic.
+
+Source: CodeArchives (`functions/` at the root plus the `pcp/` package), whose object name
+carries the content hash, so that every code change is redeployed and an unchanged tree is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_gcp as gcp
+
+from .base import PcpComponent
+from .config import StackConfig
+from .identity import ServiceAccounts
+from .messaging import Messaging
+from .naming import Names
+from .source import CodeArchives
+from .storage import StateBucket
+
+RUNTIME = "python311"
+PUBSUB_EVENT = "google.cloud.pubsub.topic.v1.messagePublished"
+RETRY_POLICY = "RETRY_POLICY_RETRY"
+MEMORY = "512M"
+MAX_INSTANCES = 10
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    kind: str  # pcp-<stack>-<kind>
+    entry_point: str  # function in functions/main.py
+    topic: str  # topic kind that triggers it
+    timeout_seconds: int
+
+
+#: on_start and on_sweep wait on Compute operations; the others are short.
+FUNCTIONS: tuple[FunctionSpec, ...] = (
+    FunctionSpec("start", "on_start", "start", 300),
+    FunctionSpec("stop", "on_stop", "stop", 120),
+    FunctionSpec("marker", "on_marker", "markers", 120),
+    FunctionSpec("sweep", "on_sweep", "sweep", 300),
+)
+
+
+class ControlFunctions(PcpComponent):
+    TYPE = "pcp:infra:ControlFunctions"
+
+    def __init__(
+        self,
+        name: str,
+        cfg: StackConfig,
+        accounts: ServiceAccounts,
+        bucket: StateBucket,
+        messaging: Messaging,
+        code: CodeArchives,
+        *,
+        depends_on: list[pulumi.Resource],
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__(name, depends_on=depends_on, opts=opts)
+        names = Names(cfg.stack, cfg.project)
+
+        environment = cfg.function_environment(names.bucket)
+        ready = [*accounts.grants_for_functions(), *bucket.grants, *messaging.grants]
+
+        self.functions: dict[str, gcp.cloudfunctionsv2.Function] = {}
+        self.invokers: list[gcp.cloudrunv2.ServiceIamMember] = []
+        for spec in FUNCTIONS:
+            function_name = names.function(spec.kind)
+            function = gcp.cloudfunctionsv2.Function(
+                function_name,
+                project=cfg.project,
+                name=function_name,
+                location=cfg.region,
+                description=f"pcp {cfg.stack}: {spec.entry_point} on pcp-{cfg.stack}-{spec.topic}",
+                labels=names.labels(**{"pcp-function": spec.kind}),
+                build_config=gcp.cloudfunctionsv2.FunctionBuildConfigArgs(
+                    runtime=RUNTIME,
+                    entry_point=spec.entry_point,
+                    service_account=accounts.resource_names["build"],
+                    source=gcp.cloudfunctionsv2.FunctionBuildConfigSourceArgs(
+                        storage_source=gcp.cloudfunctionsv2.FunctionBuildConfigSourceStorageSourceArgs(
+                            bucket=bucket.bucket.name,
+                            object=code.functions_source.name,
+                        )
+                    ),
+                ),
+                service_config=gcp.cloudfunctionsv2.FunctionServiceConfigArgs(
+                    service_account_email=accounts.emails["functions"],
+                    environment_variables=dict(environment),
+                    timeout_seconds=spec.timeout_seconds,
+                    available_memory=MEMORY,
+                    min_instance_count=0,
+                    max_instance_count=MAX_INSTANCES,
+                    # Eventarc/Pub/Sub deliveries count as internal traffic.
+                    ingress_settings="ALLOW_INTERNAL_ONLY",
+                    all_traffic_on_latest_revision=True,
+                ),
+                event_trigger=gcp.cloudfunctionsv2.FunctionEventTriggerArgs(
+                    event_type=PUBSUB_EVENT,
+                    pubsub_topic=messaging.topics[spec.topic].id,
+                    retry_policy=RETRY_POLICY,
+                    service_account_email=accounts.emails["functions"],
+                    trigger_region=cfg.region,
+                ),
+                opts=self.child_opts(*ready),
+            )
+            self.functions[spec.kind] = function
+            # The trigger identity must be allowed to invoke the function's Cloud Run service
+            # (same name as the function).
+            self.invokers.append(
+                gcp.cloudrunv2.ServiceIamMember(
+                    f"{function_name}-invoker",
+                    project=cfg.project,
+                    location=cfg.region,
+                    name=function.name,
+                    role="roles/run.invoker",
+                    member=accounts.members["functions"],
+                    opts=self.child_opts(),
+                )
+            )
+
+        self.function_names: dict[str, pulumi.Output[str]] = {
+            kind: fn.name for kind, fn in self.functions.items()
+        }
+        self.register_outputs(
+            {"functions": self.function_names, "source_sha256": code.functions_sha256}
+        )

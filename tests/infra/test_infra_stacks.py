@@ -1,0 +1,674 @@
+"""The Pulumi program under mocks, one pass per stack: the safety properties of what it declares.
+
+Everything here is asserted on what the Pulumi engine would receive (resource inputs and
+options). What mocks cannot show: whether GCP accepts these values, provider-side defaults and
+diffs, IAM propagation, and the engine's handling of ignore_changes at update time.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.infra
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+
+INSTANCE = "gcp:compute/instance:Instance"
+FUNCTION = "gcp:cloudfunctionsv2/function:Function"
+BUCKET = "gcp:storage/bucket:Bucket"
+BUCKET_OBJECT = "gcp:storage/bucketObject:BucketObject"
+NOTIFICATION = "gcp:storage/notification:Notification"
+TOPIC = "gcp:pubsub/topic:Topic"
+SUBSCRIPTION = "gcp:pubsub/subscription:Subscription"
+JOB = "gcp:cloudscheduler/job:Job"
+FIREWALL = "gcp:compute/firewall:Firewall"
+SERVICE = "gcp:projects/service:Service"
+PROJECT_MEMBER = "gcp:projects/iAMMember:IAMMember"
+SA_MEMBER = "gcp:serviceaccount/iAMMember:IAMMember"
+BUCKET_MEMBER = "gcp:storage/bucketIAMMember:BucketIAMMember"
+TOPIC_MEMBER = "gcp:pubsub/topicIAMMember:TopicIAMMember"
+SUB_MEMBER = "gcp:pubsub/subscriptionIAMMember:SubscriptionIAMMember"
+INSTANCE_MEMBER = "gcp:compute/instanceIAMMember:InstanceIAMMember"
+RUN_MEMBER = "gcp:cloudrunv2/serviceIamMember:ServiceIamMember"
+CUSTOM_ROLE = "gcp:projects/iAMCustomRole:IAMCustomRole"
+POOL = "gcp:iam/workloadIdentityPool:WorkloadIdentityPool"
+POOL_PROVIDER = "gcp:iam/workloadIdentityPoolProvider:WorkloadIdentityPoolProvider"
+
+PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
+
+PCP_ENV = {
+    "PCP_STACK", "PCP_PROJECT", "PCP_ZONE", "PCP_BUCKET", "PCP_WORKER_COUNT",
+    "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
+    "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY",
+    "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD",
+}  # fmt: skip
+
+#: function kind -> (entry point, topic kind, timeout seconds)
+FUNCTIONS = {
+    "start": ("on_start", "start", 300),
+    "stop": ("on_stop", "stop", 120),
+    "marker": ("on_marker", "markers", 120),
+    "sweep": ("on_sweep", "sweep", 300),
+}
+
+
+def topic_id(run, kind: str) -> str:
+    return f"projects/{run.config['gcp:project']}/topics/{run.prefix}-{kind}"
+
+
+def iter_strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from iter_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from iter_strings(v)
+
+
+# --------------------------------------------------------------------------- worker VMs
+
+
+def test_worker_count_and_names(stack_run):
+    vms = stack_run.of_type(INSTANCE)
+    n = stack_run.expected_workers
+    assert len(vms) == n
+    expected = [f"{stack_run.prefix}-worker-{i}" for i in range(n)]
+    assert sorted(vm["inputs"]["name"] for vm in vms) == sorted(expected)
+    assert stack_run.outputs["vm_names"] == expected
+    assert stack_run.outputs["worker_count"] == n
+
+
+def test_every_worker_has_its_gpu(any_run):
+    machine = any_run.config["pcp:machine_type"]
+    for vm in any_run.of_type(INSTANCE):
+        inputs = vm["inputs"]
+        assert inputs["machineType"] == machine
+        if machine.startswith("g2-"):
+            # The L4 is built into g2 machine types: listing it again is not done.
+            assert not inputs.get("guestAccelerators")
+        else:
+            assert inputs["guestAccelerators"] == [
+                {
+                    "type": any_run.config["pcp:gpu_type"],
+                    "count": float(any_run.config["pcp:gpu_count"]),
+                }
+            ]
+            assert inputs["guestAccelerators"][0]["count"] >= 1
+
+
+def test_stack_machine_choices(stack_run):
+    machine = stack_run.config["pcp:machine_type"]
+    if stack_run.stack in ("tiny", "small"):
+        assert machine.startswith("n1-") and stack_run.config["pcp:gpu_type"] == "nvidia-tesla-t4"
+    else:
+        assert machine.startswith("g2-") and stack_run.config["pcp:gpu_type"] == "nvidia-l4"
+
+
+def test_worker_scheduling_is_gpu_safe(any_run):
+    spot = any_run.config["pcp:spot"] == "true"
+    for vm in any_run.of_type(INSTANCE):
+        s = vm["inputs"]["scheduling"]
+        assert s["onHostMaintenance"] == "TERMINATE"
+        assert s["automaticRestart"] is False
+        if spot:
+            assert s["provisioningModel"] == "SPOT"
+            assert s["preemptible"] is True
+            assert s["instanceTerminationAction"] == "STOP"
+        else:
+            assert s["provisioningModel"] == "STANDARD"
+            assert s.get("preemptible") is False
+            # GCE rejects a termination action on STANDARD VMs without a run duration: the
+            # control plane sets both before each start (and Pulumi ignores them).
+            assert "instanceTerminationAction" not in s
+        assert "maxRunDuration" not in s
+        # Never set: the control plane alone starts and stops workers.
+        assert "desiredStatus" not in vm["inputs"]
+
+
+def test_workers_run_as_worker_sa(any_run):
+    for vm in any_run.of_type(INSTANCE):
+        assert vm["inputs"]["serviceAccount"] == {
+            "email": any_run.sa_email("worker"),
+            "scopes": ["cloud-platform"],
+        }
+
+
+def test_worker_external_ip_only_when_configured(any_run):
+    external = any_run.config["pcp:external_ip"] == "true"
+    for vm in any_run.of_type(INSTANCE):
+        (nic,) = vm["inputs"]["networkInterfaces"]
+        access = nic.get("accessConfigs") or []
+        assert len(access) == (1 if external else 0)
+        assert nic["subnetwork"].endswith(f"/subnetworks/{any_run.prefix}-workers")
+        assert vm["inputs"]["tags"] == [f"{any_run.prefix}-worker"]
+    nats = any_run.of_type("gcp:compute/routerNat:RouterNat")
+    assert len(nats) == (0 if external else 1)
+
+
+def test_default_stacks_have_external_ip_and_variant_has_nat(stack_run, variant):
+    assert stack_run.config["pcp:external_ip"] == "true"
+    (nat,) = variant.of_type("gcp:compute/routerNat:RouterNat")
+    assert nat["inputs"]["sourceSubnetworkIpRangesToNat"] == "ALL_SUBNETWORKS_ALL_IP_RANGES"
+    # Workers are created after the NAT they need for their first boot.
+    for vm in variant.of_type(INSTANCE):
+        assert nat["urn"] in vm["dependencies"]
+
+
+def test_worker_labels_and_metadata(any_run):
+    startup = INFRA / "bootstrap" / "worker-startup.sh"
+    for vm in any_run.of_type(INSTANCE):
+        i = vm["inputs"]["name"].rsplit("-", 1)[1]
+        assert vm["inputs"]["labels"] == {
+            "pcp-stack": any_run.stack,
+            "pcp-role": "worker",
+            "pcp-node": f"worker-{i}",
+        }
+        md = vm["inputs"]["metadata"]
+        assert md["pcp-stack"] == any_run.stack
+        assert md["pcp-bucket"] == any_run.outputs["bucket"]
+        assert md["pcp-project"] == any_run.config["gcp:project"]
+        assert md["pcp-node"] == f"worker-{i}"
+        # Code deploys must not touch VM metadata: the code is found through the pointer.
+        assert not any(k.startswith("pcp-source") for k in md)
+        # Set at run time by the control plane only.
+        assert "pcp-assignment" not in md
+        # Optional bootstrap keys: present exactly when configured.
+        for key in ("cachix_cache", "cachix_public_key", "nix_installer_url"):
+            value = any_run.config[f"pcp:{key}"]
+            meta = "pcp-" + key.replace("_", "-")
+            assert md.get(meta) == (value or None), meta
+        # In metadata (in-place update), not metadata_startup_script (forces a new VM).
+        assert "metadataStartupScript" not in vm["inputs"]
+        if "worker-startup.sh" in any_run.data["placeholders"]:
+            assert md["startup-script"].startswith("#!")
+        else:
+            assert md["startup-script"] == startup.read_text(encoding="utf-8")
+
+
+def test_worker_ignore_changes_cover_run_time_fields(any_run):
+    from pcp_infra.fleet import WORKER_IGNORE_CHANGES
+
+    required = {
+        'metadata["pcp-assignment"]',
+        "labels",
+        "scheduling.maxRunDuration",
+        "scheduling.instanceTerminationAction",
+        "desiredStatus",
+        "currentStatus",
+    }
+    assert required <= set(WORKER_IGNORE_CHANGES)
+    for vm in any_run.of_type(INSTANCE):
+        # Captured from the RegisterResource request the engine would receive.
+        ignored = set(vm["ignoreChanges"])
+        assert required <= ignored
+        assert ignored == set(WORKER_IGNORE_CHANGES)
+        # Nested paths are not translated by the SDK: they must already be camelCase.
+        for path in ignored:
+            assert "_" not in path.split("[")[0], path
+
+
+def test_functions_sa_controls_exactly_the_workers(any_run):
+    grants = any_run.of_type(INSTANCE_MEMBER)
+    vm_names = {vm["inputs"]["name"] for vm in any_run.of_type(INSTANCE)}
+    assert {g["inputs"]["instanceName"] for g in grants} == vm_names
+    role = f"projects/{any_run.config['gcp:project']}/roles/pcp_{any_run.stack}_fleet_control"
+    for g in grants:
+        assert g["inputs"]["role"] == role
+        assert g["inputs"]["member"] == any_run.sa_member("functions")
+        assert g["inputs"]["zone"] == any_run.config["pcp:zone"]
+
+
+def test_custom_roles_are_narrow(any_run):
+    roles = {r["inputs"]["roleId"]: r["inputs"] for r in any_run.of_type(CUSTOM_ROLE)}
+    control = roles[f"pcp_{any_run.stack}_fleet_control"]["permissions"]
+    observe = roles[f"pcp_{any_run.stack}_fleet_observe"]["permissions"]
+    assert set(control) == {
+        "compute.instances.get",
+        "compute.instances.start",
+        "compute.instances.stop",
+        "compute.instances.setMetadata",
+        "compute.instances.setLabels",
+        "compute.instances.setScheduling",
+    }
+    assert set(observe) == {"compute.instances.list", "compute.zoneOperations.get"}
+    (observe_grant,) = [
+        m for m in any_run.of_type(PROJECT_MEMBER) if m["inputs"]["role"].endswith("fleet_observe")
+    ]
+    assert observe_grant["inputs"]["member"] == any_run.sa_member("functions")
+
+
+# --------------------------------------------------------------------------- functions
+
+
+def test_functions_shape(any_run):
+    fns = {f["inputs"]["name"]: f["inputs"] for f in any_run.of_type(FUNCTION)}
+    assert set(fns) == {f"{any_run.prefix}-{kind}" for kind in FUNCTIONS}
+    assert any_run.outputs["functions"] == {k: f"{any_run.prefix}-{k}" for k in FUNCTIONS}
+    source = any_run.one(BUCKET_OBJECT, f"{any_run.prefix}-functions-source")
+    sha = any_run.outputs["function_source_sha256"]
+    assert sha in source["inputs"]["name"] and len(sha) == 64
+    assert source["inputs"]["source"]["__asset__"] == "FileAsset"
+    assert source["inputs"]["bucket"] == any_run.outputs["bucket"]
+
+    for kind, (entry, topic, timeout) in FUNCTIONS.items():
+        fn = fns[f"{any_run.prefix}-{kind}"]
+        assert fn["location"] == any_run.config["pcp:region"]
+        build = fn["buildConfig"]
+        assert build["runtime"] == "python311"
+        assert build["entryPoint"] == entry
+        assert build["source"]["storageSource"] == {
+            "bucket": any_run.outputs["bucket"],
+            "object": source["inputs"]["name"],
+        }
+        trigger = fn["eventTrigger"]
+        assert trigger["eventType"] == "google.cloud.pubsub.topic.v1.messagePublished"
+        assert trigger["pubsubTopic"] == topic_id(any_run, topic)
+        assert trigger["retryPolicy"] == "RETRY_POLICY_RETRY"
+        assert trigger["serviceAccountEmail"] == any_run.sa_email("functions")
+        svc = fn["serviceConfig"]
+        assert svc["serviceAccountEmail"] == any_run.sa_email("functions")
+        assert svc["timeoutSeconds"] == float(timeout)
+        assert svc["availableMemory"] == "512M"
+        assert 1 <= svc["maxInstanceCount"] <= 20
+
+
+def test_functions_environment(any_run):
+    cfg = any_run.config
+    expected = {
+        "PCP_STACK": any_run.stack,
+        "PCP_PROJECT": cfg["gcp:project"],
+        "PCP_ZONE": cfg["pcp:zone"],
+        "PCP_BUCKET": any_run.outputs["bucket"],
+        "PCP_WORKER_COUNT": str(any_run.expected_workers),
+        "PCP_SHEPHERD_HOST": cfg["pcp:shepherd_host"],
+        "PCP_TCP_PORT": cfg["pcp:tcp_port"],
+        "PCP_MAX_RUN_HOURS": cfg["pcp:max_run_hours"],
+        "PCP_BOOT_TIMEOUT_MINUTES": cfg["pcp:boot_timeout_minutes"],
+        "PCP_KEEP_ALIVE_HOURS": cfg["pcp:keep_alive_hours"],
+        "PCP_SWEEP_INTERVAL_MINUTES": cfg["pcp:sweep_interval_minutes"],
+        "PCP_BINARY": cfg["pcp:binary"],
+        "PCP_WORKER_HOURLY_USD": cfg["pcp:worker_hourly_usd"],
+        "PCP_SHEPHERD_HOURLY_USD": cfg["pcp:shepherd_hourly_usd"],
+    }
+    assert set(expected) == PCP_ENV
+    for fn in any_run.of_type(FUNCTION):
+        env = fn["inputs"]["serviceConfig"]["environmentVariables"]
+        assert env == expected
+        assert all(isinstance(v, str) for v in env.values())
+
+
+def test_trigger_identity_may_invoke_and_receive(any_run):
+    invokers = any_run.of_type(RUN_MEMBER)
+    assert {i["inputs"]["name"] for i in invokers} == {f"{any_run.prefix}-{k}" for k in FUNCTIONS}
+    for i in invokers:
+        assert i["inputs"]["role"] == "roles/run.invoker"
+        assert i["inputs"]["member"] == any_run.sa_member("functions")
+        assert i["inputs"]["location"] == any_run.config["pcp:region"]
+    receivers = any_run.by_input(PROJECT_MEMBER, "role", "roles/eventarc.eventReceiver")
+    assert [r["inputs"]["member"] for r in receivers] == [any_run.sa_member("functions")]
+    # Functions are created after their trigger identity can receive events.
+    receiver_urn = receivers[0]["urn"]
+    for fn in any_run.of_type(FUNCTION):
+        assert receiver_urn in fn["dependencies"]
+
+
+def test_functions_built_by_dedicated_build_sa(any_run):
+    build_sa = any_run.sa_email("build")
+    for fn in any_run.of_type(FUNCTION):
+        assert fn["inputs"]["buildConfig"]["serviceAccount"].endswith(
+            f"/serviceAccounts/{build_sa}"
+        )
+    roles = {
+        m["inputs"]["role"]
+        for m in any_run.of_type(PROJECT_MEMBER)
+        if m["inputs"]["member"] == any_run.sa_member("build")
+    }
+    assert "roles/cloudbuild.builds.builder" in roles
+
+
+def test_agent_sdist_for_the_workers(any_run):
+    agent = any_run.one(BUCKET_OBJECT, f"{any_run.prefix}-agent-sdist")
+    a = agent["inputs"]
+    # The fixed name bootstrap/worker-startup.sh installs from.
+    assert a["name"] == "agent/pcp-agent.tar.gz"
+    startup = INFRA / "bootstrap" / "worker-startup.sh"
+    if startup.is_file():
+        assert "agent%2Fpcp-agent.tar.gz" in startup.read_text()
+    assert a["bucket"] == any_run.outputs["bucket"]
+    assert a["source"]["__asset__"] == "FileAsset"
+    assert a["metadata"] == {"pcp-sha256": any_run.outputs["agent_sha256"]}
+    assert any_run.outputs["agent_archive"] == f"gs://{any_run.outputs['bucket']}/{a['name']}"
+    # Same name, new content: the old object must go first, or its deletion removes the upload.
+    assert agent["deleteBeforeReplace"] is True
+    # Nothing may depend on a delete-first resource (dependents could be replaced with it):
+    # above all not the VMs, whose disks hold the Nix store.
+    assert not any(agent["urn"] in r["dependencies"] for r in any_run.resources)
+    # Lifecycle rules never expire the code.
+    (bucket,) = any_run.of_type(BUCKET)
+    for rule in bucket["inputs"]["lifecycleRules"]:
+        for prefix in rule["condition"]["matchesPrefixes"]:
+            assert not a["name"].startswith(prefix)
+            assert not any_run.outputs["function_source"].split("/", 3)[3].startswith(prefix)
+
+
+# --------------------------------------------------------------------------- bucket + events
+
+
+def test_bucket(any_run):
+    (bucket,) = any_run.of_type(BUCKET)
+    b = bucket["inputs"]
+    assert b["name"] == f"{any_run.prefix}-{any_run.config['gcp:project']}"
+    assert any_run.outputs["bucket"] == b["name"]
+    assert b["uniformBucketLevelAccess"] is True
+    assert b["publicAccessPrevention"] == "enforced"
+    assert b["forceDestroy"] is False
+    assert b.get("versioning", {}).get("enabled", False) is False
+    assert b["location"] == any_run.config["pcp:bucket_location"]
+    prefixes: set[str] = set()
+    retention = float(any_run.config["pcp:results_retention_days"])
+    for rule in b["lifecycleRules"]:
+        assert rule["action"]["type"] == "Delete"
+        cond = rule["condition"]
+        # Every delete rule is scoped by prefix: none may reach control/.
+        assert cond.get("matchesPrefixes"), "a lifecycle rule without prefix would hit control/"
+        assert cond["age"] == retention
+        prefixes |= set(cond["matchesPrefixes"])
+    assert prefixes == {"runs/", "markers/"}
+    assert not any(p.startswith("control") for p in prefixes)
+
+
+def test_markers_notification(any_run):
+    (note,) = any_run.of_type(NOTIFICATION)
+    n = note["inputs"]
+    assert n["bucket"] == any_run.outputs["bucket"]
+    assert n["topic"] == topic_id(any_run, "markers")
+    assert n["payloadFormat"] == "JSON_API_V1"
+    assert n["eventTypes"] == ["OBJECT_FINALIZE"]
+    assert n["objectNamePrefix"] == "markers/"
+    # The GCS service agent (from the invoke) may publish to the markers topic, and that grant
+    # exists before the notification.
+    (agent_call,) = [
+        c for c in any_run.data["invokes"] if c["token"].endswith("getProjectServiceAccount")
+    ]
+    assert agent_call["args"]["project"] == any_run.config["gcp:project"]
+    grants = [
+        g
+        for g in any_run.of_type(TOPIC_MEMBER)
+        if g["inputs"]["topic"] == f"{any_run.prefix}-markers"
+    ]
+    assert len(grants) == 1
+    grant = grants[0]["inputs"]
+    assert grant["role"] == "roles/pubsub.publisher"
+    assert grant["member"].startswith("serviceAccount:service-")
+    assert grant["member"].endswith("@gs-project-accounts.iam.gserviceaccount.com")
+    assert grants[0]["urn"] in note["dependencies"]
+
+
+def test_topics_and_shepherd_subscription(any_run):
+    topics = {t["inputs"]["name"] for t in any_run.of_type(TOPIC)}
+    kinds = ["start", "stop", "sweep", "shepherd", "markers", "dead-letter"]
+    assert topics == {f"{any_run.prefix}-{k}" for k in kinds}
+    assert any_run.outputs["topics"] == {
+        k.replace("-", "_"): f"{any_run.prefix}-{k}" for k in kinds
+    }
+    sub = any_run.one(SUBSCRIPTION, f"{any_run.prefix}-sub-shepherd-host")["inputs"]
+    assert sub["name"] == f"{any_run.prefix}-shepherd-host"
+    assert any_run.outputs["shepherd_subscription"] == sub["name"]
+    assert sub["topic"] == topic_id(any_run, "shepherd")
+    assert sub["ackDeadlineSeconds"] == 60.0
+    assert sub["expirationPolicy"] == {"ttl": ""}
+    assert not sub.get("filter")
+    assert not sub.get("pushConfig")
+    assert sub["deadLetterPolicy"]["deadLetterTopic"] == topic_id(any_run, "dead-letter")
+    assert 5 <= sub["deadLetterPolicy"]["maxDeliveryAttempts"] <= 100
+    # Dead-lettering works only if the Pub/Sub service agent may publish to the DLQ and
+    # acknowledge on the source subscription.
+    agent = "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceaccount.com"
+    assert any(
+        g["inputs"]["topic"] == f"{any_run.prefix}-dead-letter" and g["inputs"]["member"] == agent
+        for g in any_run.of_type(TOPIC_MEMBER)
+    )
+    assert any(
+        g["inputs"]["subscription"] == sub["name"] and g["inputs"]["member"] == agent
+        for g in any_run.of_type(SUB_MEMBER)
+    )
+    # The dead-letter topic has a subscription, so dead letters are kept, not dropped.
+    held = [
+        s for s in any_run.of_type(SUBSCRIPTION) if s["inputs"]["topic"].endswith("-dead-letter")
+    ]
+    assert len(held) == 1
+
+
+def test_scheduler_job(any_run):
+    (job,) = any_run.of_type(JOB)
+    j = job["inputs"]
+    assert j["name"] == f"{any_run.prefix}-sweep"
+    assert j["region"] == any_run.config["pcp:region"]
+    assert j["schedule"] == f"*/{any_run.config['pcp:sweep_interval_minutes']} * * * *"
+    assert j["timeZone"] == "Etc/UTC"
+    target = j["pubsubTarget"]
+    assert target["topicName"] == topic_id(any_run, "sweep")
+    assert json.loads(base64.b64decode(target["data"])) == {"op": "tick"}
+    assert "attemptDeadline" not in j  # ignored for Pub/Sub targets: a perpetual diff
+
+
+# --------------------------------------------------------------------------- IAM + network
+
+
+def test_no_primitive_roles_anywhere(any_run):
+    for r in any_run.custom:
+        role = r["inputs"].get("role")
+        if role is not None:
+            assert role not in PRIMITIVE_ROLES, f"{r['name']} grants {role}"
+        for value in iter_strings(r["inputs"]):
+            assert value not in PRIMITIVE_ROLES, f"{r['name']} mentions {value}"
+    for role in any_run.of_type(CUSTOM_ROLE):
+        assert all("*" not in p for p in role["inputs"]["permissions"])
+
+
+def test_grants_per_service_account(any_run):
+    def grants_of(role: str) -> set[tuple[str, str, str]]:
+        member = any_run.sa_member(role)
+        found = set()
+        for r in any_run.custom:
+            i = r["inputs"]
+            if i.get("member") != member:
+                continue
+            target = (
+                i.get("bucket")
+                or i.get("topic")
+                or i.get("subscription")
+                or i.get("instanceName")
+                or i.get("serviceAccountId")
+                or (i.get("name") if r["type"] == RUN_MEMBER else None)
+                or "project"
+            )
+            found.add((r["type"].split(":")[-1], target, i["role"]))
+        return found
+
+    p = any_run.prefix
+    bucket = any_run.outputs["bucket"]
+    assert grants_of("dispatch") == {
+        ("TopicIAMMember", f"{p}-start", "roles/pubsub.publisher"),
+        ("TopicIAMMember", f"{p}-stop", "roles/pubsub.publisher"),
+        ("BucketIAMMember", bucket, "roles/storage.objectViewer"),
+        # `pcp doctor` in the train workflow: topics exist, the sweep job is enabled.
+        ("TopicIAMMember", f"{p}-start", "roles/pubsub.viewer"),
+        ("TopicIAMMember", f"{p}-stop", "roles/pubsub.viewer"),
+        ("TopicIAMMember", f"{p}-sweep", "roles/pubsub.viewer"),
+        ("TopicIAMMember", f"{p}-shepherd", "roles/pubsub.viewer"),
+        ("IAMMember", "project", "roles/cloudscheduler.viewer"),
+    }
+    assert grants_of("shepherd") == {
+        ("SubscriptionIAMMember", f"{p}-shepherd-host", "roles/pubsub.subscriber"),
+        ("BucketIAMMember", bucket, "roles/storage.objectAdmin"),
+    }
+    assert grants_of("worker") == {
+        ("BucketIAMMember", bucket, "roles/storage.objectAdmin"),
+        ("IAMMember", "project", "roles/logging.logWriter"),
+    }
+    functions = grants_of("functions")
+    worker_sa = (
+        f"projects/{any_run.config['gcp:project']}/serviceAccounts/{any_run.sa_email('worker')}"
+    )
+    for expected in [
+        ("BucketIAMMember", bucket, "roles/storage.objectAdmin"),
+        ("TopicIAMMember", f"{p}-shepherd", "roles/pubsub.publisher"),
+        ("TopicIAMMember", f"{p}-stop", "roles/pubsub.publisher"),
+        ("IAMMember", worker_sa, "roles/iam.serviceAccountUser"),
+        ("IAMMember", "project", "roles/eventarc.eventReceiver"),
+    ]:
+        assert expected in functions
+    # No predefined project-wide compute role: only the custom fleet roles.
+    assert not any(role.startswith("roles/compute.") for _, _, role in functions)
+    deploy_roles = {role for _, _, role in grants_of("deploy")}
+    assert {"roles/compute.admin", "roles/cloudfunctions.admin", "roles/iam.roleAdmin"} <= (
+        deploy_roles
+    )
+
+
+def test_workload_identity_federation(any_run):
+    repo = any_run.config["pcp:github_repository"]
+    (pool,) = any_run.of_type(POOL)
+    pool_id = pool["inputs"]["workloadIdentityPoolId"]
+    assert pool_id == f"{any_run.prefix}-github" and 4 <= len(pool_id) <= 32
+    (provider,) = any_run.of_type(POOL_PROVIDER)
+    pi = provider["inputs"]
+    assert pi["workloadIdentityPoolProviderId"] == "github"
+    assert pi["attributeCondition"] == f'assertion.repository == "{repo}"'
+    assert pi["attributeMapping"]["google.subject"] == "assertion.sub"
+    assert pi["attributeMapping"]["attribute.repository"] == "assertion.repository"
+    assert pi["oidc"]["issuerUri"] == "https://token.actions.githubusercontent.com"
+    assert any_run.outputs["workload_identity_provider"].endswith(
+        f"/workloadIdentityPools/{pool_id}/providers/github"
+    )
+    wif_users = any_run.by_input(SA_MEMBER, "role", "roles/iam.workloadIdentityUser")
+    assert {u["inputs"]["serviceAccountId"].rsplit("/", 1)[1] for u in wif_users} == {
+        any_run.sa_email("deploy"),
+        any_run.sa_email("dispatch"),
+    }
+    for u in wif_users:
+        assert u["inputs"]["member"].startswith("principalSet://iam.googleapis.com/projects/")
+        assert u["inputs"]["member"].endswith(
+            f"/workloadIdentityPools/{pool_id}/attribute.repository/{repo}"
+        )
+    assert any_run.outputs["dispatch_service_account"] == any_run.sa_email("dispatch")
+
+
+def test_firewall_never_open_to_the_internet(any_run):
+    tag = f"{any_run.prefix}-worker"
+    rules = {f["inputs"]["name"]: f["inputs"] for f in any_run.of_type(FIREWALL)}
+    for name, rule in rules.items():
+        assert rule.get("direction", "INGRESS") == "INGRESS", name
+        assert rule["targetTags"] == [tag], name
+        for cidr in rule.get("sourceRanges", []):
+            assert ipaddress.ip_network(cidr).prefixlen > 0, f"{name} admits {cidr}"
+        assert rule.get("sourceRanges") or rule.get("sourceTags"), name
+    internal = rules[f"{any_run.prefix}-worker-internal"]
+    assert internal["sourceTags"] == [tag] and not internal.get("sourceRanges")
+    tcp = [a for a in internal["allows"] if a["protocol"] == "tcp"]
+    assert tcp and all(a.get("ports") for a in tcp)
+    port = int(any_run.config["pcp:tcp_port"])
+    covered = any(
+        int(spec.split("-")[0]) <= port <= int(spec.split("-")[-1])
+        for a in tcp
+        for spec in a["ports"]
+    )
+    assert covered
+    ssh = rules[f"{any_run.prefix}-worker-ssh"]
+    assert ssh["sourceRanges"] == ["35.235.240.0/20"]
+    assert ssh["allows"] == [{"protocol": "tcp", "ports": ["22"]}]
+    # 22 is open from nowhere else.
+    for name, rule in rules.items():
+        if name != f"{any_run.prefix}-worker-ssh":
+            for a in rule["allows"]:
+                assert "22" not in a.get("ports", []), name
+
+
+def test_shepherd_ingress_only_when_configured(stack_run, variant):
+    assert len(stack_run.of_type(FIREWALL)) == 2
+    rules = {f["inputs"]["name"]: f["inputs"] for f in variant.of_type(FIREWALL)}
+    shepherd = rules["pcp-tiny-worker-from-shepherd"]
+    assert shepherd["sourceRanges"] == ["203.0.113.7/32"]
+    assert shepherd["allows"] == [{"protocol": "tcp", "ports": ["9000-9100", "29500"]}]
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_apis_enabled_and_awaited(any_run):
+    services = any_run.of_type(SERVICE)
+    names = {s["inputs"]["service"] for s in services}
+    for api in ["compute", "cloudfunctions", "run", "eventarc", "pubsub", "storage",
+                "cloudscheduler", "cloudbuild", "artifactregistry", "iam", "iamcredentials",
+                "sts", "cloudresourcemanager"]:  # fmt: skip
+        assert f"{api}.googleapis.com" in names
+    for s in services:
+        assert s["inputs"]["disableOnDestroy"] is False
+    service_urns = {s["urn"] for s in services}
+    for r in any_run.custom:
+        if r["type"] != SERVICE:
+            missing = service_urns - set(r["dependencies"])
+            assert not missing, f"{r['name']} does not wait for the APIs"
+
+
+def test_every_resource_lives_in_a_component(any_run):
+    components = {r["urn"]: r for r in any_run.resources if not r["custom"]}
+    assert {c["type"] for c in components.values()} == {
+        "pcp:infra:ProjectApis", "pcp:infra:ServiceAccounts", "pcp:infra:GithubFederation",
+        "pcp:infra:StateBucket", "pcp:infra:Messaging", "pcp:infra:WorkerNetwork",
+        "pcp:infra:WorkerFleet", "pcp:infra:ControlFunctions", "pcp:infra:SweepSchedule",
+        "pcp:infra:CodeArchives",
+    }  # fmt: skip
+    for r in any_run.custom:
+        parent_type = r["parent"].split("::")[-2].split("$")[-1]
+        assert parent_type.startswith("pcp:infra:"), r["name"]
+    registered = set(any_run.data["outputs_registered"])
+    for urn in components:
+        assert urn in registered, f"{urn} did not call register_outputs"
+
+
+def test_names_are_stack_prefixed(any_run):
+    prefix = any_run.prefix + "-"
+    for r in any_run.custom:
+        assert r["name"].startswith(prefix), r["name"]
+        name = r["inputs"].get("name")
+        if r["type"] in (TOPIC, SUBSCRIPTION, INSTANCE, FUNCTION, JOB, FIREWALL, BUCKET):
+            assert name.startswith(prefix), name
+    for sa in any_run.outputs["service_accounts"].values():
+        assert sa.startswith(prefix)
+
+
+def test_stack_outputs(any_run):
+    out = any_run.outputs
+    for key in ["vm_names", "bucket", "topics", "shepherd_subscription", "functions",
+                "service_accounts", "workload_identity_provider", "dispatch_service_account",
+                "project", "zone", "stack"]:  # fmt: skip
+        assert key in out, key
+    assert out["stack"] == any_run.stack
+    assert out["project"] == any_run.config["gcp:project"]
+    assert out["zone"] == any_run.config["pcp:zone"]
+    assert set(out["service_accounts"]) >= {"worker", "functions", "shepherd", "dispatch", "deploy"}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_program_reads_only_declared_keys(any_run):
+    project = yaml.safe_load((INFRA / "Pulumi.yaml").read_text())
+    declared = {f"pcp:{k}" for k in project["config"]}
+    read = {k for k in any_run.data["config_keys_read"] if k.startswith("pcp:")}
+    assert read <= declared, f"read but not declared: {sorted(read - declared)}"
+    assert declared <= read, f"declared but never read: {sorted(declared - read)}"
+    others = {k for k in any_run.data["config_keys_read"] if not k.startswith("pcp:")}
+    assert others == {"gcp:project"}
