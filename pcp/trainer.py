@@ -259,6 +259,8 @@ def run_shepherd(args: argparse.Namespace, num_workers: int, out: Path) -> int:
     except Stop as e:
         err("shepherd", str(e))
         code, status = e.code, e.status
+        if isinstance(e, PeerLost) and args.peer_loss_grace > 0:
+            code, status = linger(args.peer_loss_grace, code, status)
     finally:
         for conn in conns.values():
             conn.close()
@@ -276,6 +278,21 @@ def run_shepherd(args: argparse.Namespace, num_workers: int, out: Path) -> int:
                 np.savez(f, w=w, step=np.int64(len(losses)))
             os.replace(out / "checkpoint.npz.tmp", out / "checkpoint.npz")
     return code
+
+
+def linger(grace: float, code: int, status: str) -> tuple[int, str]:
+    """After losing a worker, give its own failure time to reach the control plane first.
+
+    The run's reason then names the root cause (the worker's exit code), not this node's
+    consequential exit; the control plane usually stops this node during the wait.
+    """
+    err("shepherd", f"waiting up to {grace:g} s before exiting, so the lost worker's own "
+                    "exit is reported first")
+    try:
+        time.sleep(grace)
+    except Stop as e:
+        return e.code, e.status
+    return code, status
 
 
 def connect(host: str, port: int, timeout: float, tag: str) -> socket.socket:
@@ -366,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the workers / the shepherd (default 600)")
     add("--peer-timeout", type=float, default=600.0, metavar="SECONDS",
         help="how long a peer may stay silent during training (default 600)")
+    add("--peer-loss-grace", type=float, default=5.0, metavar="SECONDS",
+        help="shepherd: wait this long after losing a worker before exiting (default 5)")
     add("--fail-at-step", type=int, metavar="K", help="exit with --fail-exit-code at step K")
     add("--fail-exit-code", type=int, default=3, metavar="C", help="(default 3)")
     add("--fail-node", type=int, metavar="RANK",
@@ -377,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     roles = parser.add_subparsers(dest="role", required=True)
     shep = roles.add_parser("shepherd", parents=[common], allow_abbrev=False)
     shep.add_argument("--port", type=int, required=True)
-    shep.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    shep.add_argument("--host", default=os.environ.get("PCP_TRAINER_HOST", "0.0.0.0"),
+                      help="address to listen on (default $PCP_TRAINER_HOST, else 0.0.0.0)")
     work = roles.add_parser("worker", parents=[common], allow_abbrev=False)
     env_head = os.environ.get("PCP_HEAD_NODE")
     work.add_argument("--head-node", type=head_node, required=not env_head, default=env_head,

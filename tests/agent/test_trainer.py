@@ -133,7 +133,7 @@ def test_training_converges(launch: Launch, workers: int) -> None:
 
 def test_failing_worker_is_named_by_the_shepherd(launch: Launch) -> None:
     nodes = start_cluster(launch, 2, "--steps", "20", "--fail-at-step", "5",
-                          "--fail-exit-code", "7", "--fail-node", "1")
+                          "--fail-exit-code", "7", "--fail-node", "1", "--peer-loss-grace", "1")
     shepherd, failing, other = nodes
     assert failing.wait() == 7
     assert shepherd.wait() == 1
@@ -143,6 +143,20 @@ def test_failing_worker_is_named_by_the_shepherd(launch: Launch) -> None:
     assert shepherd.metrics()["status"] == "failed"
     assert failing.metrics()["status"] == "injected-failure"
     assert "lost connection to shepherd" in other.stderr
+    assert "waiting up to 1 s before exiting" in shepherd.stderr
+
+
+def test_shepherd_stopped_while_lingering_reports_the_signal(launch: Launch) -> None:
+    nodes = start_cluster(launch, 1, "--steps", "20", "--fail-at-step", "3",
+                          "--fail-node", "1", "--peer-loss-grace", "60")
+    shepherd, failing = nodes
+    assert failing.wait() == 3
+    deadline = time.monotonic() + 20
+    while "waiting up to 60 s" not in shepherd.stderr and time.monotonic() < deadline:
+        time.sleep(0.1)
+    shepherd.proc.send_signal(signal.SIGTERM)
+    assert shepherd.wait() == 143
+    assert shepherd.metrics()["status"] == "terminated"
 
 
 def test_lost_shepherd_ends_every_worker(launch: Launch) -> None:

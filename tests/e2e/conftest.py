@@ -1,0 +1,64 @@
+"""Replicas shared by the end-to-end tests: one per stack, for the module that uses it.
+
+A replica takes a few seconds to start (the Pub/Sub emulator, four function servers), so
+the tests share one per stack and tell their runs apart by run id. Settings are short so
+the whole tier stays within five minutes on two cores: a sweep tick every 2 s, a boot
+timeout of 21 s (generous for a loaded machine) and a keep-alive lease of about 14 s on
+the tiny stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pcp.local.emulators import EmulatorMissing
+from pcp.local.replica import Options, Replica
+from tests.conftest import require_emulator
+from tests.e2e.helpers import settle
+
+
+def launch(options: Options) -> Replica:
+    try:
+        return Replica(options).start()
+    except EmulatorMissing as exc:
+        require_emulator("the local replica's emulators", exc)
+
+
+@pytest.fixture(scope="module")
+def tiny_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    state: Path = tmp_path_factory.mktemp("replica-tiny")
+    replica = launch(Options(stack="tiny", state_dir=state, boot_timeout_minutes=0.35,
+                             keep_alive_hours=0.004, sweep_interval=2.0, agent_interval=0.5,
+                             grace=3.0))
+    try:
+        yield replica
+    finally:
+        replica.stop()
+
+
+@pytest.fixture(scope="module")
+def small_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    state: Path = tmp_path_factory.mktemp("replica-small")
+    replica = launch(Options(stack="small", state_dir=state, boot_timeout_minutes=1.0,
+                             sweep_interval=2.0, agent_interval=0.5, grace=3.0))
+    try:
+        yield replica
+    finally:
+        replica.stop()
+
+
+@pytest.fixture
+def tiny(tiny_replica: Replica) -> Iterator[Replica]:
+    """The shared tiny replica, idle before and after the test."""
+    settle(tiny_replica)
+    try:
+        yield tiny_replica
+    finally:
+        tiny_replica.hold_boot.clear()
+        for kind, child in tiny_replica.functions.items():
+            if not child.running:
+                tiny_replica.start_function(kind)
+        settle(tiny_replica)

@@ -1,0 +1,138 @@
+"""The replica as a background service: `pcp local up`, the CLI against it, `pcp local down`,
+Ctrl-C, and a failed start. Whatever happens, no process it started may be left behind.
+
+Each process the replica starts carries its token in PCP_REPLICA_TOKEN (inherited by the
+agents' binaries), so "no orphan" is checked against the whole process table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcp.adapters.pubsub_bus import PubSubBus
+from pcp.core.messages import StartRequest
+from pcp.local.emulators import EmulatorMissing, publisher
+from pcp.local.replica import Options, Replica, check_prerequisites, down, token_pids, up
+from tests.conftest import require_emulator
+from tests.e2e.helpers import run_processes, wait_for, wait_no_processes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
+
+STATE_KEYS = {"stack", "project", "bucket", "storage_endpoint", "pubsub_host", "zone",
+              "compute_endpoint"}
+FAST = {"sweep_interval": 2.0, "grace": 3.0}
+
+
+def refuses(address: str) -> bool:
+    host, _, port = address.removeprefix("http://").rpartition(":")
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port.rstrip("/")))) != 0
+
+
+def gone(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def background(state_dir: Path) -> dict[str, Any]:
+    if not Path("/proc").is_dir():
+        pytest.skip("the orphan checks read /proc (Linux)")
+    try:
+        return up("tiny", state_dir, **FAST)
+    except EmulatorMissing as exc:
+        require_emulator("the local replica's emulators", exc)
+
+
+def cli(state_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PCP_")}
+    env["PCP_LOCAL_DIR"] = str(state_dir)
+    return subprocess.run([sys.executable, "-m", "pcp.cli", *args], env=env, text=True,
+                          capture_output=True, timeout=timeout, check=False)
+
+
+def start_long_run(info: dict[str, Any], run_id: str) -> None:
+    client = publisher(info["pubsub_host"])
+    try:
+        request = StartRequest.from_json(json.dumps(
+            {"run_id": run_id, "training_config": "--steps 5000 --step-sleep 0.05"}))
+        PubSubBus(info["project"], info["stack"], publisher=client).publish(
+            "start", request.to_json())
+    finally:
+        client.transport.close()
+    wait_for(f"run {run_id} to be training", lambda: len(run_processes(run_id)) >= 2, 60)
+
+
+def assert_all_gone(info: dict[str, Any], run_id: str) -> None:
+    wait_for("the replica's process to exit", lambda: gone(info["pid"]), 60)
+    assert token_pids(info["token"]) == [], "processes of the replica were left behind"
+    wait_no_processes(run_id, timeout=5)
+    for address in (info["pubsub_host"], info["storage_endpoint"], info["compute_endpoint"],
+                    *info["functions"].values()):
+        assert refuses(address), f"{address} still accepts connections"
+
+
+def test_local_up_serves_the_cli_and_down_leaves_nothing_behind(tmp_path: Path) -> None:
+    info = background(tmp_path)
+    try:
+        assert STATE_KEYS <= set(info)
+        assert json.loads((tmp_path / "tiny.json").read_text())["pid"] == info["pid"]
+        assert up("tiny", tmp_path) == info, "a second `up` must find the running replica"
+        done = cli(tmp_path, "run", "--stack", "tiny", "--run-id", "e2e-cli-run", "--config",
+                   "--steps 5 --step-sleep 0.05", "--wait", "--poll", "0.5", "--timeout", "90")
+        assert done.returncode == 0, done.stdout + done.stderr
+        status = cli(tmp_path, "status", "e2e-cli-run", "--stack", "tiny", "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["status"] == "succeeded"
+        start_long_run(info, "e2e-cli-long")
+    finally:
+        stopped = down(tmp_path)
+    assert stopped == ["tiny"]
+    assert not (tmp_path / "tiny.json").exists()
+    assert_all_gone(info, "e2e-cli-long")
+
+
+def test_ctrl_c_mid_run_stops_every_process(tmp_path: Path) -> None:
+    info = background(tmp_path)
+    try:
+        start_long_run(info, "e2e-ctrl-c")
+        os.kill(info["pid"], signal.SIGINT)
+        assert_all_gone(info, "e2e-ctrl-c")
+        assert not (tmp_path / "tiny.json").exists()
+    finally:
+        down(tmp_path)
+
+
+def test_a_replica_that_fails_to_start_stops_what_it_started(tmp_path: Path) -> None:
+    # The functions refuse to start (a setting they reject at cold start), after the
+    # emulators and the Compute endpoint are already up.
+    try:
+        check_prerequisites()
+    except EmulatorMissing as exc:
+        require_emulator("the local replica's emulators", exc)
+    replica = Replica(Options(stack="tiny", state_dir=tmp_path, grace=3.0,
+                              extra_env={"PCP_WORKER_COUNT": "0"}))
+    with pytest.raises(RuntimeError, match="function .* exited"):
+        replica.start()
+    assert replica.pubsub is not None and replica.gcs is not None
+    assert refuses(replica.pubsub.host) and refuses(replica.gcs.endpoint)
+    assert token_pids(replica.token) == []
+    log = (tmp_path / "logs" / "tiny" / "function-start.log").read_text()
+    assert "PCP_WORKER_COUNT" in log  # the function's own words say why

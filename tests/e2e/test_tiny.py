@@ -1,0 +1,192 @@
+"""Whole runs on the tiny stack's replica: success, fail-fast, boot timeout, stop, queueing,
+duplicates, keep-alive and a crashed function server.
+
+Each test publishes to the stack's topics exactly as `pcp run` / `pcp stop` do and reads the
+outcome where a person would: the bucket, the Compute endpoint and the process table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pcp.local.replica import Replica
+from tests.e2e.helpers import (
+    archived,
+    markers,
+    metrics,
+    run_processes,
+    start,
+    stop,
+    view,
+    vm_states,
+    wait_all_terminated,
+    wait_final,
+    wait_for,
+    wait_no_processes,
+    wait_status,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
+
+VM = "pcp-tiny-worker-0"
+
+
+def test_tiny_run_succeeds_with_results_logs_and_metrics_in_the_bucket(tiny: Replica) -> None:
+    run_id = "e2e-tiny-ok"
+    start(tiny, run_id, "--steps 12 --step-sleep 0.05 --samples 512")
+    done = wait_final(tiny, run_id)
+    assert done.status.value == "succeeded", done.detail
+    summary = done.summary
+    assert summary is not None
+    assert {n["name"]: (n["phase"], n["exit_code"]) for n in summary["nodes"]} == {
+        "shepherd": ("done", 0), "worker-0": ("done", 0)}
+    shepherd = metrics(tiny, run_id, "shepherd")
+    assert shepherd["steps_completed"] == 12
+    assert shepherd["final_loss"] < shepherd["initial_loss"]
+    assert metrics(tiny, run_id, "worker-0")["status"] == "succeeded"
+    files = set(tiny.store().list(f"runs/{run_id}/"))
+    for name in ("summary.json", "run.json", "shepherd/stdout.log", "shepherd/checkpoint.npz",
+                 "worker-0/stdout.log", "worker-0/stderr.log"):
+        assert f"runs/{run_id}/{name}" in files, f"{name} missing from {sorted(files)}"
+    assert set(markers(tiny, run_id)) == {f"markers/{run_id}/{n}/{k}.json"
+                                          for n in ("shepherd", "worker-0")
+                                          for k in ("booted", "done")}
+    assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
+    wait_no_processes(run_id)
+
+
+def test_worker_exiting_non_zero_fails_the_run_and_stops_every_node(tiny: Replica) -> None:
+    run_id = "e2e-tiny-worker-fails"
+    start(tiny, run_id, "--steps 400 --step-sleep 0.05 --samples 512 "
+                        "--fail-at-step 3 --fail-node 1 --fail-exit-code 7")
+    done = wait_final(tiny, run_id)
+    assert (done.status.value, done.reason) == ("failed", "failed"), done.detail
+    # The shepherd's trainer notices the lost worker at once but lingers (--peer-loss-grace)
+    # so the worker's own exit reaches the control plane first and the reason names it.
+    assert done.detail == "worker-0 exited with code 7", done.detail
+    assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
+    wait_no_processes(run_id)  # the shepherd's binary too: it was stopped, not left training
+    store = tiny.store()
+    worker = wait_for("worker-0's done marker",
+                      lambda: store.get(f"markers/{run_id}/worker-0/done.json"), 30)
+    assert json.loads(worker.data)["exit_code"] == 7
+    assert metrics(tiny, run_id, "worker-0")["status"] == "injected-failure"
+    shepherd = wait_for("the shepherd's done marker",
+                        lambda: store.get(f"markers/{run_id}/shepherd/done.json"), 30)
+    assert json.loads(shepherd.data)["exit_code"] != 0  # it did not finish its 400 steps
+
+
+def test_a_worker_that_never_boots_times_out_and_every_node_stops(tiny: Replica) -> None:
+    run_id = "e2e-tiny-no-boot"
+    tiny.hold_boot.add(VM)
+    start(tiny, run_id)
+    wait_for("the VM to be up without its agent", lambda: vm_states(tiny)[VM] == "RUNNING", 30)
+    done = wait_final(tiny, run_id, timeout=60)
+    assert (done.status.value, done.reason) == ("failed", "boot_timeout"), done.detail
+    assert "worker-0" in done.detail
+    assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
+    wait_no_processes(run_id)
+    assert f"markers/{run_id}/worker-0/booted.json" not in markers(tiny, run_id)
+
+
+def test_a_stop_request_mid_run_cancels_it_and_stops_every_node(tiny: Replica) -> None:
+    run_id = "e2e-tiny-stopped"
+    start(tiny, run_id, "--steps 2000 --step-sleep 0.05 --samples 512")
+    wait_status(tiny, run_id, "running")
+    wait_for("training to be under way", lambda: run_processes(run_id), 20)
+    stop(tiny, run_id)
+    done = wait_final(tiny, run_id)
+    assert done.status.value == "cancelled", done.detail
+    assert "stopped by the e2e test" in done.detail
+    assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
+    wait_no_processes(run_id)
+
+
+def test_three_requests_at_once_run_one_after_another_in_arrival_order(tiny: Replica) -> None:
+    ids = [f"e2e-tiny-queue-{i}" for i in range(3)]
+    for run_id in ids:
+        start(tiny, run_id, "--steps 4 --step-sleep 0.02 --samples 256")
+    views = [wait_final(tiny, run_id, timeout=120) for run_id in ids]
+    assert [v.status.value for v in views] == ["succeeded"] * 3, [v.detail for v in views]
+    runs = sorted((archived(tiny, run_id) for run_id in ids), key=lambda r: r.accepted_at)
+    for before, after in zip(runs, runs[1:], strict=False):
+        assert before.ended_at is not None and after.started_at is not None
+        assert after.started_at >= before.ended_at, "two runs held the nodes at once"
+    started = sorted(runs, key=lambda r: r.started_at or r.accepted_at)
+    assert [r.run_id for r in started] == [r.run_id for r in runs], "not in arrival order"
+
+
+def test_the_same_start_request_delivered_twice_makes_one_run(tiny: Replica) -> None:
+    run_id = "e2e-tiny-twice"
+    assert tiny.compute is not None
+    starts_before = tiny.compute.vm(VM).starts
+    start(tiny, run_id)
+    start(tiny, run_id)
+    done = wait_final(tiny, run_id)
+    assert done.status.value == "succeeded", done.detail
+    time.sleep(3)  # a late duplicate would have queued a second run by now
+    record = archived(tiny, run_id)
+    assert record.attempt == 1
+    assert [h.change for h in record.history].count("queued -> starting") == 1
+    assert tiny.compute.vm(VM).starts - starts_before == 1
+    current = view(tiny, run_id)
+    assert current is not None and current.status.value == "succeeded"
+
+
+def test_keep_vm_alive_leaves_the_vm_up_until_the_lease_ends(tiny: Replica) -> None:
+    run_id = "e2e-tiny-keep-alive"
+    start(tiny, run_id, keep_vm_alive=True)
+    done = wait_final(tiny, run_id)
+    assert done.status.value == "succeeded", done.detail
+    assert tiny.compute is not None
+    until = tiny.compute.vm(VM).labels.get("pcp-keep-alive-until")
+    assert until is not None and until.isdigit()
+    assert vm_states(tiny)[VM] == "RUNNING"
+    time.sleep(3)  # more than one sweep tick: the lease holds, nothing stops the VM early
+    assert vm_states(tiny)[VM] == "RUNNING"
+    wait_all_terminated(tiny, timeout=40)
+    assert time.time() >= int(until) - 1, "stopped before the lease ended"
+
+    def lease_ended_by_sweep() -> bool:
+        store = tiny.store()
+        for name in reversed(store.list("control/sweeps/")):
+            blob = store.get(name)
+            record = json.loads(blob.data) if blob else {}
+            if any(a.get("command") == "stop_nodes" and run_id in a.get("reason", "")
+                   for a in record.get("actions", [])):
+                return True
+        return False
+    wait_for("a sweep that ended the lease", lease_ended_by_sweep, 20)
+
+
+def test_a_killed_function_server_heals_and_the_run_completes(tiny: Replica) -> None:
+    run_id = "e2e-tiny-functions-crash"
+    start(tiny, run_id, "--steps 40 --step-sleep 0.05 --samples 512")
+    wait_status(tiny, run_id, "running")
+    for kind in tiny.functions:
+        tiny.kill_function(kind)
+    # Both done markers land while no function serves: their events cannot be handled now.
+    wait_for("both done markers", lambda: {f"markers/{run_id}/{n}/done.json"
+                                           for n in ("shepherd", "worker-0")}
+             <= set(markers(tiny, run_id)), 40)
+    current = view(tiny, run_id)
+    assert current is not None and current.status.value == "running"
+    tiny.drop_backlog("marker")  # and their events are lost for good, not merely late
+    for kind in tiny.functions:
+        tiny.start_function(kind)
+    done = wait_final(tiny, run_id, timeout=60)
+    assert done.status.value == "succeeded", done.detail
+    assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
+
+    def healed_by_a_sweep() -> bool:
+        store = tiny.store()
+        for name in store.list("control/sweeps/"):
+            blob = store.get(name)
+            record = json.loads(blob.data) if blob else {}
+            if f"run {run_id} succeeded" in record.get("reason", ""):
+                return True
+        return False
+    assert healed_by_a_sweep(), "the run did not end through the sweeper's reconciliation"
