@@ -62,7 +62,7 @@ def on_marker(cloud_event: Any) -> None:
     try:
         _, name = entry.marker_object(cloud_event, SETTINGS.bucket)
         with entry.transient(SETTINGS, "marker", entry.marker_run_id(name)):
-            outcome = service.handle_marker(name, now)
+            outcome = service.handle_marker(name, now, entry.object_metadata(cloud_event))
     except entry.Ignored as e:
         entry.log_ignored(SETTINGS, "marker", str(e), message_id=message_id)
         return

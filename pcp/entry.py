@@ -146,6 +146,27 @@ def marker_object(cloud_event: Any, bucket: str | None = None) -> tuple[str, str
     return got_bucket, name
 
 
+def object_metadata(cloud_event: Any) -> dict[str, str]:
+    """The object's custom metadata from either storage event shape ({} when absent).
+
+    Node agents describe each marker there too, so the marker function need not read it.
+    """
+    try:
+        if _attr(cloud_event, "type") == PUBSUB_EVENT:
+            data, attrs, _ = pubsub_payload(cloud_event)
+            fmt = attrs.get("payloadFormat")
+            obj = load_object(data, "storage notification payload") if fmt == "JSON_API_V1" \
+                else {}
+        else:
+            obj = _data(cloud_event)
+    except PermanentError:
+        return {}
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return {}
+    return {str(k): v for k, v in meta.items() if isinstance(v, str)}
+
+
 def _finalized(cloud_event: Any) -> tuple[str, str]:
     """Eventarc: data is the JSON-API object resource (int64 fields arrive as strings)."""
     obj = _data(cloud_event)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,12 +24,12 @@ from pcp.core.commands import (
     StopNodes,
 )
 from pcp.core.errors import CapacityError, Conflict, CorruptState, PermanentError
-from pcp.core.events import Event, Reconcile, Rejected, StartFailed
+from pcp.core.events import Event, Markers, Reconcile, Rejected, StartFailed
 from pcp.core.lifecycle import Transition, decide
 from pcp.core.messages import NodeMarker, dump
 from pcp.core.policy import Policy
 from pcp.core.ports import BlobStore, Bus, Fleet
-from pcp.core.state import Phase, Run, StackState
+from pcp.core.state import NodePhase, Phase, Run, StackState
 from pcp.core.timefmt import iso
 
 STACK_DOC = "control/stack.json"
@@ -123,13 +123,32 @@ class Service:
                            errors=self.execute(transition.commands, now))
         raise ConflictExhausted(f"{STACK_DOC}: lost {conflicts} races in a row; retry later")
 
-    def handle_marker(self, object_name: str, now: datetime) -> Outcome:
-        """A marker object was written: read it and feed it to the lifecycle."""
+    def handle_marker(self, object_name: str, now: datetime,
+                      metadata: Mapping[str, str] | None = None) -> Outcome:
+        """A marker object was written: feed it to the lifecycle.
+
+        The marker is read from the event's object metadata when the writer put it there,
+        else from the object. After a lost race, every other marker of the run already in the
+        bucket is folded into the same write (one listing, no reads), so N nodes finishing at
+        once cost a few writes of the stack document rather than N contended ones.
+        """
         NodeMarker.parse_path(object_name)
-        blob = self.store.get(object_name)
-        if blob is None:
-            raise PermanentError(f"marker {object_name} does not exist (deleted?)")
-        return self.handle(NodeMarker.from_json(blob.data, object_name), now)
+        marker = NodeMarker.from_metadata(dict(metadata or {}), object_name)
+        if marker is None:
+            blob = self.store.get(object_name)
+            if blob is None:
+                raise PermanentError(f"marker {object_name} does not exist (deleted?)")
+            marker = NodeMarker.from_json(blob.data, object_name)
+        tries = 0
+
+        def event(loaded: Loaded) -> Event:
+            nonlocal tries
+            tries += 1
+            if tries == 1:
+                return marker
+            return Markers(marker, self._markers(loaded.state, unapplied_only=True))
+
+        return self.handle(event, now)
 
     def reject(self, run_id: str, detail: str, now: datetime) -> Outcome:
         return self.handle(Rejected(run_id, detail), now)
@@ -157,19 +176,30 @@ class Service:
         self.store.put(f"{SWEEPS}{iso(now)}.json", dump(record))
         return outcome
 
-    def _markers(self, state: StackState) -> tuple[NodeMarker, ...]:
+    def _markers(self, state: StackState, unapplied_only: bool = False
+                 ) -> tuple[NodeMarker, ...]:
+        """The active run's markers in the bucket: one listing, plus a read for each marker
+        whose writer did not describe it in its metadata (skipped when `unapplied_only`,
+        where reads would cost more than the fold saves)."""
         run = state.active
         if run is None:
             return ()
         found: list[NodeMarker] = []
-        for name in self.store.list(f"markers/{run.run_id}/"):
-            blob = self.store.get(name)
-            if blob is None:
-                continue
+        for item in self.store.scan(f"markers/{run.run_id}/"):
             try:
-                found.append(NodeMarker.from_json(blob.data, name))
+                _, node_name, kind = NodeMarker.parse_path(item.name)
+                node = run.node(node_name)
+                if unapplied_only and (node is None or node.phase is NodePhase.DONE or
+                                       (kind == "booted" and node.phase is NodePhase.BOOTED)):
+                    continue
+                marker = NodeMarker.from_metadata(dict(item.metadata), item.name)
+                if marker is None and not unapplied_only:
+                    blob = self.store.get(item.name)
+                    marker = None if blob is None else NodeMarker.from_json(blob.data, item.name)
             except PermanentError:
                 continue  # a malformed marker is ignored here as it was by its own event
+            if marker is not None:
+                found.append(marker)
         return tuple(found)
 
     # ------------------------------------------------------------ commands

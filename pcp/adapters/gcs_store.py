@@ -16,12 +16,13 @@ left after the retries propagate, so the trigger redelivers the event.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 from google.api_core.exceptions import NotFound, PreconditionFailed
 from google.cloud import storage
 
 from pcp.core.errors import Conflict
-from pcp.core.ports import Blob
+from pcp.core.ports import Blob, Listed
 
 
 class GcsStore:
@@ -59,8 +60,11 @@ class GcsStore:
         return Blob(data, int(blob.generation))
 
     def put(self, name: str, data: bytes, *, if_generation_match: int | None = None,
-            content_type: str = "application/json") -> int:
+            content_type: str = "application/json",
+            metadata: Mapping[str, str] | None = None) -> int:
         blob = self.bucket.blob(name)
+        if metadata:
+            blob.metadata = dict(metadata)
         try:
             blob.upload_from_string(data, content_type=content_type,
                                     if_generation_match=if_generation_match)
@@ -72,3 +76,9 @@ class GcsStore:
     def list(self, prefix: str) -> list[str]:
         client = self.bucket.client
         return sorted(b.name for b in client.list_blobs(self.bucket, prefix=prefix))
+
+    def scan(self, prefix: str) -> list[Listed]:
+        client = self.bucket.client
+        found = [Listed(b.name, int(b.generation or 0), dict(b.metadata or {}))
+                 for b in client.list_blobs(self.bucket, prefix=prefix)]
+        return sorted(found, key=lambda x: x.name)

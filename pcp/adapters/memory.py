@@ -22,12 +22,13 @@ from pcp.core.events import (
     VmView,
 )
 from pcp.core.messages import Assignment
-from pcp.core.ports import Blob
+from pcp.core.ports import Blob, Listed
 
 
 class MemoryStore:
     def __init__(self) -> None:
         self._objects: dict[str, Blob] = {}
+        self._metadata: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
         self._gen = itertools.count(1)
         self.writes = 0
@@ -37,7 +38,8 @@ class MemoryStore:
             return self._objects.get(name)
 
     def put(self, name: str, data: bytes, *, if_generation_match: int | None = None,
-            content_type: str = "application/json") -> int:
+            content_type: str = "application/json",
+            metadata: Mapping[str, str] | None = None) -> int:
         with self._lock:
             current = self._objects.get(name)
             if if_generation_match is not None:
@@ -46,12 +48,18 @@ class MemoryStore:
                     raise Conflict(f"{name}: generation {have}, expected {if_generation_match}")
             generation = next(self._gen)
             self._objects[name] = Blob(bytes(data), generation)
+            self._metadata[name] = dict(metadata or {})
             self.writes += 1
             return generation
 
     def list(self, prefix: str) -> list[str]:
         with self._lock:
             return sorted(n for n in self._objects if n.startswith(prefix))
+
+    def scan(self, prefix: str) -> list[Listed]:
+        with self._lock:
+            return [Listed(n, self._objects[n].generation, dict(self._metadata.get(n, {})))
+                    for n in sorted(self._objects) if n.startswith(prefix)]
 
     def delete(self, name: str) -> None:
         """Test helper (not part of the port): lose an object, as an operator might."""

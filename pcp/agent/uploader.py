@@ -100,7 +100,7 @@ class Uploader:
                             signal=signal, duration_s=duration_s, host=self.host)
         for attempt in range(tries):
             try:
-                self.store.put(marker.path, marker.to_json())
+                self.store.put(marker.path, marker.to_json(), metadata=marker.to_metadata())
                 break
             except Exception as e:  # noqa: BLE001 - transient storage errors are retried
                 if attempt == tries - 1:

@@ -23,6 +23,7 @@ from pcp.core.events import (
     LABEL_KEEP_ALIVE,
     LABEL_RUN,
     Event,
+    Markers,
     Reconcile,
     Rejected,
     StartFailed,
@@ -82,6 +83,9 @@ def decide(state: StackState, event: Event, now: datetime, policy: Policy) -> Tr
         _on_stop(tx, event, now, policy)
     elif isinstance(event, NodeMarker):
         _on_marker(tx, event, now, policy)
+    elif isinstance(event, Markers):
+        _on_marker(tx, event.marker, now, policy)
+        _apply_news(tx, event.others, now, policy)
     elif isinstance(event, Reconcile):
         _on_reconcile(tx, event, now, policy)
     elif isinstance(event, StartFailed):
@@ -248,15 +252,21 @@ def _set_node(tx: _Tx, node: NodeState, now: datetime, reason: str) -> None:
 
 
 def _on_reconcile(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None:
-    for marker in sorted(ev.markers, key=lambda m: (m.kind != "booted", m.at)):
-        if _marker_is_news(tx.state, marker):
-            _on_marker(tx, marker, now, policy)
+    _apply_news(tx, ev.markers, now, policy)
     _expire(tx, now, policy)
     views = {v.name: v for v in ev.vms}
     run = tx.state.active
     if run is not None and run.phase in LIVE:
         _check_nodes(tx, run, views, now, policy)
     _stop_orphans(tx, ev, now, policy)
+
+
+def _apply_news(tx: _Tx, markers: tuple[NodeMarker, ...], now: datetime,
+                policy: Policy) -> None:
+    """Apply the markers that change something, boots first, each in the order written."""
+    for marker in sorted(markers, key=lambda m: (m.kind != "booted", m.at)):
+        if _marker_is_news(tx.state, marker):
+            _on_marker(tx, marker, now, policy)
 
 
 def _marker_is_news(state: StackState, m: NodeMarker) -> bool:
@@ -284,12 +294,13 @@ def _check_nodes(tx: _Tx, run: Run, views: dict[str, VmView], now: datetime,
             vm.labels.get(LABEL_ATTEMPT) == str(run.attempt)
         if vm is not None and vm.up and ours:
             continue
-        if node.phase is NodePhase.BOOTED or (vm is not None and ours):
+        if node.phase is NodePhase.BOOTED:
             status = "missing" if vm is None else vm.status
-            when = "" if node.phase is NodePhase.BOOTED else " before it booted"
-            _end(tx, Reason.NODE_LOST, f"{node.name} lost{when}: VM {vm_name} is {status}",
-                 now, policy)
+            _end(tx, Reason.NODE_LOST, f"{node.name} lost: VM {vm_name} is {status}", now,
+                 policy)
             return
+        # Not booted yet: its start never happened, failed, or the VM was preempted while
+        # booting. Starting it again is idempotent, and the boot timeout bounds the retries.
         restart.append(node.name)
     if restart:
         tx.note(f"re-issued start for {', '.join(restart)} (VM not up under run {run.run_id})")

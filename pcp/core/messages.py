@@ -299,6 +299,9 @@ MARKER_FIELDS = ("run_id", "node", "attempt", "at", "exit_code", "signal", "dura
 MARKER_PATH_RE = re.compile(r"^markers/([^/]+)/([^/]+)/(booted|done)\.json$")
 
 
+MARKER_METADATA_KEY = "pcp-marker"
+
+
 def marker_path(run_id: str, node: str, kind: str) -> str:
     return f"markers/{run_id}/{node}/{kind}.json"
 
@@ -366,6 +369,21 @@ class NodeMarker:
             duration_s=None if duration is None else float(duration),
             host=_text(obj, "host", what, 256),
         )
+
+    @classmethod
+    def from_metadata(cls, metadata: object, object_name: str) -> NodeMarker | None:
+        """The marker a writer also put in the object's custom metadata, or None.
+
+        Listings and storage notifications carry custom metadata, so a marker that describes
+        itself there is known without reading the object.
+        """
+        body = metadata.get(MARKER_METADATA_KEY) if isinstance(metadata, dict) else None
+        if not isinstance(body, str):
+            return None
+        return cls.from_json(body, object_name)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {MARKER_METADATA_KEY: self.to_json().decode()}
 
     @property
     def path(self) -> str:

@@ -5,8 +5,9 @@ Contracts are stated here and checked by one suite (tests/adapters) over every i
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -20,13 +21,24 @@ class Blob:
     generation: int
 
 
+@dataclass(frozen=True)
+class Listed:
+    """An object as a listing reports it: name, generation and custom metadata, no data."""
+
+    name: str
+    generation: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
 class BlobStore(Protocol):
     """Objects in the stack bucket.
 
     - `get` returns None for a missing object (never raises for "missing").
     - `put` with `if_generation_match=0` creates only; with a generation it is a
       compare-and-swap; a failed precondition raises `Conflict`. Returns the new generation.
-    - `list` returns object names under a prefix, sorted.
+    - `put` may attach custom metadata (string pairs); listings and notifications carry it.
+    - `list` returns object names under a prefix, sorted; `scan` the same objects with their
+      generation and custom metadata, in one request per page (no data is read).
     - There is deliberately no conditional delete: the GCS emulator does not honour it.
     Blocking; transient errors propagate so the trigger retries.
     """
@@ -34,9 +46,12 @@ class BlobStore(Protocol):
     def get(self, name: str) -> Blob | None: ...
 
     def put(self, name: str, data: bytes, *, if_generation_match: int | None = None,
-            content_type: str = "application/json") -> int: ...
+            content_type: str = "application/json",
+            metadata: Mapping[str, str] | None = None) -> int: ...
 
     def list(self, prefix: str) -> list[str]: ...
+
+    def scan(self, prefix: str) -> builtins.list[Listed]: ...
 
 
 class Fleet(Protocol):

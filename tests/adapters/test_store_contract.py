@@ -102,6 +102,20 @@ def test_list_is_sorted_and_isolated_by_prefix(store: BlobStore) -> None:
     assert store.list("") == sorted(names)
 
 
+def test_scan_reports_generation_and_custom_metadata_without_data(store: BlobStore) -> None:
+    g1 = store.put("markers/a/worker-0/done.json", b'{"x": 1}',
+                   metadata={"pcp-marker": '{"attempt": 1}', "note": "two words"})
+    g2 = store.put("markers/a/shepherd/booted.json", b"{}")
+    store.put("markers/b/worker-0/done.json", b"{}")
+    listed = store.scan("markers/a/")
+    assert [x.name for x in listed] == ["markers/a/shepherd/booted.json",
+                                        "markers/a/worker-0/done.json"]
+    assert [x.generation for x in listed] == [g2, g1]
+    assert dict(listed[1].metadata) == {"pcp-marker": '{"attempt": 1}', "note": "two words"}
+    assert dict(listed[0].metadata) == {}
+    assert store.scan("nothing/") == []
+
+
 def _increment(store: BlobStore, name: str) -> int:
     """One read-modify-write of a counter; returns how many races it lost first."""
     lost = 0

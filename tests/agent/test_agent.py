@@ -180,8 +180,17 @@ class Harness:
         return None if blob is None else blob.data
 
     def marker(self, run_id: str, node: str, kind: str) -> dict[str, Any] | None:
-        data = self.get(f"markers/{run_id}/{node}/{kind}.json")
-        return None if data is None else json.loads(data)
+        name = f"markers/{run_id}/{node}/{kind}.json"
+        data = self.get(name)
+        if data is None:
+            return None
+        # The agent also describes the marker in the object's metadata, which listings and
+        # notifications carry, so the control plane need not read the object.
+        [listed] = [x for x in self.store.scan(name) if x.name == name]
+        assert NodeMarker.from_metadata(dict(listed.metadata), name) == \
+            NodeMarker.from_json(data, name)
+        found: dict[str, Any] = json.loads(data)
+        return found
 
     def wait_marker(self, run_id: str, node: str, kind: str) -> dict[str, Any]:
         found: dict[str, Any] = wait_for(lambda: self.marker(run_id, node, kind),

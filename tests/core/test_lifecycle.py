@@ -378,12 +378,14 @@ def test_lost_node_fails_fast() -> None:
     assert kinds(t).count("StopNodes") == 1
 
 
-def test_vm_that_stops_before_booting_is_lost_not_restarted() -> None:
-    s = Stack()
+def test_vm_that_stops_before_booting_is_started_again_until_the_boot_timeout() -> None:
+    s = Stack(policy(boot_timeout_minutes=10))
     s(req("r1"))
+    s(marker("r1", "shepherd", "booted"))
     t = s(s.vms("TERMINATED"), minute=2)
-    assert "worker-0 lost before it booted: VM pcp-tiny-worker-0 is TERMINATED" in t.reason
-    assert "StartNodes" not in kinds(t)
+    assert kinds(t) == ["StartNodes"] and "re-issued start for worker-0" in t.reason
+    t = s(s.vms("TERMINATED"), minute=10)
+    assert "boot_timeout: worker-0 did not boot within 10 min" in t.reason
 
 
 def test_reconcile_applies_markers_whose_events_were_lost() -> None:

@@ -71,7 +71,8 @@ class FnStack:
                                                          topic=f"pcp-{self.stack}-sweep"))
 
     def write_marker(self, run_id: str, node: str, kind: str, *, exit_code: int = 0,
-                     attempt: int = 1) -> tuple[str, int]:
+                     attempt: int = 1, body: bytes | None = None,
+                     described: bool = False) -> tuple[str, int]:
         """Upload a marker as a node agent would; returns (object name, generation)."""
         marker = NodeMarker(run_id=run_id, node=node, kind="done" if kind == "done" else "booted",
                             attempt=attempt, at=datetime(2026, 11, 29, 12, 0, tzinfo=UTC),
@@ -79,12 +80,16 @@ class FnStack:
                             duration_s=60.0 if kind == "done" else None, host=node)
         name = marker_path(run_id, node, kind)
         blob = self.bucket.client.bucket(self.bucket.name).blob(name)
-        blob.upload_from_string(marker.to_json(), content_type="application/json")
+        if described:  # as the node agent writes it: the marker also in custom metadata
+            blob.metadata = marker.to_metadata()
+        blob.upload_from_string(marker.to_json() if body is None else body,
+                                content_type="application/json")
         return name, int(blob.generation)
 
-    def marker_event(self, name: str, generation: int, shape: str) -> dict[str, Any]:
+    def marker_event(self, name: str, generation: int, shape: str,
+                     metadata: dict[str, str] | None = None) -> dict[str, Any]:
         build = events.finalized_event if shape == "finalized" else events.notification_event
-        return build(self.bucket.name, name, generation)
+        return build(self.bucket.name, name, generation, metadata=metadata)
 
     def marker(self, run_id: str, node: str, kind: str, *, shape: str = "finalized",
                exit_code: int = 0) -> Any:
@@ -100,6 +105,12 @@ class FnStack:
     def read(self, name: str) -> dict[str, Any] | None:
         blob = self.bucket.client.bucket(self.bucket.name).get_blob(name)
         return None if blob is None else json.loads(blob.download_as_bytes())
+
+    def read_metadata(self, name: str) -> dict[str, str]:
+        """The object's custom metadata as the storage service reports it."""
+        blob = self.bucket.client.bucket(self.bucket.name).get_blob(name)
+        assert blob is not None
+        return dict(blob.metadata or {})
 
     def names(self, prefix: str) -> list[str]:
         return sorted(b.name for b in self.bucket.client.list_blobs(self.bucket.name,

@@ -56,7 +56,8 @@ def pubsub_event(data: bytes | str | None, *, topic: str = "pcp-tiny-start",
     return ev
 
 
-def finalized_event(bucket: str, name: str, generation: int | str) -> dict[str, Any]:
+def finalized_event(bucket: str, name: str, generation: int | str,
+                    metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """Eventarc's google.cloud.storage.object.v1.finalized with the object resource."""
     ev = fixture("storage_object_finalized.json")
     ev["id"] = next_id()
@@ -65,11 +66,14 @@ def finalized_event(bucket: str, name: str, generation: int | str) -> dict[str, 
     obj = ev["data"]
     obj.update(name=name, bucket=bucket, generation=str(generation),
                id=f"{bucket}/{name}/{generation}")
+    if metadata:
+        obj["metadata"] = metadata
     return ev
 
 
 def notification_event(bucket: str, name: str, generation: int | str,
-                       event_type: str = "OBJECT_FINALIZE") -> dict[str, Any]:
+                       event_type: str = "OBJECT_FINALIZE",
+                       metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """A GCS Pub/Sub notification (JSON_API_V1) delivered as messagePublished."""
     ev = fixture("storage_notification.json")
     mid = next_id()
@@ -79,6 +83,8 @@ def notification_event(bucket: str, name: str, generation: int | str,
     obj = json.loads(base64.b64decode(message["data"]))
     obj.update(name=name, bucket=bucket, generation=str(generation),
                id=f"{bucket}/{name}/{generation}")
+    if metadata:
+        obj["metadata"] = metadata
     message["data"] = b64(json.dumps(obj))
     message["attributes"].update(bucketId=bucket, objectId=name,
                                  objectGeneration=str(generation), eventType=event_type)

@@ -158,3 +158,20 @@ def test_pubsub_push_body_is_served(make_stack: MakeStack) -> None:
     assert fn.apps["on_marker"].test_client().post("/", json=notification).status_code == 200
     nodes = {n["name"]: n["phase"] for n in fn.state()["active"]["nodes"]}
     assert nodes["worker-0"] == "booted"
+
+
+@pytest.mark.parametrize("shape", ["finalized", "notification"])
+def test_marker_described_in_the_event_metadata_is_not_read(make_stack: MakeStack,
+                                                             shape: str) -> None:
+    fn = make_stack(workers=1)
+    assert fn.start({"run_id": "described"}).status_code == 200
+    # The object's body is unreadable on purpose: only the event's metadata describes it.
+    for node in ("shepherd", "worker-0"):
+        for kind in ("booted", "done"):
+            name, generation = fn.write_marker("described", node, kind, body=b"not json",
+                                               described=True)
+            meta = fn.read_metadata(name)
+            assert fn.post("on_marker", fn.marker_event(name, generation, shape,
+                                                        metadata=meta)).status_code == 200
+    assert fn.state()["recent"][0]["status"] == "succeeded"
+    assert fn.running() == []

@@ -200,3 +200,41 @@ def test_stop_request_through_the_service() -> None:
     assert fleet.running() == set()
     stop = ShepherdCommand.from_json(bus.on("shepherd")[-1])
     assert stop.action == "stop" and "enough" in stop.reason
+
+
+def test_after_a_lost_race_every_marker_in_the_bucket_is_folded_into_one_write() -> None:
+    p = policy(workers=15)
+    svc, store, fleet, _ = make(p)
+    svc.handle(req("r1"), at(0))
+    paths = []
+    for node in p.node_names:
+        m = marker("r1", node, "done", 5)
+        store.put(m.path, m.to_json(), metadata=m.to_metadata())
+        paths.append(m.path)
+    original_put, lost = store.put, {"once": False}
+
+    def lose_first_race(name: str, data: bytes, **kw: object) -> int:
+        if name == STACK_DOC and not lost["once"]:
+            lost["once"] = True
+            raise Conflict(name)
+        return original_put(name, data, **kw)  # type: ignore[arg-type]
+
+    store.put = lose_first_race  # type: ignore[method-assign]
+    out = svc.handle_marker(paths[3], at(5))
+    assert out.conflicts == 1
+    assert "succeeded: all 16 nodes exited with code 0" in out.reason
+    assert fleet.running() == set()
+    # the other markers' own events now change nothing and write nothing
+    writes = store.writes
+    for path in paths:
+        assert not svc.handle_marker(path, at(6)).saved
+    assert store.writes == writes
+
+
+def test_a_marker_described_in_metadata_is_not_read() -> None:
+    svc, store, _, _ = make()
+    svc.handle(req("r1"), at(0))
+    m = marker("r1", "worker-0", "booted", 1)
+    store.put(m.path, b"unreadable", metadata=m.to_metadata())
+    out = svc.handle_marker(m.path, at(1), metadata=m.to_metadata())
+    assert out.reason == "worker-0 booted"
