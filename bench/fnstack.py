@@ -96,7 +96,8 @@ def sweep_event(stack: str) -> dict[str, Any]:
     return event
 
 
-def finalized_event(bucket: str, name: str, generation: int) -> dict[str, Any]:
+def finalized_event(bucket: str, name: str, generation: int,
+                    metadata: Mapping[str, str]) -> dict[str, Any]:
     """Eventarc's `storage.object.v1.finalized` for a new marker object."""
     return {
         "specversion": "1.0", "id": str(next(_ids)), "time": _now(),
@@ -105,7 +106,7 @@ def finalized_event(bucket: str, name: str, generation: int) -> dict[str, Any]:
         "subject": f"objects/{name}", "datacontenttype": "application/json",
         "data": {"kind": "storage#object", "name": name, "bucket": bucket,
                  "generation": str(generation), "metageneration": "1",
-                 "contentType": "application/json"},
+                 "contentType": "application/json", "metadata": dict(metadata)},
     }
 
 
@@ -136,16 +137,19 @@ class FnStack:
     def vms(self) -> list[str]:
         return [f"pcp-{self.stack}-worker-{i}" for i in range(self.workers)]
 
-    def write_marker(self, run_id: str, node: str, kind: str) -> tuple[str, int]:
-        """Upload a marker as a node agent does; returns (object name, generation)."""
+    def write_marker(self, run_id: str, node: str, kind: str
+                     ) -> tuple[str, int, dict[str, str]]:
+        """Upload a marker as a node agent does (body and custom metadata); returns the object
+        name, its generation and the metadata its storage event carries."""
         marker = NodeMarker(run_id=run_id, node=node, kind="done" if kind == "done" else "booted",
                             attempt=1, at=datetime.now(UTC),
                             exit_code=0 if kind == "done" else None,
                             duration_s=1.0 if kind == "done" else None, host=node)
         name = marker_path(run_id, node, kind)
         blob = self.gcs_direct.bucket(self.bucket).blob(name)
+        blob.metadata = marker.to_metadata()
         blob.upload_from_string(marker.to_json(), content_type="application/json")
-        return name, int(blob.generation)
+        return name, int(blob.generation), marker.to_metadata()
 
     def marker_event(self, run_id: str, node: str, kind: str) -> dict[str, Any]:
         """Upload one marker and return the event its upload raises."""

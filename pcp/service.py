@@ -144,8 +144,9 @@ class Service:
         def event(loaded: Loaded) -> Event:
             nonlocal tries
             tries += 1
-            if tries == 1:
-                return marker
+            if tries == 1 or not _unapplied(loaded.state, marker.run_id, marker.node,
+                                            marker.kind):
+                return marker  # first try, or a winner already folded this one in
             return Markers(marker, self._markers(loaded.state, unapplied_only=True))
 
         return self.handle(event, now)
@@ -188,9 +189,7 @@ class Service:
         for item in self.store.scan(f"markers/{run.run_id}/"):
             try:
                 _, node_name, kind = NodeMarker.parse_path(item.name)
-                node = run.node(node_name)
-                if unapplied_only and (node is None or node.phase is NodePhase.DONE or
-                                       (kind == "booted" and node.phase is NodePhase.BOOTED)):
+                if unapplied_only and not _unapplied(state, run.run_id, node_name, kind):
                     continue
                 marker = NodeMarker.from_metadata(dict(item.metadata), item.name)
                 if marker is None and not unapplied_only:
@@ -277,6 +276,15 @@ class Service:
             "metrics": metrics,
             "files": files,
         }
+
+
+def _unapplied(state: StackState, run_id: str, node_name: str, kind: str) -> bool:
+    """Whether a marker of the active run would still change its node's state."""
+    run = state.active
+    node = None if run is None or run.run_id != run_id else run.node(node_name)
+    if node is None or node.phase is NodePhase.DONE:
+        return False
+    return kind == "done" or node.phase is NodePhase.PENDING
 
 
 def describe(command: Command) -> dict[str, Any]:
