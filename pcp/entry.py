@@ -250,7 +250,8 @@ def build_service(settings: Settings) -> Service:
             service = Service(
                 GcsStore(settings.bucket, project=settings.project),
                 ComputeFleet(settings.project, settings.zone, settings.stack,
-                             endpoint=settings.compute_endpoint),
+                             endpoint=settings.compute_endpoint,
+                             margin_seconds=settings.policy.hard_cap_margin_seconds),
                 PubSubBus(settings.project, settings.stack),
                 settings.policy,
             )

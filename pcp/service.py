@@ -162,7 +162,8 @@ class Service:
         def observe(loaded: Loaded) -> Reconcile:
             markers = self._markers(loaded.state)
             seen.update(state_lost=loaded.lost, markers=len(markers))
-            return Reconcile(vms=vms, markers=markers, state_lost=loaded.lost)
+            return Reconcile(vms=vms, markers=markers, state_lost=loaded.lost,
+                             archived=self._archived(loaded.state))
 
         outcome = self.handle(observe, now)
         record = {
@@ -176,6 +177,18 @@ class Service:
         }
         self.store.put(f"{SWEEPS}{iso(now)}.json", dump(record))
         return outcome
+
+    def _archived(self, state: StackState) -> frozenset[str]:
+        """Which of the ended runs kept in the state have their ended record written."""
+        written = set()
+        for run in state.unarchived:
+            blob = self.store.get(run_doc(run.run_id))
+            try:
+                if blob is not None and Run.from_json(blob.data).phase is Phase.ENDED:
+                    written.add(run.run_id)
+            except CorruptState:
+                continue  # rewritten below, like a missing one
+        return frozenset(written)
 
     def _markers(self, state: StackState, unapplied_only: bool = False
                  ) -> tuple[NodeMarker, ...]:

@@ -37,12 +37,14 @@ class Reconcile:
     """Level-triggered check: actual VMs and markers present, compared with the state.
 
     `state_lost` says the stack document was missing or unreadable, so labels are the only
-    record of keep-alive leases.
+    record of keep-alive leases. `archived` names the ended runs whose run record the service
+    found written.
     """
 
     vms: tuple[VmView, ...]
     markers: tuple[NodeMarker, ...] = ()
     state_lost: bool = False
+    archived: frozenset[str] = frozenset()  # unarchived runs whose ended record is written
 
 
 @dataclass(frozen=True)

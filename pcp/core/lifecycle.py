@@ -51,6 +51,7 @@ from pcp.core.state import (
 from pcp.core.timefmt import iso
 
 LIVE = (Phase.STARTING, Phase.RUNNING)
+UNARCHIVED_LIMIT = 20
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,7 @@ def _set_node(tx: _Tx, node: NodeState, now: datetime, reason: str) -> None:
 
 
 def _on_reconcile(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None:
+    _heal_archive(tx, ev.archived)
     _apply_news(tx, ev.markers, now, policy)
     _expire(tx, now, policy)
     views = {v.name: v for v in ev.vms}
@@ -469,8 +471,24 @@ def _end(tx: _Tx, reason: Reason, detail: str, now: datetime, policy: Policy) ->
 
 
 def _remember(tx: _Tx, run: Run, policy: Policy) -> None:
+    """Record an ended run; keep it whole until the sweeper sees its record written."""
     recent = (RecentRun.of(run), *tx.state.recent)[: policy.recent_limit]
-    tx.state = replace(tx.state, recent=recent)
+    unarchived = (*tx.state.unarchived, run)[-UNARCHIVED_LIMIT:]
+    tx.state = replace(tx.state, recent=recent, unarchived=unarchived)
+
+
+def _heal_archive(tx: _Tx, archived: frozenset[str]) -> None:
+    """Drop ended runs whose record is written; write again those whose write was lost."""
+    pending = tx.state.unarchived
+    if not pending:
+        return
+    missing = tuple(r for r in pending if r.run_id not in archived)
+    tx.state = replace(tx.state, unarchived=missing)
+    for run in missing:
+        tx.emit(ArchiveRun(run))
+    if missing:
+        tx.note(f"re-wrote the record of {', '.join(r.run_id for r in missing)} "
+                "(its first write was lost)")
 
 
 def _on_start_failed(tx: _Tx, ev: StartFailed, now: datetime, policy: Policy) -> None:

@@ -57,6 +57,15 @@ class Policy:
     def sweep_interval(self) -> timedelta:
         return timedelta(minutes=self.sweep_interval_minutes)
 
+    @property
+    def hard_cap_margin_seconds(self) -> float:
+        """How long past its run's deadline GCE's maxRunDuration lets a VM run.
+
+        Half a sweep interval: the hard cap alone keeps invariant 5 (no VM past its deadline
+        plus one sweep interval) even when every function fails.
+        """
+        return max(30.0, self.sweep_interval_minutes * 30.0)
+
     def run_hours(self, requested: float | None) -> float:
         """The run's length: the request's max_hours, capped by the stack's max_run_hours."""
         if requested is None:

@@ -269,12 +269,14 @@ class Lease:
 
 @dataclass(frozen=True)
 class StackState:
-    """control/stack.json: the active run, the FIFO queue, the keep-alive lease, recent ends."""
+    """control/stack.json: the active run, the FIFO queue, the keep-alive lease, recent ends,
+    and ended runs until the sweeper has seen their records written."""
 
     active: Run | None = None
     queue: tuple[Run, ...] = ()
     lease: Lease | None = None
     recent: tuple[RecentRun, ...] = ()
+    unarchived: tuple[Run, ...] = ()  # ended runs whose record is not yet known to be written
 
     def find(self, run_id: str) -> Run | RecentRun | None:
         if self.active is not None and self.active.run_id == run_id:
@@ -300,6 +302,7 @@ class StackState:
             "queue": [r.to_dict() for r in self.queue],
             "lease": None if self.lease is None else self.lease.to_dict(),
             "recent": [r.to_dict() for r in self.recent],
+            "unarchived": [r.to_dict() for r in self.unarchived],
         }
 
     def to_json(self) -> bytes:
@@ -317,6 +320,7 @@ class StackState:
                 queue=tuple(Run.from_dict(r) for r in d.get("queue", [])),
                 lease=None if d.get("lease") is None else Lease.from_dict(d["lease"]),
                 recent=tuple(RecentRun.from_dict(r) for r in d.get("recent", [])),
+                unarchived=tuple(Run.from_dict(r) for r in d.get("unarchived", [])),
             )
         except (ValueError, KeyError, TypeError, AttributeError, PermanentError) as e:
             raise CorruptState(f"control/stack.json cannot be read: {e}") from None

@@ -21,7 +21,6 @@ from pcp.faults.wrappers import Fault
 if TYPE_CHECKING:
     from pcp.faults.world import World
 
-HARD_CAP_MARGIN = timedelta(seconds=600)  # ComputeFleet's default margin_seconds
 SIGTERM_DONE = 0.5  # chance that an agent still writes `done` when its VM is stopped
 
 
@@ -68,7 +67,8 @@ class Agents:
                 self.workers[vm.name] = s
                 self.begin(s)
                 if self.w.plan.hard_cap:
-                    self.w.at(a.deadline + HARD_CAP_MARGIN, self.hard_cap, vm.name, vm.starts)
+                    margin = timedelta(seconds=self.w.policy.hard_cap_margin_seconds)
+                    self.w.at(a.deadline + margin, self.hard_cap, vm.name, vm.starts)
         self.poll_shepherd()
 
     def already_done(self, a: Assignment) -> bool:
@@ -156,7 +156,8 @@ class Agents:
             vm.status = "TERMINATED"
             vm.stops += 1
             self.w.report.heals["GCE maxRunDuration stops"] += 1
-            self.w.trace(f"{name} stopped by its maxRunDuration (deadline + 600 s)")
+            self.w.trace(f"{name} stopped by its maxRunDuration (deadline + "
+                         f"{self.w.policy.hard_cap_margin_seconds:g} s)")
 
     # ------------------------------------------------------------ the shepherd
 

@@ -70,6 +70,8 @@ class Stack:
 
     def vms(self, status: str = "RUNNING", run_id: str | None = "r1",
             attempt: int = 1) -> Reconcile:
+        """What a sweep sees in a healthy world: the VMs, and every ended record written."""
         labels = {} if run_id is None else {LABEL_RUN: run_id, LABEL_ATTEMPT: str(attempt)}
         return Reconcile(vms=tuple(VmView(v, status, dict(labels))
-                                   for v in self.policy.worker_vms))
+                                   for v in self.policy.worker_vms),
+                         archived=frozenset(r.run_id for r in self.state.unarchived))

@@ -511,6 +511,22 @@ def test_start_failure_ends_the_run_with_the_plain_reason() -> None:
 # ---------------------------------------------------------------- records
 
 
+def test_sweep_rewrites_a_run_record_whose_write_was_lost_then_forgets_it() -> None:
+    s = Stack()
+    s(req("r1"))
+    s(req("r2"))
+    s(StopRequest("r1"))
+    s(StopRequest("r2"))
+    assert [r.run_id for r in s.state.unarchived] == ["r1", "r2"]
+    t = s(Reconcile(vms=s.vms("TERMINATED").vms, archived=frozenset({"r2"})), minute=5)
+    rewritten = of(t, ArchiveRun)
+    assert [c.run.run_id for c in rewritten if isinstance(c, ArchiveRun)] == ["r1"]
+    assert "re-wrote the record of r1" in t.reason
+    assert [r.run_id for r in s.state.unarchived] == ["r1"]
+    s(Reconcile(vms=s.vms("TERMINATED").vms, archived=frozenset({"r1"})), minute=10)
+    assert s.state.unarchived == ()
+
+
 def test_history_records_every_change_with_its_reason() -> None:
     s = Stack()
     s(req("r1"))

@@ -238,3 +238,26 @@ def test_a_marker_described_in_metadata_is_not_read() -> None:
     store.put(m.path, b"unreadable", metadata=m.to_metadata())
     out = svc.handle_marker(m.path, at(1), metadata=m.to_metadata())
     assert out.reason == "worker-0 booted"
+
+
+def test_a_lost_run_record_write_is_healed_by_the_sweep() -> None:
+    svc, store, fleet, _ = make()
+    svc.handle(req("r1"), at(0))
+    original_put = store.put
+
+    def flaky_put(name: str, data: bytes, **kw: object) -> int:
+        if name == run_doc("r1") and b'"phase":"ended"' in data:
+            raise RuntimeError("503 from storage")
+        return original_put(name, data, **kw)  # type: ignore[arg-type]
+
+    store.put = flaky_put  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        svc.handle(StopRequest("r1", "enough"), at(2))
+    assert json.loads(store.get(run_doc("r1")).data)["status"] == "starting"  # type: ignore[union-attr]
+    store.put = original_put  # type: ignore[method-assign]
+    out = svc.sweep(at(3))
+    assert "re-wrote the record of r1" in out.reason
+    assert json.loads(store.get(run_doc("r1")).data)["status"] == "cancelled"  # type: ignore[union-attr]
+    assert store.get(summary_doc("r1")) is not None
+    assert "re-wrote" not in svc.sweep(at(4)).reason
+    assert stack(store).unarchived == ()
