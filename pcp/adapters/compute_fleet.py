@@ -140,8 +140,9 @@ class ComputeFleet:
         by_vm = {f"pcp-{a.stack}-{a.node}": a for a in assignments}
         self._each(list(by_vm), lambda vm: self._start_one(vm, by_vm[vm.name], deadline), until)
 
-    def stop(self, vms: Sequence[str]) -> None:
-        self._each(list(vms), self._stop_one, time.monotonic() + self.op_timeout)
+    def stop(self, vms: Sequence[str], spare: tuple[str, int] | None = None) -> None:
+        self._each(list(vms), lambda vm: self._stop_one(vm, spare),
+                   time.monotonic() + self.op_timeout)
 
     def set_labels(self, vms: Sequence[str], labels: Mapping[str, str]) -> None:
         def one(vm: _Vm) -> None:
@@ -188,8 +189,19 @@ class ComputeFleet:
         log("INFO", "fleet.start", stack=self.stack, run_id=a.run_id,
             reason=f"{vm.name} started for attempt {a.attempt}; maxRunDuration {seconds}s")
 
-    def _stop_one(self, vm: _Vm) -> None:
+    def _stop_one(self, vm: _Vm, spare: tuple[str, int] | None) -> None:
         try:
+            if spare is not None:
+                inst = self._get(vm)
+                labels = dict(inst.labels)
+                if (labels.get(LABEL_RUN), labels.get(LABEL_ATTEMPT)) == (spare[0],
+                                                                          str(spare[1])):
+                    log("INFO", "fleet.stop", stack=self.stack, run_id=spare[0],
+                        reason=f"{vm.name} now runs {spare[0]} attempt {spare[1]}; "
+                               "a late stop leaves it alone")
+                    return
+                if inst.status == "TERMINATED":
+                    return
             self._mutate(vm, "stop", vm.clients.instances.stop_unary)
         except gexc.NotFound:
             log("INFO", "fleet.stop", stack=self.stack, reason=f"{vm.name} does not exist")

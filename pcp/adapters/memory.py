@@ -114,11 +114,15 @@ class MemoryFleet:
                 vm.status = "RUNNING"
                 vm.starts += 1
 
-    def stop(self, vms: Sequence[str]) -> None:
+    def stop(self, vms: Sequence[str], spare: tuple[str, int] | None = None) -> None:
         with self._lock:
             for name in vms:
                 self.calls.append(("stop", name))
                 vm = self.vms.get(name)
+                if vm is not None and spare is not None and (
+                        vm.labels.get(LABEL_RUN), vm.labels.get(LABEL_ATTEMPT)) == (
+                        spare[0], str(spare[1])):
+                    continue  # a late stop: the VM now belongs to the current run
                 if vm is not None and vm.status != "TERMINATED":
                     vm.status = "TERMINATED"
                     vm.stops += 1

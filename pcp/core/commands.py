@@ -32,7 +32,8 @@ class StartNodes:
 
 @dataclass(frozen=True)
 class StopNodes:
-    """Stop VMs. Stopping a stopped or missing VM succeeds."""
+    """Stop VMs. Stopping a stopped or missing VM succeeds. The service spares VMs labelled
+    for the run attempt active when the stop executes, so a late stop never hits it."""
 
     vms: tuple[str, ...]
     reason: str

@@ -65,7 +65,9 @@ class Fleet(Protocol):
       margin and read back; then the VM is started. Blocks until every start operation is done
       or `timeout` passes. Idempotent: a VM already running under the same assignment is left
       alone. Raises `CapacityError` for exhausted zones or quota; other errors propagate.
-    - `stop` stops the VMs concurrently. Stopping a stopped or missing VM succeeds.
+    - `stop` stops the VMs concurrently. Stopping a stopped or missing VM succeeds. A VM
+      labelled for `spare` (run id, attempt) is left alone: a stop decided earlier may execute
+      late (a slow or redelivered event), after the stack's current run started that VM.
     - `set_labels` merges labels into each VM's labels. A missing VM is skipped.
     """
 
@@ -73,7 +75,7 @@ class Fleet(Protocol):
 
     def start(self, assignments: Sequence[Assignment], deadline: datetime) -> None: ...
 
-    def stop(self, vms: Sequence[str]) -> None: ...
+    def stop(self, vms: Sequence[str], spare: tuple[str, int] | None = None) -> None: ...
 
     def set_labels(self, vms: Sequence[str], labels: Mapping[str, str]) -> None: ...
 

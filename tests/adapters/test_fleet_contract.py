@@ -202,6 +202,18 @@ def test_stop_running_stopped_and_missing_vms_succeeds(harness: Harness) -> None
     assert harness.vm(NAMES[0]).stops == 1
 
 
+def test_a_stop_spares_the_vms_of_the_current_run_attempt(harness: Harness) -> None:
+    harness.set_running(NAMES[0], {LABEL_RUN: "run-next", LABEL_ATTEMPT: "1"})
+    harness.set_running(NAMES[1], {LABEL_RUN: "run-old", LABEL_ATTEMPT: "1"})
+    harness.set_running(NAMES[2], {LABEL_RUN: "run-next", LABEL_ATTEMPT: "2"})
+    harness.fleet.stop(NAMES, spare=("run-next", 2))
+    assert harness.vm(NAMES[2]).status == "RUNNING"  # a late stop must not hit run-next #2
+    assert harness.vm(NAMES[0]).status == "TERMINATED"  # an earlier attempt is fair game
+    assert harness.vm(NAMES[1]).status == "TERMINATED"
+    harness.fleet.stop([NAMES[2]])
+    assert harness.vm(NAMES[2]).status == "TERMINATED"
+
+
 def test_set_labels_merges_and_skips_missing_vms(harness: Harness) -> None:
     harness.fleet.set_labels([NAMES[0], f"pcp-{STACK}-worker-9"],
                              {LABEL_KEEP_ALIVE: "1900000000", LABEL_RUN: "run-z"})

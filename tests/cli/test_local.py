@@ -35,10 +35,22 @@ class FakeReplica(types.ModuleType):
         return ["tiny"]
 
 
+def install(monkeypatch, module: types.ModuleType | None) -> None:  # noqa: ANN001
+    """Stand in for pcp.local.replica, also where an earlier import left it on the package
+    (`import pcp.local.replica as r` reads the package attribute)."""
+    import pcp.local
+
+    monkeypatch.setitem(sys.modules, "pcp.local.replica", module)
+    if module is None:
+        monkeypatch.delattr(pcp.local, "replica", raising=False)
+    else:
+        monkeypatch.setattr(pcp.local, "replica", module, raising=False)
+
+
 @pytest.fixture
 def replica(monkeypatch) -> FakeReplica:  # noqa: ANN001
     fake = FakeReplica()
-    monkeypatch.setitem(sys.modules, "pcp.local.replica", fake)
+    install(monkeypatch, fake)
     return fake
 
 
@@ -59,7 +71,7 @@ def test_up_passes_stack_and_state_dir_and_records_the_state(replica, invoke,  #
 
 def test_up_failure_is_one_line(monkeypatch, invoke, tmp_path) -> None:  # noqa: ANN001
     fake = FakeReplica(fail=RuntimeError("java not found (the Pub/Sub emulator needs it)\nmore"))
-    monkeypatch.setitem(sys.modules, "pcp.local.replica", fake)
+    install(monkeypatch, fake)
     result = invoke(["local", "up"], env={"PCP_LOCAL_DIR": str(tmp_path)})
     assert result.exit_code == 1
     assert result.stderr == ("pcp: error: the local replica did not start: java not found "
@@ -80,7 +92,7 @@ def test_down(replica, invoke, tmp_path) -> None:  # noqa: ANN001
 
 
 def test_missing_replica_module_is_a_clear_error(monkeypatch, invoke) -> None:  # noqa: ANN001
-    monkeypatch.setitem(sys.modules, "pcp.local.replica", None)  # as if it were not shipped
+    install(monkeypatch, None)  # as if it were not shipped
     result = invoke(["local", "up"])
     assert result.exit_code == 1
     assert result.stderr.startswith("pcp: error: the local replica is not available")

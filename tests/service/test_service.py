@@ -261,3 +261,14 @@ def test_a_lost_run_record_write_is_healed_by_the_sweep() -> None:
     assert store.get(summary_doc("r1")) is not None
     assert "re-wrote" not in svc.sweep(at(4)).reason
     assert stack(store).unarchived == ()
+
+
+def test_a_late_stop_of_an_ended_run_does_not_stop_the_next_run() -> None:
+    svc, store, fleet, _ = make()
+    svc.handle(req("r1"), at(0))
+    out = svc.handle(StopRequest("r1"), at(1))
+    late = [c for c in out.commands if type(c).__name__ == "StopNodes"]
+    svc.handle(req("r2"), at(2))
+    assert fleet.running() == {"pcp-tiny-worker-0"}
+    svc.execute(tuple(late), at(3))  # r1's stop, redelivered after r2 started the VM
+    assert fleet.running() == {"pcp-tiny-worker-0"}
