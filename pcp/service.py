@@ -242,7 +242,7 @@ class Service:
             if command.assignments:
                 self.fleet.start(command.assignments, command.deadline)
         elif isinstance(command, StopNodes):
-            self.fleet.stop(command.vms, spare=self._current_attempt())
+            self.fleet.stop(command.vms, spare=self._current_attempt)
         elif isinstance(command, CommandShepherd):
             self.bus.publish("shepherd", command.command.to_json(),
                              command.command.attributes())
@@ -254,8 +254,8 @@ class Service:
             raise TypeError(f"unknown command {type(command).__name__}")
 
     def _current_attempt(self) -> tuple[str, int] | None:
-        """The run attempt holding the stack's VMs right now, read afresh: a stop decided
-        earlier must not hit it if it started since (see Fleet.stop)."""
+        """The run attempt holding the stack's VMs right now, read afresh just before a stop:
+        a stop decided earlier must not hit it if it started since (see Fleet.stop)."""
         run = self.load().state.active
         return None if run is None else (run.run_id, run.attempt)
 

@@ -140,7 +140,8 @@ class ComputeFleet:
         by_vm = {f"pcp-{a.stack}-{a.node}": a for a in assignments}
         self._each(list(by_vm), lambda vm: self._start_one(vm, by_vm[vm.name], deadline), until)
 
-    def stop(self, vms: Sequence[str], spare: tuple[str, int] | None = None) -> None:
+    def stop(self, vms: Sequence[str],
+             spare: Callable[[], tuple[str, int] | None] | None = None) -> None:
         self._each(list(vms), lambda vm: self._stop_one(vm, spare),
                    time.monotonic() + self.op_timeout)
 
@@ -189,18 +190,18 @@ class ComputeFleet:
         log("INFO", "fleet.start", stack=self.stack, run_id=a.run_id,
             reason=f"{vm.name} started for attempt {a.attempt}; maxRunDuration {seconds}s")
 
-    def _stop_one(self, vm: _Vm, spare: tuple[str, int] | None) -> None:
+    def _stop_one(self, vm: _Vm, spare: Callable[[], tuple[str, int] | None] | None) -> None:
         try:
             if spare is not None:
                 inst = self._get(vm)
-                labels = dict(inst.labels)
-                if (labels.get(LABEL_RUN), labels.get(LABEL_ATTEMPT)) == (spare[0],
-                                                                          str(spare[1])):
-                    log("INFO", "fleet.stop", stack=self.stack, run_id=spare[0],
-                        reason=f"{vm.name} now runs {spare[0]} attempt {spare[1]}; "
-                               "a late stop leaves it alone")
-                    return
                 if inst.status == "TERMINATED":
+                    return
+                current, labels = spare(), dict(inst.labels)
+                if current is not None and (labels.get(LABEL_RUN), labels.get(
+                        LABEL_ATTEMPT)) == (current[0], str(current[1])):
+                    log("INFO", "fleet.stop", stack=self.stack, run_id=current[0],
+                        reason=f"{vm.name} now runs {current[0]} attempt {current[1]}; "
+                               "a late stop leaves it alone")
                     return
             self._mutate(vm, "stop", vm.clients.instances.stop_unary)
         except gexc.NotFound:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -114,14 +114,16 @@ class MemoryFleet:
                 vm.status = "RUNNING"
                 vm.starts += 1
 
-    def stop(self, vms: Sequence[str], spare: tuple[str, int] | None = None) -> None:
-        with self._lock:
-            for name in vms:
+    def stop(self, vms: Sequence[str],
+             spare: Callable[[], tuple[str, int] | None] | None = None) -> None:
+        for name in vms:
+            current = spare() if spare is not None else None
+            with self._lock:
                 self.calls.append(("stop", name))
                 vm = self.vms.get(name)
-                if vm is not None and spare is not None and (
+                if vm is not None and current is not None and (
                         vm.labels.get(LABEL_RUN), vm.labels.get(LABEL_ATTEMPT)) == (
-                        spare[0], str(spare[1])):
+                        current[0], str(current[1])):
                     continue  # a late stop: the VM now belongs to the current run
                 if vm is not None and vm.status != "TERMINATED":
                     vm.status = "TERMINATED"

@@ -6,7 +6,7 @@ Contracts are stated here and checked by one suite (tests/adapters) over every i
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -65,9 +65,10 @@ class Fleet(Protocol):
       margin and read back; then the VM is started. Blocks until every start operation is done
       or `timeout` passes. Idempotent: a VM already running under the same assignment is left
       alone. Raises `CapacityError` for exhausted zones or quota; other errors propagate.
-    - `stop` stops the VMs concurrently. Stopping a stopped or missing VM succeeds. A VM
-      labelled for `spare` (run id, attempt) is left alone: a stop decided earlier may execute
-      late (a slow or redelivered event), after the stack's current run started that VM.
+    - `stop` stops the VMs concurrently. Stopping a stopped or missing VM succeeds. `spare()`
+      is asked right before each running VM is stopped; a VM labelled for the (run id,
+      attempt) it returns is left alone: a stop decided earlier may execute late (a slow or
+      redelivered event, a cold start), after the stack's current run started that VM.
     - `set_labels` merges labels into each VM's labels. A missing VM is skipped.
     """
 
@@ -75,7 +76,8 @@ class Fleet(Protocol):
 
     def start(self, assignments: Sequence[Assignment], deadline: datetime) -> None: ...
 
-    def stop(self, vms: Sequence[str], spare: tuple[str, int] | None = None) -> None: ...
+    def stop(self, vms: Sequence[str],
+             spare: Callable[[], tuple[str, int] | None] | None = None) -> None: ...
 
     def set_labels(self, vms: Sequence[str], labels: Mapping[str, str]) -> None: ...
 

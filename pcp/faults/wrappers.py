@@ -196,7 +196,8 @@ class FaultFleet:
                 if vm.starts != before[name] and self.on_start is not None:
                     self.on_start(name, vm.labels[LABEL_RUN], int(vm.labels[LABEL_ATTEMPT]))
 
-    def stop(self, vms: Sequence[str], spare: tuple[str, int] | None = None) -> None:
+    def stop(self, vms: Sequence[str],
+             spare: Callable[[], tuple[str, int] | None] | None = None) -> None:
         self._before("stop")
         self.inner.stop(vms, spare)
         self._after("stop")

@@ -299,12 +299,18 @@ class LocalCompute:
         with self._lock:
             if vm.status not in UP:
                 return None  # TERMINATED already, or another stop is finishing it
-            vm.status = "STOPPING"
+            vm.status, boot = "STOPPING", vm.starts
 
         def finish() -> None:
+            # The guest may have powered itself off meanwhile and the VM been started again:
+            # this stop belongs to the earlier boot and must not touch the new one.
+            with self._lock:
+                if vm.status != "STOPPING" or vm.starts != boot:
+                    return
             self._hook(self.on_stop, vm, "stop")
             with self._lock:
-                self._terminated(vm)
+                if vm.starts == boot:
+                    self._terminated(vm)
                 if delete:
                     self._vms.pop(vm.name, None)
         return finish

@@ -206,7 +206,7 @@ def test_a_stop_spares_the_vms_of_the_current_run_attempt(harness: Harness) -> N
     harness.set_running(NAMES[0], {LABEL_RUN: "run-next", LABEL_ATTEMPT: "1"})
     harness.set_running(NAMES[1], {LABEL_RUN: "run-old", LABEL_ATTEMPT: "1"})
     harness.set_running(NAMES[2], {LABEL_RUN: "run-next", LABEL_ATTEMPT: "2"})
-    harness.fleet.stop(NAMES, spare=("run-next", 2))
+    harness.fleet.stop(NAMES, spare=lambda: ("run-next", 2))
     assert harness.vm(NAMES[2]).status == "RUNNING"  # a late stop must not hit run-next #2
     assert harness.vm(NAMES[0]).status == "TERMINATED"  # an earlier attempt is fair game
     assert harness.vm(NAMES[1]).status == "TERMINATED"

@@ -272,3 +272,24 @@ def test_a_late_stop_of_an_ended_run_does_not_stop_the_next_run() -> None:
     assert fleet.running() == {"pcp-tiny-worker-0"}
     svc.execute(tuple(late), at(3))  # r1's stop, redelivered after r2 started the VM
     assert fleet.running() == {"pcp-tiny-worker-0"}
+
+
+def test_the_current_run_is_read_when_each_vm_is_stopped_not_before() -> None:
+    """A stop that is slow to reach Compute (a cold start, say) while the next run starts
+    the VM must still spare it: the fence is read at the last moment."""
+    svc, store, fleet, bus = make()
+    svc.handle(req("r1"), at(0))
+
+    class SlowFleet(MemoryFleet):
+        def stop(self, vms, spare=None):  # type: ignore[no-untyped-def]
+            if spare is not None and not self.started_r2:
+                self.started_r2 = True
+                svc.handle(req("r2"), at(2))  # meanwhile, the next run starts the VM
+            super().stop(vms, spare)
+
+    slow = SlowFleet(fleet.stack, list(fleet.vms))
+    slow.vms, slow.started_r2 = fleet.vms, False  # type: ignore[attr-defined]
+    svc.fleet = slow
+    svc.handle(StopRequest("r1"), at(1))
+    assert stack(store).active is not None and stack(store).active.run_id == "r2"  # type: ignore[union-attr]
+    assert fleet.running() == {"pcp-tiny-worker-0"}
