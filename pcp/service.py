@@ -242,7 +242,7 @@ class Service:
             if command.assignments:
                 self.fleet.start(command.assignments, command.deadline)
         elif isinstance(command, StopNodes):
-            self.fleet.stop(command.vms, spare=self._current_attempt)
+            self.fleet.stop(command.vms, spare=self._current_attempt, owner=command.run_id)
         elif isinstance(command, CommandShepherd):
             self.bus.publish("shepherd", command.command.to_json(),
                              command.command.attributes())

@@ -141,8 +141,9 @@ class ComputeFleet:
         self._each(list(by_vm), lambda vm: self._start_one(vm, by_vm[vm.name], deadline), until)
 
     def stop(self, vms: Sequence[str],
-             spare: Callable[[], tuple[str, int] | None] | None = None) -> None:
-        self._each(list(vms), lambda vm: self._stop_one(vm, spare),
+             spare: Callable[[], tuple[str, int] | None] | None = None,
+             owner: str | None = None) -> None:
+        self._each(list(vms), lambda vm: self._stop_one(vm, spare, owner),
                    time.monotonic() + self.op_timeout)
 
     def set_labels(self, vms: Sequence[str], labels: Mapping[str, str]) -> None:
@@ -190,13 +191,16 @@ class ComputeFleet:
         log("INFO", "fleet.start", stack=self.stack, run_id=a.run_id,
             reason=f"{vm.name} started for attempt {a.attempt}; maxRunDuration {seconds}s")
 
-    def _stop_one(self, vm: _Vm, spare: Callable[[], tuple[str, int] | None] | None) -> None:
+    def _stop_one(self, vm: _Vm, spare: Callable[[], tuple[str, int] | None] | None,
+                  owner: str | None) -> None:
         try:
             if spare is not None:
                 inst = self._get(vm)
                 if inst.status == "TERMINATED":
                     return
-                current, labels = spare(), dict(inst.labels)
+                labels = dict(inst.labels)
+                current = None if owner is not None and labels.get(LABEL_RUN) == owner \
+                    else spare()
                 if current is not None and (labels.get(LABEL_RUN), labels.get(
                         LABEL_ATTEMPT)) == (current[0], str(current[1])):
                     log("INFO", "fleet.stop", stack=self.stack, run_id=current[0],

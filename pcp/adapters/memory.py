@@ -115,9 +115,13 @@ class MemoryFleet:
                 vm.starts += 1
 
     def stop(self, vms: Sequence[str],
-             spare: Callable[[], tuple[str, int] | None] | None = None) -> None:
+             spare: Callable[[], tuple[str, int] | None] | None = None,
+             owner: str | None = None) -> None:
         for name in vms:
-            current = spare() if spare is not None else None
+            with self._lock:
+                vm = self.vms.get(name)
+                mine = vm is not None and owner is not None and vm.labels.get(LABEL_RUN) == owner
+            current = spare() if spare is not None and not mine else None
             with self._lock:
                 self.calls.append(("stop", name))
                 vm = self.vms.get(name)

@@ -65,9 +65,10 @@ class Fleet(Protocol):
       margin and read back; then the VM is started. Blocks until every start operation is done
       or `timeout` passes. Idempotent: a VM already running under the same assignment is left
       alone. Raises `CapacityError` for exhausted zones or quota; other errors propagate.
-    - `stop` stops the VMs concurrently. Stopping a stopped or missing VM succeeds. `spare()`
-      is asked right before each running VM is stopped; a VM labelled for the (run id,
-      attempt) it returns is left alone: a stop decided earlier may execute late (a slow or
+    - `stop` stops the VMs concurrently. Stopping a stopped or missing VM succeeds. A running
+      VM labelled for `owner` (the run being stopped) is stopped at once; for any other,
+      `spare()` is asked right before the stop, and a VM labelled for the (run id, attempt)
+      it returns is left alone: a stop decided earlier may execute late (a slow or
       redelivered event, a cold start), after the stack's current run started that VM.
     - `set_labels` merges labels into each VM's labels. A missing VM is skipped.
     """
@@ -77,7 +78,8 @@ class Fleet(Protocol):
     def start(self, assignments: Sequence[Assignment], deadline: datetime) -> None: ...
 
     def stop(self, vms: Sequence[str],
-             spare: Callable[[], tuple[str, int] | None] | None = None) -> None: ...
+             spare: Callable[[], tuple[str, int] | None] | None = None,
+             owner: str | None = None) -> None: ...
 
     def set_labels(self, vms: Sequence[str], labels: Mapping[str, str]) -> None: ...
 

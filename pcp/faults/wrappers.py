@@ -197,9 +197,10 @@ class FaultFleet:
                     self.on_start(name, vm.labels[LABEL_RUN], int(vm.labels[LABEL_ATTEMPT]))
 
     def stop(self, vms: Sequence[str],
-             spare: Callable[[], tuple[str, int] | None] | None = None) -> None:
+             spare: Callable[[], tuple[str, int] | None] | None = None,
+             owner: str | None = None) -> None:
         self._before("stop")
-        self.inner.stop(vms, spare)
+        self.inner.stop(vms, spare, owner)
         self._after("stop")
 
     def set_labels(self, vms: Sequence[str], labels: Mapping[str, str]) -> None:

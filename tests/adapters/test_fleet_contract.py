@@ -214,6 +214,21 @@ def test_a_stop_spares_the_vms_of_the_current_run_attempt(harness: Harness) -> N
     assert harness.vm(NAMES[2]).status == "TERMINATED"
 
 
+def test_a_stop_of_its_own_run_does_not_ask_whom_to_spare(harness: Harness) -> None:
+    harness.set_running(NAMES[0], {LABEL_RUN: "run-a", LABEL_ATTEMPT: "1"})
+    harness.set_running(NAMES[1], {LABEL_RUN: "run-b", LABEL_ATTEMPT: "1"})
+    asked: list[int] = []
+
+    def spare() -> tuple[str, int]:
+        asked.append(1)
+        return ("run-b", 1)
+
+    harness.fleet.stop(NAMES[:2], spare=spare, owner="run-a")
+    assert harness.vm(NAMES[0]).status == "TERMINATED"
+    assert harness.vm(NAMES[1]).status == "RUNNING"
+    assert len(asked) == 1  # only for the VM the stopped run does not hold
+
+
 def test_set_labels_merges_and_skips_missing_vms(harness: Harness) -> None:
     harness.fleet.set_labels([NAMES[0], f"pcp-{STACK}-worker-9"],
                              {LABEL_KEEP_ALIVE: "1900000000", LABEL_RUN: "run-z"})

@@ -281,11 +281,11 @@ def test_the_current_run_is_read_when_each_vm_is_stopped_not_before() -> None:
     svc.handle(req("r1"), at(0))
 
     class SlowFleet(MemoryFleet):
-        def stop(self, vms, spare=None):  # type: ignore[no-untyped-def]
+        def stop(self, vms, spare=None, owner=None):  # type: ignore[no-untyped-def]
             if spare is not None and not self.started_r2:
                 self.started_r2 = True
                 svc.handle(req("r2"), at(2))  # meanwhile, the next run starts the VM
-            super().stop(vms, spare)
+            super().stop(vms, spare, owner)
 
     slow = SlowFleet(fleet.stack, list(fleet.vms))
     slow.vms, slow.started_r2 = fleet.vms, False  # type: ignore[attr-defined]
