@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,16 +49,16 @@ class VmState:
     max_run_seconds: float | None
 
 
-class Harness:
+class Harness(ABC):
     """A fleet plus a way to read its VMs' real state, for either implementation."""
 
     fleet: Fleet
 
-    def vm(self, name: str) -> VmState:
-        raise NotImplementedError
+    @abstractmethod
+    def vm(self, name: str) -> VmState: ...
 
-    def set_running(self, name: str, labels: dict[str, str]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def set_running(self, name: str, labels: dict[str, str]) -> None: ...
 
 
 class MemoryHarness(Harness):

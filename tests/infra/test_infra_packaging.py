@@ -81,8 +81,6 @@ def test_missing_entry_point_is_an_error(tmp_path):
 
 
 def test_real_archive_imports_in_a_fresh_interpreter(tmp_path):
-    if not (REPO / "functions" / "main.py").is_file():
-        pytest.skip("functions/main.py not written yet")
     path, sha = build_function_archive(REPO, tmp_path / "out")
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
@@ -161,8 +159,6 @@ def test_real_agent_sdist_holds_the_agent(tmp_path):
     (Building it into a wheel needs setuptools>=68 and wheel from PyPI, i.e. build isolation
     with network, so that is not done here; it was checked by hand with `pip wheel`.)
     """
-    if not (REPO / "pcp" / "agent" / "__init__.py").is_file():
-        pytest.skip("pcp/agent not written yet")
     path, _ = build_agent_sdist(REPO, tmp_path / "out")
     with tarfile.open(path) as tar:
         names = set(tar.getnames())
