@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from google.cloud import pubsub_v1, storage
@@ -202,7 +202,31 @@ def fake_gcs_binary() -> Path:
     return binary
 
 
-class FakeGcs:
+class _Server:
+    """A local server process: stop it, ask whether it runs, use it as a context manager."""
+
+    _process: _Process | None = None
+
+    def start(self) -> Self:
+        raise TypeError(f"{type(self).__name__} must define start()")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class FakeGcs(_Server):
     """fake-gcs-server, memory backend, optionally publishing object events into Pub/Sub.
 
     With `notify_project` and `notify_topic`, every finalized object (under `notify_prefix`
@@ -241,7 +265,7 @@ class FakeGcs:
                 argv += ["-event.object-prefix", self.notify_prefix]
         return argv
 
-    def start(self) -> FakeGcs:
+    def start(self) -> Self:
         env = {k: v for k, v in os.environ.items()
                if k not in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")}
         if self.pubsub_host:
@@ -253,20 +277,6 @@ class FakeGcs:
             self.startup_timeout, env)
         return self
 
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    def __enter__(self) -> FakeGcs:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def storage_client(endpoint: str, project: str) -> storage.Client:
@@ -323,7 +333,7 @@ def java_binary() -> str:
     return java
 
 
-class PubSubEmulator:
+class PubSubEmulator(_Server):
     """Google's Pub/Sub emulator, run as `java -jar` (about twice as fast as via gcloud)."""
 
     def __init__(self, project: str = "pcp-local", *, port: int | None = None,
@@ -338,7 +348,7 @@ class PubSubEmulator:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> PubSubEmulator:
+    def start(self) -> Self:
         java, jar = java_binary(), str(pubsub_jar())
         self._process, self.port = _launch(
             "pubsub-emulator",
@@ -349,20 +359,6 @@ class PubSubEmulator:
             self.startup_timeout)
         return self
 
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    def __enter__(self) -> PubSubEmulator:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def _channel(host: str) -> Any:
