@@ -105,7 +105,7 @@ class ComputeFleet:
 
     def __init__(self, project: str, zone: str, stack: str, endpoint: str | None = None, *,
                  op_timeout: float = 300.0, max_workers: int = 32,
-                 margin_seconds: float = 600.0, min_run_seconds: int = 30,
+                 margin_seconds: float = 150.0, min_run_seconds: int = 30,
                  attempts: int = 5, backoff_seconds: float = 1.0,
                  credentials: Any = None, clock: Callable[[], float] = time.time) -> None:
         if not STACK_RE.match(stack):

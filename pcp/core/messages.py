@@ -11,12 +11,12 @@ import difflib
 import json
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from pcp.core.errors import PermanentError
-from pcp.core.timefmt import iso, opt_iso, opt_time, parse_time
+from pcp.core.timefmt import iso, parse_time
 
 RUN_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 NODE_RE = re.compile(r"^(shepherd|worker-(0|[1-9][0-9]{0,2}))$")
@@ -614,23 +614,12 @@ class ShepherdCommand:
         return {"action": self.action, "run_id": self.run_id, "attempt": str(self.attempt)}
 
 
-@dataclass(frozen=True)
-class Received:
-    """Metadata the entry point knows about a delivered message (for logs and dedupe)."""
-
-    message_id: str | None = None
-    attributes: dict[str, str] = field(default_factory=dict)
-
-
 __all__ = [
     "Assignment",
     "NodeMarker",
-    "Received",
     "ShepherdCommand",
     "StartRequest",
     "StopRequest",
     "SweepTick",
     "marker_path",
-    "opt_iso",
-    "opt_time",
 ]

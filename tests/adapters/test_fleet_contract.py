@@ -145,7 +145,7 @@ def test_start_arms_max_run_duration_for_deadline_plus_margin(
     a = assignment(0)
     harness.fleet.start([a], a.deadline)
     vm = harness.compute.vm(NAMES[0])
-    wanted = a.deadline.timestamp() - time.time() + 600
+    wanted = a.deadline.timestamp() - time.time() + harness.fleet.margin_seconds
     assert vm.max_run_seconds() == pytest.approx(wanted, abs=5)
     assert vm.scheduling["instanceTerminationAction"] == "STOP"
     # the fields Pulumi set are kept

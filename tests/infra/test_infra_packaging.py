@@ -80,6 +80,14 @@ def test_missing_entry_point_is_an_error(tmp_path):
         build_function_archive(repo, tmp_path / "out")
 
 
+def run_fresh(code: str, src, cwd, env) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    """Run `code` in a fresh interpreter with `src` first on sys.path; it must succeed."""
+    proc = subprocess.run([sys.executable, "-c", code, str(src)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_real_archive_imports_in_a_fresh_interpreter(tmp_path):
     path, sha = build_function_archive(REPO, tmp_path / "out")
     with zipfile.ZipFile(path) as zf:
@@ -114,15 +122,7 @@ def test_real_archive_imports_in_a_fresh_interpreter(tmp_path):
         "if not callable(getattr(main, f, None))]; "
         "assert not missing, missing; print('ok')"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(src)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_fresh(code, src, tmp_path, env)
     assert proc.stdout.strip().endswith("ok")
 
 
@@ -174,12 +174,4 @@ def test_real_agent_sdist_holds_the_agent(tmp_path):
         "assert Path(pcp.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()); "
         "print('ok')"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(src)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_fresh(code, src, tmp_path, env).stdout.strip() == "ok"
