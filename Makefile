@@ -2,35 +2,43 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# The demo installs only what it runs; the test tools come on top for `make test`.
+DEMO_STAMP := $(VENV)/.installed-demo
+DEV_STAMP  := $(VENV)/.installed-dev
 
 .PHONY: test demo lint typecheck pytest faults bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+
+$(DEMO_STAMP): requirements-demo.txt pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -r requirements-demo.txt
 	$(PY) -m pip install -q --no-deps -e .
-	touch $(STAMP)
+	touch $(DEMO_STAMP)
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check pcp functions infra tests bench
+$(DEV_STAMP): $(DEMO_STAMP) requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(DEV_STAMP)
 
-typecheck: $(STAMP)
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check pcp pcp_dev functions infra tests bench examples
+
+typecheck: $(DEV_STAMP)
 	$(VENV)/bin/mypy pcp/core
 
-pytest: $(STAMP)
+pytest: $(DEV_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
-demo: $(STAMP)
-	$(PY) -m pcp.local.demo
+demo: $(DEMO_STAMP)
+	$(PY) -m pcp_dev.local.demo
 
-faults: $(STAMP)
-	$(PY) -m pcp.faults --schedules 10000
+faults: $(DEV_STAMP)
+	$(PY) -m pcp_dev.faults --schedules 10000
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) bench/run.py
 
 clean:

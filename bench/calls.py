@@ -22,8 +22,16 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from fnstack import Emulators, FnStack, check_run, fn_stack, post, start_event, sweep_event
-from gcs_proxy import CountingProxy
+from pcp_dev.bench.fnstack import (
+    Emulators,
+    FnStack,
+    check_run,
+    fn_stack,
+    post,
+    start_event,
+    sweep_event,
+)
+from pcp_dev.bench.gcs_proxy import CountingProxy
 
 
 class CountingBus:

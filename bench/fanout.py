@@ -20,10 +20,9 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from remote_compute import RemoteCompute
-
 from pcp.adapters.compute_fleet import ComputeFleet
 from pcp.core.messages import Assignment
+from pcp_dev.bench.remote_compute import RemoteCompute
 
 PROJECT, ZONE, STACK = "pcp-bench", "us-central1-a", "fanout"
 DELAY_S = 0.1

@@ -1,4 +1,4 @@
-"""The local replica's overhead: `python -m pcp.local.demo` wall time minus the trainer's.
+"""The local replica's overhead: `python -m pcp_dev.local.demo` wall time minus the trainer's.
 
 The demo starts the emulators, the four functions, a worker "VM" and the shepherd daemon,
 runs the reference trainer through a whole run, and tears everything down. The trainer's own
@@ -57,12 +57,12 @@ def _breakdown(out: str, results: Path) -> dict[str, Any]:
 
 
 def run(timeout: float = 400.0) -> dict[str, Any]:
-    print("  make demo (python -m pcp.local.demo) ...", file=sys.stderr, flush=True)
+    print("  make demo (python -m pcp_dev.local.demo) ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="pcp-bench-demo-") as tmp:
         state = Path(tmp)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pcp.local.demo", "--state-dir",
+            proc = subprocess.run([sys.executable, "-m", "pcp_dev.local.demo", "--state-dir",
                                    str(state)], cwd=ROOT, capture_output=True, text=True,
                                   timeout=timeout, check=False)
         except subprocess.TimeoutExpired:

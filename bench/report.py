@@ -168,7 +168,7 @@ def markdown(results: dict[str, Any]) -> str:
 
     demo = results.get("demo")
     if demo:
-        lines += ["", "## Local replica overhead (`python -m pcp.local.demo`)", ""]
+        lines += ["", "## Local replica overhead (`python -m pcp_dev.local.demo`)", ""]
         if demo.get("overhead_s") is None:
             lines.append(f"Not measured: {demo.get('reason') or demo.get('error') or 'not run'}")
         else:

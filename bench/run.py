@@ -32,7 +32,8 @@ import fanout
 import overhead
 import report
 import storm
-from fnstack import Emulators
+
+from pcp_dev.bench.fnstack import Emulators
 
 PARTS = ("fanout", "storm", "calls", "import", "demo")
 FULL_NS = [1, 3, 7, 15, 64, 256]

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from fnstack import Emulators, FnStack, check_run, fn_stack, post, start_event
+from pcp_dev.bench.fnstack import Emulators, FnStack, check_run, fn_stack, post, start_event
 
 REDELIVER_PAUSE_S = 0.5
 MAX_DELIVERIES = 20

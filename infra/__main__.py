@@ -14,6 +14,7 @@ if _INFRA_DIR not in sys.path:
     sys.path.insert(0, _INFRA_DIR)
 
 import pulumi  # noqa: E402
+
 from pcp_infra.apis import ProjectApis  # noqa: E402
 from pcp_infra.config import StackConfig  # noqa: E402
 from pcp_infra.fleet import WorkerFleet  # noqa: E402

@@ -27,21 +27,19 @@ from pcp.core.errors import CapacityError, Conflict, CorruptState, PermanentErro
 from pcp.core.events import Event, Markers, Reconcile, Rejected, StartFailed
 from pcp.core.lifecycle import Transition, decide
 from pcp.core.messages import NodeMarker, dump
+from pcp.core.names import (
+    STACK_DOC,
+    corrupt_stack_doc,
+    markers_prefix,
+    run_doc,
+    run_prefix,
+    summary_doc,
+    sweep_doc,
+)
 from pcp.core.policy import Policy
 from pcp.core.ports import BlobStore, Bus, Fleet
 from pcp.core.state import NodePhase, Phase, Run, StackState
 from pcp.core.timefmt import iso
-
-STACK_DOC = "control/stack.json"
-SWEEPS = "control/sweeps/"
-
-
-def run_doc(run_id: str) -> str:
-    return f"runs/{run_id}/run.json"
-
-
-def summary_doc(run_id: str) -> str:
-    return f"runs/{run_id}/summary.json"
 
 
 class ConflictExhausted(Exception):
@@ -93,7 +91,7 @@ class Service:
             return Loaded(StackState.from_json(blob.data), blob.generation, lost=False)
         except CorruptState:
             # Keep the unreadable document for a person to inspect; start afresh over it.
-            self.store.put(f"control/stack.corrupt-{blob.generation}.json", blob.data)
+            self.store.put(corrupt_stack_doc(blob.generation), blob.data)
             return Loaded(StackState(), blob.generation, lost=True)
 
     # ------------------------------------------------------------ events
@@ -175,7 +173,7 @@ class Service:
             "actions": [describe(c) for c in outcome.commands],
             "errors": outcome.errors,
         }
-        self.store.put(f"{SWEEPS}{iso(now)}.json", dump(record))
+        self.store.put(sweep_doc(iso(now)), dump(record))
         return outcome
 
     def _archived(self, state: StackState) -> frozenset[str]:
@@ -199,7 +197,7 @@ class Service:
         if run is None:
             return ()
         found: list[NodeMarker] = []
-        for item in self.store.scan(f"markers/{run.run_id}/"):
+        for item in self.store.scan(markers_prefix(run.run_id)):
             try:
                 _, node_name, kind = NodeMarker.parse_path(item.name)
                 if unapplied_only and not _unapplied(state, run.run_id, node_name, kind):
@@ -265,7 +263,7 @@ class Service:
             self.store.put(summary_doc(run.run_id), dump(self.summary(run)))
 
     def summary(self, run: Run) -> dict[str, Any]:
-        prefix = f"runs/{run.run_id}/"
+        prefix = run_prefix(run.run_id)
         files = [n for n in self.store.list(prefix)
                  if n not in (run_doc(run.run_id), summary_doc(run.run_id))]
         metrics = {}

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pcp.core.names import Names
 from pcp.core.policy import Policy
 
 REQUIRED = ("PCP_STACK", "PCP_PROJECT", "PCP_ZONE", "PCP_BUCKET", "PCP_WORKER_COUNT",
@@ -27,11 +28,11 @@ class Settings:
 
     def topic(self, kind: str) -> str:
         """Topic names are fixed by the Pulumi program: pcp-<stack>-<kind>."""
-        return f"pcp-{self.stack}-{kind}"
+        return Names(self.stack).topic(kind)
 
     @property
     def shepherd_subscription(self) -> str:
-        return f"pcp-{self.stack}-shepherd-host"
+        return Names(self.stack).shepherd_subscription
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NoReturn
 import pytest
 from hypothesis import HealthCheck, settings
 
-from pcp.local.emulators import EmulatorMissing, FakeGcs, PubSubEmulator, storage_client
+from pcp_dev.local.emulators import EmulatorMissing, FakeGcs, PubSubEmulator, storage_client
 
 if TYPE_CHECKING:
     from google.cloud import storage

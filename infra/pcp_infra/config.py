@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pcp.core.names import META_CACHIX_CACHE, META_CACHIX_KEY, META_NIX_INSTALLER, STACK_RE
+
 #: Sentinel for keys that have no default and must be set per stack.
 REQUIRED = object()
 
@@ -63,7 +65,6 @@ IAP_RANGE = "35.235.240.0/20"
 #: Machine families whose GPUs come pre-attached: `guest_accelerators` must not be listed.
 ACCELERATOR_OPTIMIZED_PREFIXES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 
-_STACK_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 _PORTS_RE = re.compile(r"^\d{1,5}(-\d{1,5})?$")
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
@@ -211,7 +212,7 @@ class StackConfig:
         if missing:
             raise ConfigError(f"missing required config: {', '.join('pcp:' + k for k in missing)}")
 
-        if not _STACK_RE.match(stack):
+        if not STACK_RE.match(stack):
             raise ConfigError(
                 f"stack name {stack!r} must be 1-12 lowercase letters/digits (it is part of "
                 "service account ids, which are limited to 30 characters)"
@@ -308,9 +309,9 @@ class StackConfig:
     def worker_bootstrap_metadata(self) -> dict[str, str]:
         """Optional metadata read by the worker startup script (only the keys that are set)."""
         optional = {
-            "pcp-cachix-cache": self.cachix_cache,
-            "pcp-cachix-public-key": self.cachix_public_key,
-            "pcp-nix-installer-url": self.nix_installer_url,
+            META_CACHIX_CACHE: self.cachix_cache,
+            META_CACHIX_KEY: self.cachix_public_key,
+            META_NIX_INSTALLER: self.nix_installer_url,
         }
         return {key: value for key, value in optional.items() if value}
 

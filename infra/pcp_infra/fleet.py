@@ -12,16 +12,24 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
+from pcp.core.names import (
+    ASSIGNMENT_KEY,
+    LABEL_NODE,
+    LABEL_ROLE,
+    META_BUCKET,
+    META_NODE,
+    META_PROJECT,
+    META_STACK,
+    Names,
+    worker_node,
+)
+
 from . import paths
 from .base import PcpComponent
 from .config import StackConfig
 from .identity import ServiceAccounts
-from .naming import Names
 from .network import WorkerNetwork
 from .storage import StateBucket
-
-#: Metadata key the control plane writes before each start (the node's run assignment).
-ASSIGNMENT_METADATA_KEY = "pcp-assignment"
 
 #: Fields changed at run time, never reverted by `pulumi up`. Top-level names are given in
 #: their wire (camelCase) form; nested paths are not translated by the SDK, so they must be.
@@ -30,7 +38,7 @@ ASSIGNMENT_METADATA_KEY = "pcp-assignment"
 #: writes the whole map, dropping a stale assignment (harmless between runs: every start
 #: writes a fresh one).
 WORKER_IGNORE_CHANGES: list[str] = [
-    f'metadata["{ASSIGNMENT_METADATA_KEY}"]',
+    f'metadata["{ASSIGNMENT_KEY}"]',
     "labels",
     "scheduling.maxRunDuration",
     "scheduling.instanceTerminationAction",
@@ -106,7 +114,7 @@ class WorkerFleet(PcpComponent):
         self.grants: list[gcp.compute.InstanceIAMMember] = []
         for index in range(cfg.worker_count):
             vm_name = names.worker_vm(index)
-            node = names.worker_node(index)
+            node = worker_node(index)
             instance = gcp.compute.Instance(
                 vm_name,
                 project=cfg.project,
@@ -135,17 +143,17 @@ class WorkerFleet(PcpComponent):
                     scopes=["cloud-platform"],
                 ),
                 metadata={
-                    "pcp-stack": cfg.stack,
-                    "pcp-bucket": names.bucket,
-                    "pcp-project": cfg.project,
-                    "pcp-node": node,
+                    META_STACK: cfg.stack,
+                    META_BUCKET: names.bucket,
+                    META_PROJECT: cfg.project,
+                    META_NODE: node,
                     **cfg.worker_bootstrap_metadata(),
                     "enable-oslogin": "TRUE",
                     # In metadata (not metadata_startup_script, which forces a new VM and so
                     # a new disk): a changed script is applied in place, on the next boot.
                     "startup-script": startup_script,
                 },
-                labels=names.labels(**{"pcp-role": "worker", "pcp-node": node}),
+                labels=names.labels(**{LABEL_ROLE: "worker", LABEL_NODE: node}),
                 tags=[names.worker_tag],
                 # Shape changes (machine type, service account) need a stop; the provider
                 # restarts a VM that was running. Deploy between runs.

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_gcp as gcp
 
+from pcp.core.names import LABEL_FUNCTION, Names
+
 from .base import PcpComponent
 from .config import StackConfig
 from .identity import ServiceAccounts
 from .messaging import Messaging
-from .naming import Names
 from .source import CodeArchives
 from .storage import StateBucket
 
@@ -74,7 +75,7 @@ class ControlFunctions(PcpComponent):
                 name=function_name,
                 location=cfg.region,
                 description=f"pcp {cfg.stack}: {spec.entry_point} on pcp-{cfg.stack}-{spec.topic}",
-                labels=names.labels(**{"pcp-function": spec.kind}),
+                labels=names.labels(**{LABEL_FUNCTION: spec.kind}),
                 build_config=gcp.cloudfunctionsv2.FunctionBuildConfigArgs(
                     runtime=RUNTIME,
                     entry_point=spec.entry_point,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
+from pcp.core.names import Names
+
 from .base import PcpComponent
 from .config import StackConfig
-from .naming import Names
 
 #: Service accounts of a stack: role -> description.
 ACCOUNTS: dict[str, str] = {

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
+from pcp.core.names import ATTR_STACK, Names
+
 from .base import PcpComponent
 from .config import StackConfig
 from .identity import ServiceAccounts
-from .naming import Names
 from .storage import StateBucket
 
 #: Topic kinds; each becomes `pcp-<stack>-<kind>`.
@@ -181,7 +182,7 @@ class Messaging(PcpComponent):
             payload_format="JSON_API_V1",
             event_types=["OBJECT_FINALIZE"],
             object_name_prefix=MARKERS_PREFIX,
-            custom_attributes={"pcp-stack": cfg.stack},
+            custom_attributes={ATTR_STACK: cfg.stack},
             opts=self.child_opts(self.gcs_publisher),
         )
 

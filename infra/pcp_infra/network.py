@@ -10,9 +10,10 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
+from pcp.core.names import Names
+
 from .base import PcpComponent
 from .config import StackConfig
-from .naming import Names
 
 #: The workers' subnet (each stack has its own VPC, so ranges may repeat across stacks).
 WORKER_SUBNET_CIDR = "10.42.0.0/24"

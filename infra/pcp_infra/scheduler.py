@@ -8,10 +8,11 @@ import json
 import pulumi
 import pulumi_gcp as gcp
 
+from pcp.core.names import ATTR_SOURCE, ATTR_STACK, Names
+
 from .base import PcpComponent
 from .config import StackConfig
 from .messaging import Messaging
-from .naming import Names
 
 TICK = {"op": "tick"}
 TIME_ZONE = "Etc/UTC"
@@ -51,7 +52,7 @@ class SweepSchedule(PcpComponent):
             pubsub_target=gcp.cloudscheduler.JobPubsubTargetArgs(
                 topic_name=messaging.topics["sweep"].id,
                 data=tick_data(),
-                attributes={"pcp-stack": cfg.stack, "pcp-source": "scheduler"},
+                attributes={ATTR_STACK: cfg.stack, ATTR_SOURCE: "scheduler"},
             ),
             opts=self.child_opts(),
         )

@@ -17,10 +17,11 @@ from pathlib import Path
 import pulumi
 import pulumi_gcp as gcp
 
+from pcp.core.names import Names
+
 from . import paths
 from .base import PcpComponent
 from .config import StackConfig
-from .naming import Names
 from .packaging import build_agent_sdist, build_function_archive
 from .storage import SOURCE_PREFIX, StateBucket
 

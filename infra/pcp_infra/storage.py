@@ -8,10 +8,11 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
+from pcp.core.names import Names
+
 from .base import PcpComponent
 from .config import StackConfig
 from .identity import ServiceAccounts
-from .naming import Names
 
 #: Prefixes deleted after pcp:results_retention_days.
 EXPIRING_PREFIXES: tuple[str, ...] = ("runs/", "markers/")

@@ -33,23 +33,23 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from google.api_core import exceptions as gexc
 
 from pcp.core.errors import CapacityError
-from pcp.core.events import (
+from pcp.core.events import RUNNING_STATES, VmView
+from pcp.core.messages import Assignment
+from pcp.core.names import (
+    ASSIGNMENT_KEY,
     LABEL_ATTEMPT,
     LABEL_DEADLINE,
     LABEL_KEEP_ALIVE,
     LABEL_RUN,
     LABEL_STACK,
-    RUNNING_STATES,
-    VmView,
+    STACK_RE,
 )
-from pcp.core.messages import STACK_RE, Assignment
 from pcp.logs import log
 
 if TYPE_CHECKING:
     from google.cloud import compute_v1
 
 T = TypeVar("T")
-ASSIGNMENT_KEY = "pcp-assignment"
 CAPACITY_CODES = ("ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS", "ZONE_RESOURCE_POOL_EXHAUSTED",
                   "QUOTA_EXCEEDED")
 TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
@@ -137,7 +137,7 @@ class ComputeFleet:
 
     def start(self, assignments: Sequence[Assignment], deadline: datetime) -> None:
         until = time.monotonic() + self.op_timeout
-        by_vm = {f"pcp-{a.stack}-{a.node}": a for a in assignments}
+        by_vm = {a.vm: a for a in assignments}
         self._each(list(by_vm), lambda vm: self._start_one(vm, by_vm[vm.name], deadline), until)
 
     def stop(self, vms: Sequence[str],

@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pcp.core.errors import CapacityError, Conflict
-from pcp.core.events import (
+from pcp.core.events import VmView
+from pcp.core.messages import Assignment
+from pcp.core.names import (
+    ASSIGNMENT_KEY,
     LABEL_ATTEMPT,
     LABEL_DEADLINE,
     LABEL_KEEP_ALIVE,
     LABEL_RUN,
     LABEL_STACK,
-    VmView,
 )
-from pcp.core.messages import Assignment
 from pcp.core.ports import Blob, Listed
 
 
@@ -98,7 +99,7 @@ class MemoryFleet:
             if self.exhausted:
                 raise CapacityError("ZONE_RESOURCE_POOL_EXHAUSTED: no GPUs left in the zone")
             for a in assignments:
-                vm = self.vms[f"pcp-{a.stack}-{a.node}"]
+                vm = self.vms[a.vm]
                 self.calls.append(("start", vm.name))
                 same = (vm.labels.get(LABEL_RUN) == a.run_id
                         and vm.labels.get(LABEL_ATTEMPT) == str(a.attempt))
@@ -106,7 +107,7 @@ class MemoryFleet:
                     continue
                 if vm.status == "RUNNING":
                     vm.stops += 1
-                vm.metadata["pcp-assignment"] = a.to_json().decode()
+                vm.metadata[ASSIGNMENT_KEY] = a.to_json().decode()
                 vm.labels.update({LABEL_RUN: a.run_id, LABEL_ATTEMPT: str(a.attempt),
                                   LABEL_DEADLINE: str(int(deadline.timestamp()))})
                 vm.labels.pop(LABEL_KEEP_ALIVE, None)

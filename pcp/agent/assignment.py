@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 from pcp.agent.log import Log
 from pcp.core.errors import PermanentError
 from pcp.core.messages import ShepherdCommand
+from pcp.core.names import Names
 
 if TYPE_CHECKING:
     from google.cloud import pubsub_v1
 
 DEFAULT_METADATA_HOST = "metadata.google.internal"
-ASSIGNMENT_KEY = "pcp-assignment"
 
 
 class MetadataError(OSError):
@@ -57,7 +57,7 @@ class Metadata:
 
 
 def subscription_name(stack: str) -> str:
-    return f"pcp-{stack}-shepherd-host"
+    return Names(stack).shepherd_subscription
 
 
 class ShepherdSubscription:

@@ -8,7 +8,9 @@ Accepted forms (docs/agent.md):
   `nix-store --realise PATH`, then the same lookup;
 - a map platform -> one of the above (`x86_64-linux` on workers, `aarch64-darwin` on the Mac);
 - an absolute path to an executable file (local replica, tests);
-- `python:<module>`: run the module with the agent's own interpreter (local replica only).
+- `python:<module>` or `python:/abs/path/script.py`: run the module or script with the agent's own
+  interpreter (local replica and tests only; the reference trainer is
+  `examples/reference-trainer/reference_trainer.py`).
 
 Nix is always invoked with an argument list, never through a shell. Where Nix lives is
 configurable (`--nix-bin-dir`), which is also how the tests stand in a fake `nix` for the
@@ -76,8 +78,11 @@ def plan(spec: str | dict[str, str] | None, host: str) -> Plan:
     spec = spec.strip()
     if spec.startswith("python:"):
         module = spec.removeprefix("python:")
+        if module.startswith("/") and module.endswith(".py") and ".." not in Path(module).parts:
+            return Plan("python", module)
         if not MODULE_RE.match(module):
-            raise BinaryError(f"python:{module} is not a dotted module name")
+            raise BinaryError(f"python:{module} is neither a dotted module name nor an "
+                              "absolute path to a .py file")
         return Plan("python", module)
     target, program = spec, None
     if "!" in spec:
@@ -150,6 +155,10 @@ class Realiser:
     def realise(self, spec: str | dict[str, str] | None) -> list[str]:
         p = plan(spec, self.host or host_platform())
         if p.kind == "python":
+            if p.target.startswith("/"):
+                if not Path(p.target).is_file():
+                    raise BinaryError(f"{p.target} is not a file")
+                return [sys.executable, p.target]
             return [sys.executable, "-m", p.target]
         if p.kind == "path":
             if not (Path(p.target).is_file() and os.access(p.target, os.X_OK)):

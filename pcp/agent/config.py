@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pcp.core.names import Names
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -27,5 +29,5 @@ class AgentConfig:
     def default_bucket(self) -> str | None:
         """The stack bucket's name as the Pulumi program makes it: pcp-<stack>-<project>."""
         if self.stack and self.project:
-            return f"pcp-{self.stack}-{self.project}"
+            return Names(self.stack, self.project).bucket
         return None

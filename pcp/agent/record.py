@@ -12,13 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pcp.core.errors import PermanentError
-from pcp.core.messages import marker_path
+from pcp.core.names import marker_path, run_doc
 from pcp.core.ports import BlobStore
 from pcp.core.timefmt import opt_time
-
-
-def run_doc(run_id: str) -> str:
-    return f"runs/{run_id}/run.json"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from pcp.agent.log import Log
 from pcp.core.messages import Assignment, NodeMarker
+from pcp.core.names import node_prefix
 from pcp.core.ports import BlobStore
 from pcp.core.timefmt import iso
 
@@ -38,7 +39,7 @@ class Uploader:
         self.store = store
         self.a = assignment
         self.log = log
-        self.prefix = f"runs/{assignment.run_id}/{assignment.node}/"
+        self.prefix = node_prefix(assignment.run_id, assignment.node)
         self.host = socket.gethostname()
         self._sent: dict[str, tuple[int, int]] = {}
 

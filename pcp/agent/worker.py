@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from pcp.agent.assignment import ASSIGNMENT_KEY, Metadata, MetadataError
+from pcp.agent.assignment import Metadata, MetadataError
 from pcp.agent.config import AgentConfig
 from pcp.agent.deadman import power_off, power_off_at
 from pcp.agent.log import Log
@@ -24,6 +24,7 @@ from pcp.agent.record import done_attempt, read_run
 from pcp.agent.session import Session
 from pcp.core.errors import PermanentError
 from pcp.core.messages import Assignment
+from pcp.core.names import ASSIGNMENT_KEY, META_BUCKET, META_PROJECT, META_STACK
 from pcp.core.ports import BlobStore
 
 StoreFactory = Callable[[str, str | None], BlobStore]
@@ -96,9 +97,9 @@ class Worker:
     def resolve(self) -> None:
         """Fill bucket, stack and project from metadata where no flag gave them."""
         cfg = self.cfg
-        self.cfg = replace(cfg, bucket=cfg.bucket or self._meta("pcp-bucket"),
-                           stack=cfg.stack or self._meta("pcp-stack"),
-                           project=cfg.project or self._meta("pcp-project"))
+        self.cfg = replace(cfg, bucket=cfg.bucket or self._meta(META_BUCKET),
+                           stack=cfg.stack or self._meta(META_STACK),
+                           project=cfg.project or self._meta(META_PROJECT))
         if self.cfg.stack and not self.log.stack:
             self.log = self.log.bind(stack=self.cfg.stack)
 

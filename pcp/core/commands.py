@@ -27,7 +27,7 @@ class StartNodes:
 
     @property
     def vms(self) -> tuple[str, ...]:
-        return tuple(f"pcp-{a.stack}-{a.node}" for a in self.assignments)
+        return tuple(a.vm for a in self.assignments)
 
 
 @dataclass(frozen=True)

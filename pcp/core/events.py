@@ -7,11 +7,6 @@ from dataclasses import dataclass, field
 from pcp.core.messages import NodeMarker, StartRequest, StopRequest
 
 RUNNING_STATES = frozenset({"PROVISIONING", "STAGING", "RUNNING"})
-LABEL_STACK = "pcp-stack"
-LABEL_RUN = "pcp-run"
-LABEL_ATTEMPT = "pcp-attempt"
-LABEL_DEADLINE = "pcp-deadline"
-LABEL_KEEP_ALIVE = "pcp-keep-alive-until"
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,7 @@ from pcp.core.commands import (
     StartNodes,
     StopNodes,
 )
-from pcp.core.events import (
-    LABEL_ATTEMPT,
-    LABEL_KEEP_ALIVE,
-    LABEL_RUN,
-    Event,
-    Markers,
-    Reconcile,
-    Rejected,
-    StartFailed,
-    VmView,
-)
+from pcp.core.events import Event, Markers, Reconcile, Rejected, StartFailed, VmView
 from pcp.core.messages import (
     Assignment,
     NodeMarker,
@@ -36,6 +26,7 @@ from pcp.core.messages import (
     StartRequest,
     StopRequest,
 )
+from pcp.core.names import LABEL_ATTEMPT, LABEL_KEEP_ALIVE, LABEL_RUN
 from pcp.core.policy import Policy
 from pcp.core.state import (
     RESTARTABLE,

@@ -16,11 +16,17 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pcp.core.errors import PermanentError
+from pcp.core.names import (
+    MARKER_METADATA_KEY,
+    MARKER_PATH_RE,
+    NODE_RE,
+    STACK_RE,
+    Names,
+    marker_path,
+)
 from pcp.core.timefmt import iso, parse_time
 
 RUN_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-NODE_RE = re.compile(r"^(shepherd|worker-(0|[1-9][0-9]{0,2}))$")
-STACK_RE = re.compile(r"^[a-z][a-z0-9-]{0,29}$")
 PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_]+$")
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CONFIG_BYTES = 16 * 1024
@@ -296,14 +302,6 @@ class StopRequest:
 
 MarkerKind = Literal["booted", "done"]
 MARKER_FIELDS = ("run_id", "node", "attempt", "at", "exit_code", "signal", "duration_s", "host")
-MARKER_PATH_RE = re.compile(r"^markers/([^/]+)/([^/]+)/(booted|done)\.json$")
-
-
-MARKER_METADATA_KEY = "pcp-marker"
-
-
-def marker_path(run_id: str, node: str, kind: str) -> str:
-    return f"markers/{run_id}/{node}/{kind}.json"
 
 
 @dataclass(frozen=True)
@@ -478,6 +476,14 @@ class Assignment:
     keep_vm_alive: bool = False
 
     @property
+    def vm(self) -> str:
+        """The VM this assignment is for: pcp-<stack>-worker-<i> (the shepherd is no VM)."""
+        vm = Names(self.stack).vm_of(self.node)
+        if vm is None:
+            raise PermanentError(f"node {self.node!r} runs on no VM of the stack")
+        return vm
+
+    @property
     def head_node(self) -> str:
         return f"{self.head_host}:{self.port}"
 
@@ -621,5 +627,4 @@ __all__ = [
     "StartRequest",
     "StopRequest",
     "SweepTick",
-    "marker_path",
 ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-STACK_SIZES = {"tiny": 1, "small": 3, "large": 7, "huge": 15}
+from pcp.core.names import STACK_SIZES, Names, node_names
+
+__all__ = ["STACK_SIZES", "Policy"]
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,12 @@ class Policy:
     max_queue: int = 50
     recent_limit: int = 200
 
+    @property
+    def names(self) -> Names:
+        return Names(self.stack)
+
     def vm_name(self, index: int) -> str:
-        return f"pcp-{self.stack}-worker-{index}"
+        return self.names.worker_vm(index)
 
     @property
     def worker_vms(self) -> tuple[str, ...]:
@@ -35,19 +41,14 @@ class Policy:
 
     @property
     def node_names(self) -> tuple[str, ...]:
-        return ("shepherd", *(f"worker-{i}" for i in range(self.worker_count)))
+        return node_names(self.worker_count)
 
     def vm_of(self, node: str) -> str | None:
         """The VM a node runs on; the shepherd is not a VM of ours."""
-        if node == "shepherd":
-            return None
-        return self.vm_name(int(node.removeprefix("worker-")))
+        return self.names.vm_of(node)
 
     def node_of_vm(self, vm: str) -> str | None:
-        prefix = f"pcp-{self.stack}-worker-"
-        if not vm.startswith(prefix) or not vm[len(prefix):].isdigit():
-            return None
-        return f"worker-{int(vm[len(prefix):])}"
+        return self.names.node_of_vm(vm)
 
     @property
     def boot_timeout(self) -> timedelta:

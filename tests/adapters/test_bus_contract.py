@@ -19,7 +19,7 @@ from google.cloud import pubsub_v1
 from pcp.adapters.memory import MemoryBus
 from pcp.adapters.pubsub_bus import PubSubBus
 from pcp.core.ports import Bus
-from pcp.local.emulators import (
+from pcp_dev.local.emulators import (
     PubSubEmulator,
     ensure_subscription,
     ensure_topic,

@@ -20,8 +20,8 @@ from threading import Thread
 
 import pytest
 
-from pcp.local import emulators
-from pcp.local.emulators import (
+from pcp_dev.local import emulators
+from pcp_dev.local.emulators import (
     EmulatorFailed,
     EmulatorMissing,
     FakeGcs,

@@ -18,10 +18,10 @@ import pytest
 
 from pcp.adapters.compute_fleet import ComputeFleet
 from pcp.adapters.memory import MemoryFleet
-from pcp.core.events import LABEL_ATTEMPT, LABEL_DEADLINE, LABEL_KEEP_ALIVE, LABEL_RUN
 from pcp.core.messages import Assignment
+from pcp.core.names import LABEL_ATTEMPT, LABEL_DEADLINE, LABEL_KEEP_ALIVE, LABEL_RUN
 from pcp.core.ports import Fleet
-from pcp.local.compute import LocalCompute
+from pcp_dev.local.compute import LocalCompute
 
 pytestmark = pytest.mark.adapters
 

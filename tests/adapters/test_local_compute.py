@@ -23,8 +23,8 @@ from google.api_core import exceptions as gexc
 
 from pcp.adapters.compute_fleet import ComputeFleet
 from pcp.core.errors import CapacityError
-from pcp.local.compute import LocalCompute, VmRecord
-from pcp.local.metadata import MetadataServer
+from pcp_dev.local.compute import LocalCompute, VmRecord
+from pcp_dev.local.metadata import MetadataServer
 from tests.adapters.test_fleet_contract import PROJECT, STACK, ZONE, assignment
 
 pytestmark = pytest.mark.adapters
@@ -317,6 +317,6 @@ def test_metadata_server_serves_live_attributes_with_the_header(
 
 def test_importing_the_adapter_does_not_import_the_compute_library() -> None:
     """The functions import the adapter on cold start; compute_v1 costs ~1.5 s to import."""
-    code = ("import sys, pcp.adapters.compute_fleet, pcp.local.compute; "
+    code = ("import sys, pcp.adapters.compute_fleet, pcp_dev.local.compute; "
             "sys.exit('google.cloud.compute_v1' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

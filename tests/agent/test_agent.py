@@ -40,8 +40,9 @@ from pcp.core.messages import (
     split_training_config,
 )
 from pcp.core.state import Phase, Reason, Run
-from pcp.local.emulators import ensure_subscription, ensure_topic, publisher
-from pcp.local.metadata import MetadataServer
+from pcp_dev import REFERENCE_BINARY
+from pcp_dev.local.emulators import ensure_subscription, ensure_topic, publisher
+from pcp_dev.local.metadata import MetadataServer
 from tests.conftest import TEST_PROJECT, GcsBucket
 
 pytestmark = [pytest.mark.agent]
@@ -236,7 +237,7 @@ def free_port() -> int:
 
 
 def assignments(run_id: str, stack: str, workers: int, port: int, args: tuple[str, ...] = (),
-                binary: str | dict[str, str] = "python:pcp.trainer", keep: bool = False,
+                binary: str | dict[str, str] = REFERENCE_BINARY, keep: bool = False,
                 deadline_s: float = 600) -> list[Assignment]:
     """Shepherd first; the shepherd alone listens on loopback (the trainer's --host)."""
     now = datetime.now(UTC)
@@ -542,6 +543,7 @@ def test_shepherd_daemon_follows_start_and_stop_commands(cluster: Harness,
     ("/nix/store/abc-trainer!run", "store", "/nix/store/abc-trainer", "run", ""),
     ("/usr/local/bin/trainer", "path", "/usr/local/bin/trainer", None, ""),
     ("python:pcp.trainer", "python", "pcp.trainer", None, ""),
+    ("python:/src/trainer.py", "python", "/src/trainer.py", None, ""),
 ])
 def test_binary_plan(spec: str, kind: str, target: str, program: str | None,
                      subpath: str) -> None:
@@ -549,7 +551,8 @@ def test_binary_plan(spec: str, kind: str, target: str, program: str | None,
     assert (p.kind, p.target, p.program, p.subpath) == (kind, target, program, subpath)
 
 
-@pytest.mark.parametrize("spec", [None, "trainer", "python:os; rm -rf /", "relative/path",
+@pytest.mark.parametrize("spec", [None, "trainer", "python:os; rm -rf /", "python:../x.py",
+                                  "python:/a/../b.py", "relative/path",
                                   "/nix/store/x/../../etc", "x#y!a/b",
                                   {"aarch64-darwin": "/nix/store/abc"}])
 def test_binary_plan_refuses_what_it_cannot_run(spec: Any) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pcp.agent.__main__ import build_parser
-from pcp.local.metadata import MetadataServer
+from pcp_dev.local.metadata import MetadataServer
 
 pytestmark = [pytest.mark.agent]
 

@@ -1,7 +1,8 @@
-"""The reference trainer (pcp.trainer) as real processes on loopback ports."""
+"""The reference trainer (examples/reference-trainer) as real processes on loopback ports."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -18,12 +19,26 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pcp.trainer import recv_msg, send_msg, should_fail
+from pcp_dev import REFERENCE_TRAINER
 
 pytestmark = pytest.mark.agent
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT = 20.0  # seconds any node may take to finish in these tests
+
+
+def _load_trainer() -> Any:
+    """The trainer is a script under examples/, not a package module: load it by path."""
+    spec = importlib.util.spec_from_file_location("reference_trainer", REFERENCE_TRAINER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_trainer = _load_trainer()
+recv_msg, send_msg, should_fail = _trainer.recv_msg, _trainer.send_msg, _trainer.should_fail
 
 
 def free_port() -> int:
@@ -77,7 +92,7 @@ def launch(tmp_path: Path) -> Iterator[Launch]:
             f"--head-node=127.0.0.1:{port}"]
         with open(log_dir / "stdout", "wb") as out, open(log_dir / "stderr", "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pcp.trainer", role, *where, *args],
+                [sys.executable, str(REFERENCE_TRAINER), role, *where, *args],
                 cwd=REPO, env=env, stdout=out, stderr=err)
         node = Node(proc, rank, out_dir, log_dir)
         nodes.append(node)

@@ -18,8 +18,9 @@ from click.testing import CliRunner, Result
 
 from pcp.adapters.memory import MemoryBus, MemoryFleet, MemoryStore
 from pcp.cli import cli
-from pcp.cli_context import Context
-from pcp.core.messages import NodeMarker, StartRequest, marker_path
+from pcp.cli.context import Context
+from pcp.core.messages import NodeMarker, StartRequest
+from pcp.core.names import marker_path
 from pcp.core.policy import Policy
 from pcp.core.ports import BlobStore
 from pcp.service import Service

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from pcp.cli_config import resolve
-from pcp.cli_context import NO_CREDENTIALS, Context
+from pcp.cli.config import resolve
+from pcp.cli.context import NO_CREDENTIALS, Context
 
 pytestmark = pytest.mark.cli
 
@@ -119,7 +119,7 @@ def test_doctor_without_a_region(stack, invoke) -> None:  # noqa: ANN001
 
 def test_a_stale_local_replica_file_is_one_line(invoke, tmp_path) -> None:  # noqa: ANN001
     """A state file left behind by a replica that is gone: no minutes of retries."""
-    from pcp.local.emulators import free_port
+    from pcp_dev.local.emulators import free_port
 
     port = free_port()  # free a moment ago: nothing listens there
     (tmp_path / "tiny.json").write_text(json.dumps({

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pcp.cli_config import (
+from pcp.cli.config import (
     ConfigError,
     load_outputs,
     read_local_state,

@@ -17,7 +17,7 @@ import pytest
 
 from pcp.adapters.gcs_store import GcsStore
 from pcp.core.messages import StartRequest, StopRequest, SweepTick
-from pcp.local.emulators import ensure_subscription, ensure_topic, subscriber
+from pcp_dev.local.emulators import ensure_subscription, ensure_topic, subscriber
 
 pytestmark = [pytest.mark.cli, pytest.mark.emulator]
 

@@ -1,4 +1,4 @@
-"""`pcp local up|down` are thin wrappers around `pcp.local.replica` (imported lazily).
+"""`pcp local up|down` are thin wrappers around `pcp_dev.local.replica` (imported lazily).
 
 The replica itself (processes, emulators) is tested in tests/e2e; here a stand-in module
 records what the wrappers pass and returns what the real one returns.
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.cli
 
 class FakeReplica(types.ModuleType):
     def __init__(self, fail: Exception | None = None) -> None:
-        super().__init__("pcp.local.replica")
+        super().__init__("pcp_dev.local.replica")
         self.calls: list[tuple[Any, ...]] = []
         self.fail = fail
 
@@ -36,15 +36,15 @@ class FakeReplica(types.ModuleType):
 
 
 def install(monkeypatch, module: types.ModuleType | None) -> None:  # noqa: ANN001
-    """Stand in for pcp.local.replica, also where an earlier import left it on the package
-    (`import pcp.local.replica as r` reads the package attribute)."""
-    import pcp.local
+    """Stand in for pcp_dev.local.replica, also where an earlier import left it on the package
+    (`import pcp_dev.local.replica as r` reads the package attribute)."""
+    import pcp_dev.local
 
-    monkeypatch.setitem(sys.modules, "pcp.local.replica", module)
+    monkeypatch.setitem(sys.modules, "pcp_dev.local.replica", module)
     if module is None:
-        monkeypatch.delattr(pcp.local, "replica", raising=False)
+        monkeypatch.delattr(pcp_dev.local, "replica", raising=False)
     else:
-        monkeypatch.setattr(pcp.local, "replica", module, raising=False)
+        monkeypatch.setattr(pcp_dev.local, "replica", module, raising=False)
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_up_passes_stack_and_state_dir_and_records_the_state(replica, invoke,  #
     assert state["pubsub_host"] == "127.0.0.1:2"
     assert "pcp run --stack small --wait" in result.stdout
     # The CLI now resolves the stack through that file.
-    from pcp.cli_config import resolve_from
+    from pcp.cli.config import resolve_from
 
     config = resolve_from({"stack": "small"}, {"PCP_LOCAL_DIR": str(tmp_path)})
     assert config.local and config.bucket == "pcp-small-pcp-local"

@@ -8,9 +8,9 @@ import json
 import pytest
 from rich.console import Console
 
-from pcp.cli_render import duration, progress_line, progress_table
-from pcp.cli_views import WaitTimeout, find_run, follow
-from pcp.service import summary_doc
+from pcp.cli.render import duration, progress_line, progress_table
+from pcp.cli.views import WaitTimeout, find_run, follow
+from pcp.core.names import summary_doc
 
 pytestmark = pytest.mark.cli
 

@@ -6,9 +6,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from pcp.core.commands import Command
-from pcp.core.events import LABEL_ATTEMPT, LABEL_RUN, Reconcile, VmView
+from pcp.core.events import Reconcile, VmView
 from pcp.core.lifecycle import Transition, decide
 from pcp.core.messages import NodeMarker, StartRequest
+from pcp.core.names import LABEL_ATTEMPT, LABEL_RUN
 from pcp.core.policy import Policy
 from pcp.core.state import StackState
 

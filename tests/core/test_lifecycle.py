@@ -7,8 +7,9 @@ from dataclasses import replace
 import pytest
 
 from pcp.core.commands import ArchiveRun, CommandShepherd, LabelNodes, StartNodes, StopNodes
-from pcp.core.events import LABEL_KEEP_ALIVE, Reconcile, Rejected, StartFailed, VmView
+from pcp.core.events import Reconcile, Rejected, StartFailed, VmView
 from pcp.core.messages import StopRequest
+from pcp.core.names import LABEL_KEEP_ALIVE
 from pcp.core.state import NodePhase, Phase, Reason, StackState, Status
 from tests.core.helpers import Stack, at, kinds, marker, of, policy, req
 

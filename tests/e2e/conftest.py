@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pcp.local.emulators import EmulatorMissing
-from pcp.local.replica import Options, Replica
+from pcp_dev.local.emulators import EmulatorMissing
+from pcp_dev.local.replica import Options, Replica
 from tests.conftest import require_emulator
 from tests.e2e.helpers import settle
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from pcp.cli_views import RunView, find_run, load_json
+from pcp.cli.views import RunView, find_run, load_json
 from pcp.core.messages import StartRequest, StopRequest
+from pcp.core.names import run_doc
 from pcp.core.state import Run
-from pcp.local.replica import Replica
-from pcp.service import run_doc
+from pcp_dev.local.replica import Replica
 
 # Small and quick: the whole e2e tier must fit in five minutes on two cores.
 QUICK = "--steps 8 --step-sleep 0.05 --samples 512"
@@ -122,7 +122,7 @@ def metrics(replica: Replica, run_id: str, node: str) -> dict[str, Any]:
 def settle(replica: Replica, timeout: float = 60) -> None:
     """Between tests: no active or queued run, no lease, every VM down."""
     def idle() -> bool:
-        from pcp.cli_views import load_state
+        from pcp.cli.views import load_state
 
         state = load_state(replica.store())
         if state is None:

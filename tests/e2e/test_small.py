@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pcp.local.replica import Replica
+from pcp_dev.local.replica import Replica
 from tests.e2e.helpers import (
     markers,
     metrics,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pcp.local.replica import Replica
+from pcp_dev.local.replica import Replica
 from tests.e2e.helpers import (
     archived,
     markers,

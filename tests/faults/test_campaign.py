@@ -19,8 +19,10 @@ import pytest
 from pcp.core.commands import Command, StopNodes
 from pcp.core.events import Event, Reconcile
 from pcp.core.messages import Assignment, NodeMarker, StartRequest, StopRequest
+from pcp.core.names import STACK_DOC
 from pcp.core.state import Reason, Run, StackState
-from pcp.faults.campaign import (
+from pcp.service import Loaded, Outcome
+from pcp_dev.faults.campaign import (
     VIOLATIONS,
     draw_plan,
     failure_text,
@@ -30,9 +32,8 @@ from pcp.faults.campaign import (
     schedule_seed,
     table,
 )
-from pcp.faults.world import World
-from pcp.faults.wrappers import Fault, FaultService
-from pcp.service import STACK_DOC, Loaded, Outcome
+from pcp_dev.faults.world import World
+from pcp_dev.faults.wrappers import Fault, FaultService
 
 pytestmark = pytest.mark.faults
 
@@ -78,7 +79,7 @@ def test_a_failure_prints_the_seed_the_replay_command_and_the_trace() -> None:
     reports = (run_schedule(schedule_seed(SEED, i), service=ForgetsToStop) for i in range(20))
     report = next(r for r in reports if r.violations)
     text = failure_text(report)
-    assert f"python -m pcp.faults --replay {report.seed}" in text
+    assert f"python -m pcp_dev.faults --replay {report.seed}" in text
     assert "VIOLATION" in text and "min  sweep" in text
 
 

@@ -15,10 +15,10 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from pcp.adapters.memory import MemoryBus, MemoryFleet, MemoryStore
-from pcp.core.events import LABEL_ATTEMPT, LABEL_KEEP_ALIVE, LABEL_RUN
 from pcp.core.messages import NodeMarker, ShepherdCommand, StartRequest
+from pcp.core.names import LABEL_ATTEMPT, LABEL_KEEP_ALIVE, LABEL_RUN, STACK_DOC, SWEEPS, run_doc
 from pcp.core.state import StackState
-from pcp.faults.wrappers import (
+from pcp_dev.faults.wrappers import (
     Crash,
     Fault,
     FaultBus,
@@ -27,7 +27,6 @@ from pcp.faults.wrappers import (
     FaultStore,
     Injector,
 )
-from pcp.service import STACK_DOC, SWEEPS, run_doc
 from tests.core.helpers import at, policy, req
 
 pytestmark = pytest.mark.faults

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pcp.core.events import LABEL_KEEP_ALIVE, LABEL_RUN
 from pcp.core.messages import Assignment, NodeMarker, StartRequest
-from pcp.faults.world import Plan, World
-from pcp.faults.wrappers import Fault
+from pcp.core.names import LABEL_KEEP_ALIVE, LABEL_RUN
+from pcp_dev.faults.world import Plan, World
+from pcp_dev.faults.wrappers import Fault
 from tests.core.helpers import at, policy, req
 from tests.faults.test_faults import Rig
 

@@ -9,9 +9,9 @@ from google.api_core import exceptions as gexc
 
 from pcp.core.messages import StartRequest
 from pcp.core.policy import Policy
-from pcp.faults.world import Plan, Report, World
-from pcp.faults.wrappers import Fault, FaultService
 from pcp.service import Outcome
+from pcp_dev.faults.world import Plan, Report, World
+from pcp_dev.faults.wrappers import Fault, FaultService
 
 pytestmark = pytest.mark.faults
 

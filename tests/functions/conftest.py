@@ -20,13 +20,13 @@ from typing import Any
 import functions_framework
 import pytest
 
-from pcp import entry
-from pcp.core.events import LABEL_STACK
-from pcp.core.messages import NodeMarker, ShepherdCommand, marker_path
-from pcp.local.compute import LocalCompute, VmRecord
-from pcp.local.emulators import PubSubEmulator, ensure_subscription, ensure_topic, subscriber
+from pcp.core.messages import NodeMarker, ShepherdCommand
+from pcp.core.names import LABEL_STACK, marker_path
+from pcp.edge.services import build_service
 from pcp.service import Service
 from pcp.settings import Settings
+from pcp_dev.local.compute import LocalCompute, VmRecord
+from pcp_dev.local.emulators import PubSubEmulator, ensure_subscription, ensure_topic, subscriber
 from tests.conftest import TEST_PROJECT, GcsBucket
 from tests.functions import events
 
@@ -98,7 +98,7 @@ class FnStack:
 
     def service(self) -> Service:
         """The per-process Service the functions of this stack use (built on first use)."""
-        return entry.build_service(Settings.from_env(self.env))
+        return build_service(Settings.from_env(self.env))
 
     # ------------------------------------------------------------ what happened
 

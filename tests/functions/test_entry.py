@@ -1,4 +1,4 @@
-"""pcp/entry.py and pcp/logs.py on their own: event shapes, rejections, log lines.
+"""pcp/edge and pcp/logs.py on their own: event shapes, rejections, log lines.
 
 No emulator is needed: parsing is pure, and rejections are written to the in-memory store.
 """
@@ -11,12 +11,14 @@ from datetime import UTC, datetime
 import pytest
 from cloudevents.http import from_dict
 
-from pcp import entry
 from pcp.adapters.memory import MemoryBus, MemoryFleet, MemoryStore
 from pcp.core.errors import PermanentError
+from pcp.core.names import STACK_DOC
 from pcp.core.policy import Policy
+from pcp.edge import events as edge
+from pcp.edge import rejections, services
 from pcp.logs import log
-from pcp.service import STACK_DOC, Service
+from pcp.service import Service
 from pcp.settings import Settings
 from tests.functions import events
 
@@ -31,13 +33,17 @@ def ce(event: dict) -> object:
     return from_dict(event)
 
 
+def where(marker: edge.MarkerObject) -> tuple[str, str]:
+    return marker.bucket, marker.name
+
+
 # ---------------------------------------------------------------- Pub/Sub payloads
 
 
 def test_pubsub_payload_decodes_data_attributes_and_message_id() -> None:
     ev = events.pubsub_event(b'{"run_id": "exp-1"}', message_id="4242",
                              attributes={"origin": "cli"})
-    data, attrs, message_id = entry.pubsub_payload(ce(ev))
+    data, attrs, message_id = edge.pubsub_payload(ce(ev))
     assert (data, attrs, message_id) == (b'{"run_id": "exp-1"}', {"origin": "cli"}, "4242")
 
 
@@ -46,12 +52,12 @@ def test_pubsub_payload_tolerates_snake_case_message_id() -> None:
     message = ev["data"]["message"]
     del message["messageId"]
     ev["id"] = "ce-id-not-the-message-id"
-    assert entry.pubsub_payload(ce(ev))[2] == "77"
+    assert edge.pubsub_payload(ce(ev))[2] == "77"
 
 
 def test_pubsub_payload_without_data_is_empty() -> None:
     ev = events.pubsub_event(None)
-    assert entry.pubsub_payload(ce(ev))[0] == b""
+    assert edge.pubsub_payload(ce(ev))[0] == b""
 
 
 @pytest.mark.parametrize(("mutate", "reason"), [
@@ -66,13 +72,13 @@ def test_pubsub_payload_refuses_malformed_events(mutate, reason: str) -> None:
     ev = events.pubsub_event(b"{}")
     mutate(ev)
     with pytest.raises(PermanentError, match=reason):
-        entry.pubsub_payload(ce(ev))
+        edge.pubsub_payload(ce(ev))
 
 
 def test_event_id_never_raises() -> None:
     ev = events.pubsub_event(b"{}", message_id="55")
     ev["data"] = "not an object"
-    assert entry.event_id(ce(ev)) == "55"  # the CloudEvent id, which the fixture sets alike
+    assert edge.event_id(ce(ev)) == "55"  # the CloudEvent id, which the fixture sets alike
 
 
 # ---------------------------------------------------------------- marker objects
@@ -80,47 +86,47 @@ def test_event_id_never_raises() -> None:
 
 def test_marker_object_from_eventarc_finalized_with_string_generation() -> None:
     ev = events.finalized_event(BUCKET, MARKER, "1795912258448915")
-    assert entry.marker_object(ce(ev), BUCKET) == (BUCKET, MARKER)
+    assert where(edge.marker_object(ce(ev), BUCKET)) == (BUCKET, MARKER)
 
 
 def test_marker_object_from_pubsub_notification() -> None:
     ev = events.notification_event(BUCKET, MARKER, 1795912258448915)
-    assert entry.marker_object(ce(ev), BUCKET) == (BUCKET, MARKER)
+    assert where(edge.marker_object(ce(ev), BUCKET)) == (BUCKET, MARKER)
 
 
 def test_marker_object_notification_without_payload() -> None:
     ev = events.notification_event(BUCKET, MARKER, 7)
     ev["data"]["message"]["data"] = ""
     ev["data"]["message"]["attributes"]["payloadFormat"] = "NONE"
-    assert entry.marker_object(ce(ev), BUCKET) == (BUCKET, MARKER)
+    assert where(edge.marker_object(ce(ev), BUCKET)) == (BUCKET, MARKER)
 
 
 @pytest.mark.parametrize("kind", ["OBJECT_DELETE", "OBJECT_METADATA_UPDATE", "OBJECT_ARCHIVE"])
 def test_other_notifications_are_ignored_not_rejected(kind: str) -> None:
     ev = events.notification_event(BUCKET, MARKER, 7, event_type=kind)
-    with pytest.raises(entry.Ignored, match=kind):
-        entry.marker_object(ce(ev), BUCKET)
+    with pytest.raises(edge.Ignored, match=kind):
+        edge.marker_object(ce(ev), BUCKET)
 
 
 def test_eventarc_deleted_event_is_ignored() -> None:
     ev = events.finalized_event(BUCKET, MARKER, "7")
     ev["type"] = "google.cloud.storage.object.v1.deleted"
-    with pytest.raises(entry.Ignored):
-        entry.marker_object(ce(ev), BUCKET)
+    with pytest.raises(edge.Ignored):
+        edge.marker_object(ce(ev), BUCKET)
 
 
 @pytest.mark.parametrize("shape", [events.finalized_event, events.notification_event])
 def test_object_outside_markers_is_refused(shape) -> None:
     ev = shape(BUCKET, "runs/run-1/worker-0/stdout.log", "7")
     with pytest.raises(PermanentError, match="outside markers/"):
-        entry.marker_object(ce(ev), BUCKET)
+        edge.marker_object(ce(ev), BUCKET)
 
 
 @pytest.mark.parametrize("shape", [events.finalized_event, events.notification_event])
 def test_object_of_another_bucket_is_refused(shape) -> None:
     ev = shape("someone-elses-bucket", MARKER, "7")
     with pytest.raises(PermanentError, match="another bucket"):
-        entry.marker_object(ce(ev), BUCKET)
+        edge.marker_object(ce(ev), BUCKET)
 
 
 @pytest.mark.parametrize(("mutate", "reason"), [
@@ -133,26 +139,26 @@ def test_malformed_finalized_events_are_refused(mutate, reason: str) -> None:
     ev = events.finalized_event(BUCKET, MARKER, "7")
     mutate(ev)
     with pytest.raises(PermanentError, match=reason):
-        entry.marker_object(ce(ev), BUCKET)
+        edge.marker_object(ce(ev), BUCKET)
 
 
 def test_notification_whose_payload_disagrees_with_its_attributes_is_refused() -> None:
     ev = events.notification_event(BUCKET, MARKER, 7)
     ev["data"]["message"]["attributes"]["objectId"] = "markers/run-1/worker-1/done.json"
     with pytest.raises(PermanentError, match="in its payload"):
-        entry.marker_object(ce(ev), BUCKET)
+        edge.marker_object(ce(ev), BUCKET)
 
 
 def test_notification_in_an_unknown_format_is_refused() -> None:
     ev = events.notification_event(BUCKET, MARKER, 7)
     ev["data"]["message"]["attributes"]["payloadFormat"] = "PROTOBUF"
     with pytest.raises(PermanentError, match="payloadFormat"):
-        entry.marker_object(ce(ev), BUCKET)
+        edge.marker_object(ce(ev), BUCKET)
 
 
 def test_plain_pubsub_message_is_not_a_notification() -> None:
     with pytest.raises(PermanentError, match="not a storage notification"):
-        entry.marker_object(ce(events.pubsub_event(b"{}")), BUCKET)
+        edge.marker_object(ce(events.pubsub_event(b"{}")), BUCKET)
 
 
 # ---------------------------------------------------------------- rejections
@@ -169,7 +175,7 @@ SETTINGS = Settings(stack="tiny", project="p", zone="z", bucket=BUCKET,
 
 def test_record_rejection_writes_a_dated_record() -> None:
     store = MemoryStore()
-    name = entry.record_rejection(store, "marker", "id/with spaces", "bad marker", NOW)
+    name = rejections.record_rejection(store, "marker", "id/with spaces", "bad marker", NOW)
     assert name == "control/rejected/2026-11-29T12:00:00.000Z-marker-id-with-spaces.json"
     blob = store.get(name)
     assert blob is not None
@@ -179,7 +185,7 @@ def test_record_rejection_writes_a_dated_record() -> None:
 
 def test_rejected_start_becomes_a_rejected_run_under_its_own_run_id() -> None:
     svc = service()
-    entry.reject_start(svc, SETTINGS, b'{"run_id": "exp-1", "keep_vm_alvie": true}', "9",
+    rejections.reject_start(svc, SETTINGS, b'{"run_id": "exp-1", "keep_vm_alvie": true}', "9",
                        "unknown field", NOW)
     run = svc.load().state.find("exp-1")
     assert run is not None and run.status.value == "rejected"
@@ -188,7 +194,7 @@ def test_rejected_start_becomes_a_rejected_run_under_its_own_run_id() -> None:
 
 def test_rejected_start_without_a_run_id_is_named_after_the_message() -> None:
     svc = service()
-    entry.reject_start(svc, SETTINGS, b"not json", "12345", "not valid JSON", NOW)
+    rejections.reject_start(svc, SETTINGS, b"not json", "12345", "not valid JSON", NOW)
     run = svc.load().state.find("run-12345")
     assert run is not None and run.status.value == "rejected"
 
@@ -197,7 +203,7 @@ def test_rejection_that_repeats_a_live_run_id_is_still_recorded() -> None:
     svc = service()
     svc.handle(entry_request("exp-1"), NOW)
     before = svc.store.get(STACK_DOC)
-    entry.reject_start(svc, SETTINGS, b'{"run_id": "exp-1", "max_hours": "2"}', "10",
+    rejections.reject_start(svc, SETTINGS, b'{"run_id": "exp-1", "max_hours": "2"}', "10",
                        "max_hours must be a number", NOW)
     assert svc.load().state.find("exp-1").status.value == "starting"  # untouched
     assert svc.store.get(STACK_DOC) == before
@@ -232,4 +238,4 @@ def test_log_refuses_an_unknown_severity() -> None:
 
 
 def test_now_is_timezone_aware_utc() -> None:
-    assert entry.now().tzinfo is UTC
+    assert services.now().tzinfo is UTC

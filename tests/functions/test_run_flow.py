@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from pcp.core.events import LABEL_ATTEMPT, LABEL_DEADLINE, LABEL_RUN, LABEL_STACK
 from pcp.core.messages import Assignment
+from pcp.core.names import LABEL_ATTEMPT, LABEL_DEADLINE, LABEL_RUN, LABEL_STACK
 from tests.functions import events
 from tests.functions.conftest import MakeStack, log_lines
 

@@ -175,3 +175,41 @@ def test_real_agent_sdist_holds_the_agent(tmp_path):
         "print('ok')"
     )
     assert run_fresh(code, src, tmp_path, env).stdout.strip() == "ok"
+
+
+#: What no deployed artifact may hold: the development-only package, the CLI, and (for the
+#: functions) the agent, (for the agent) the functions' edge and the Compute/Pub/Sub adapters.
+NEVER_IN_FUNCTIONS = ("pcp_dev/", "pcp/cli/", "pcp/agent/", "examples/")
+NEVER_IN_AGENT = ("pcp_dev/", "pcp/cli/", "pcp/edge/", "examples/", "pcp/service.py",
+                  "pcp/adapters/compute_fleet.py", "pcp/adapters/memory.py")
+
+
+def test_real_function_archive_holds_no_development_or_cli_module(tmp_path):
+    path, _ = build_function_archive(REPO, tmp_path / "out")
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    bad = [n for n in names if n.startswith(NEVER_IN_FUNCTIONS)]
+    assert bad == []
+    assert "pcp/edge/events.py" in names and "pcp/core/names.py" in names
+    # No shipped module mentions the development-only package in an import.
+    for name in names:
+        if name.endswith(".py"):
+            text = zipfile.ZipFile(path).read(name).decode()
+            assert "import pcp_dev" not in text and "from pcp_dev" not in text, name
+
+
+def test_real_agent_sdist_holds_only_the_agent_and_its_dependencies(tmp_path):
+    import tomllib
+
+    path, _ = build_agent_sdist(REPO, tmp_path / "out")
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+        top = names[0].split("/", 1)[0]
+        inner = [n.split("/", 1)[1] for n in names]
+        pyproject = tomllib.loads(tar.extractfile(f"{top}/pyproject.toml").read().decode())
+    assert [n for n in inner if n.startswith(NEVER_IN_AGENT)] == []
+    assert "pcp/agent/worker.py" in inner and "pcp/adapters/gcs_store.py" in inner
+    repo = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert pyproject["project"]["dependencies"] == repo["optional-dependencies"]["agent"]
+    assert not any(d.startswith(("functions-framework", "click", "rich", "google-cloud-compute"))
+                   for d in pyproject["project"]["dependencies"])

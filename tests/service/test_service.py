@@ -10,9 +10,10 @@ import pytest
 from pcp.adapters.memory import MemoryBus, MemoryFleet, MemoryStore
 from pcp.core.errors import Conflict, PermanentError
 from pcp.core.messages import NodeMarker, ShepherdCommand, StopRequest
+from pcp.core.names import STACK_DOC, run_doc, summary_doc
 from pcp.core.policy import Policy
 from pcp.core.state import StackState, Status
-from pcp.service import STACK_DOC, ConflictExhausted, Service, run_doc, summary_doc
+from pcp.service import ConflictExhausted, Service
 from tests.core.helpers import at, marker, policy, req
 
 pytestmark = pytest.mark.service

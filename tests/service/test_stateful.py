@@ -24,10 +24,10 @@ from hypothesis.stateful import (
 )
 
 from pcp.adapters.memory import MemoryBus, MemoryFleet, MemoryStore
-from pcp.core.events import LABEL_ATTEMPT, LABEL_DEADLINE, LABEL_RUN
 from pcp.core.messages import Assignment, NodeMarker, ShepherdCommand, StopRequest
+from pcp.core.names import LABEL_ATTEMPT, LABEL_DEADLINE, LABEL_RUN, STACK_DOC
 from pcp.core.state import StackState
-from pcp.service import STACK_DOC, Service
+from pcp.service import Service
 from tests.core.helpers import T0, policy, req
 
 pytestmark = pytest.mark.service

@@ -1,0 +1,207 @@
+"""What every `pcp` command works over: the stack's store and bus, built from resolved names.
+
+Commands see only the ports (`BlobStore`, `Bus`), so tests hand in the in-memory twins and
+the same code runs against the emulators or Google Cloud. Clients are built on first use:
+`pcp doctor` must be able to report missing credentials as a failed check instead of
+failing while it is being set up.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from pcp.cli.config import Config
+from pcp.core.names import Names
+from pcp.core.ports import BlobStore, Bus
+
+
+class ReplicaDown(Exception):
+    """The local replica's state file names endpoints nobody answers at."""
+
+
+NO_CREDENTIALS = ("no Google Cloud credentials: run `gcloud auth application-default login` "
+                  "or set GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def requested_by(env: Mapping[str, str] | None = None) -> str:
+    """Who asks: the GitHub actor in a workflow, else the local user name."""
+    env = os.environ if env is None else env
+    if env.get("GITHUB_ACTOR"):
+        return env["GITHUB_ACTOR"]
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, as in some containers
+        return "unknown"
+
+
+class Context:
+    """The stack's ports plus what a few commands need (scheduler, topic checks, clock).
+
+    Pass ready objects (tests, or anything wired by hand); `for_config` wires Google Cloud or
+    the local replica's emulators lazily.
+    """
+
+    def __init__(self, stack: str, *, store: BlobStore | None = None, bus: Bus | None = None,
+                 config: Config | None = None, scheduler: Any = None, publisher: Any = None,
+                 local: bool = True, credentials: Callable[[], str] | None = None,
+                 clock: Callable[[], datetime] = utcnow,
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.stack = stack
+        self.config = config
+        self.local = local  # no Cloud Scheduler: `pcp sweep` publishes the tick itself
+        self.clock = clock
+        self.sleep = sleep
+        self.monotonic = monotonic
+        self._store = store
+        self._bus = bus
+        self._scheduler = scheduler
+        self._publisher = publisher
+        self._credentials = credentials
+
+    # Subclasses build these on first use; a plain Context only has what it was given.
+
+    @property
+    def store(self) -> BlobStore:
+        if self._store is None:
+            self._store = self._make_store()
+        return self._store
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            self._bus = self._make_bus()
+        return self._bus
+
+    @property
+    def scheduler(self) -> Any:
+        """A CloudSchedulerClient-like object (`get_job`, `run_job`), or None."""
+        if self._scheduler is None and not self.local:
+            self._scheduler = self._make_scheduler()
+        return self._scheduler
+
+    @property
+    def publisher(self) -> Any:
+        """A PublisherClient-like object (`get_topic`) for `pcp doctor`, or None."""
+        if self._publisher is None:
+            self._publisher = self._make_publisher()
+        return self._publisher
+
+    def credentials(self) -> str:
+        """Describe the credentials in use; raises DefaultCredentialsError when there are none."""
+        if self._credentials is not None:
+            return self._credentials()
+        return "not needed (in-memory stack)"
+
+    @property
+    def bucket(self) -> str:
+        """For messages: `gs://NAME`, or what stands in for it."""
+        return f"gs://{self.config.bucket}" if self.config is not None else "the in-memory store"
+
+    def topic(self, kind: str) -> str:
+        return Names(self.stack).topic(kind)
+
+    @property
+    def job_name(self) -> str | None:
+        return None if self.config is None else self.config.job_name
+
+    def _make_store(self) -> BlobStore:
+        raise RuntimeError("this context has no store")
+
+    def _make_bus(self) -> Bus:
+        raise RuntimeError("this context has no bus")
+
+    def _make_scheduler(self) -> Any:
+        return None
+
+    def _make_publisher(self) -> Any:
+        return None
+
+
+class CloudContext(Context):
+    """Google Cloud clients (or the local replica's emulators), each built on first use."""
+
+    def __init__(self, config: Config, **kwargs: Any) -> None:
+        super().__init__(config.stack, config=config, local=config.local, **kwargs)
+        self._creds: Any = None
+
+    def _google_credentials(self) -> Any:
+        """Application Default Credentials, looked up once; raises when there are none."""
+        if self._creds is None:
+            import google.auth
+
+            self._creds, _ = google.auth.default()
+        return self._creds
+
+    def credentials(self) -> str:
+        assert self.config is not None
+        if self.config.local:
+            return "not needed (local replica emulators)"
+        creds = self._google_credentials()
+        who = (getattr(creds, "service_account_email", None)
+               or getattr(creds, "signer_email", None) or type(creds).__name__)
+        return f"application default credentials ({who})"
+
+    def _check_replica(self, endpoint: str) -> None:
+        """Fail at once when a stale state file points at a replica that is gone: the client
+        libraries would retry a refused connection for minutes."""
+        url = urlsplit(endpoint if "//" in endpoint else f"//{endpoint}")
+        try:
+            socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), 2).close()
+        except OSError:
+            raise ReplicaDown(f"the local replica of stack {self.stack} is not running (nothing "
+                              f"answers at {endpoint}): run `pcp local up --stack "
+                              f"{self.stack}`") from None
+
+    def _make_store(self) -> BlobStore:
+        from pcp.adapters.gcs_store import GcsStore
+
+        config = self.config
+        assert config is not None
+        if config.local:
+            from pcp_dev.local.emulators import storage_client
+
+            assert config.storage_endpoint is not None
+            self._check_replica(config.storage_endpoint)
+            client = storage_client(config.storage_endpoint, config.project)
+        else:
+            from google.cloud import storage
+
+            client = storage.Client(project=config.project,
+                                    credentials=self._google_credentials())
+        return GcsStore(config.bucket, client=client, project=config.project)
+
+    def _make_publisher(self) -> Any:
+        config = self.config
+        assert config is not None
+        if config.local:
+            from pcp_dev.local.emulators import publisher
+
+            assert config.pubsub_host is not None
+            self._check_replica(config.pubsub_host)
+            return publisher(config.pubsub_host)
+        from google.cloud import pubsub_v1
+
+        return pubsub_v1.PublisherClient(credentials=self._google_credentials())
+
+    def _make_bus(self) -> Bus:
+        from pcp.adapters.pubsub_bus import PubSubBus
+
+        assert self.config is not None
+        return PubSubBus(self.config.project, self.config.stack, publisher=self.publisher)
+
+    def _make_scheduler(self) -> Any:
+        from google.cloud import scheduler_v1
+
+        return scheduler_v1.CloudSchedulerClient(credentials=self._google_credentials())

@@ -1,0 +1,152 @@
+"""The read side: `pcp status`, `runs`, `queue`, `logs` and `results`. Nothing here publishes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pcp.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, fail
+from pcp.cli.options import console, context, echo_json, resources, unknown_run
+from pcp.cli.views import LogTail, download, find_run, overview, recent_runs
+from pcp.core.names import NODE_RE
+from pcp.core.state import StackState
+
+
+@click.command()
+@resources
+@click.argument("run_id", required=False)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),
+              default="text", show_default=True, help="markdown: a GitHub job summary")
+@click.option("--json", "as_json", is_flag=True, help="same as --format json")
+def status(run_id: str | None, fmt: str, as_json: bool) -> None:
+    """A run's status; without RUN_ID the stack's active run, queue, lease and recent ends."""
+    from pcp.cli.render import markdown, overview_renderable, run_renderable
+
+    fmt = "json" if as_json else fmt
+    ctx = context()
+    if run_id is None:
+        if fmt == "markdown":
+            fail("--format markdown needs a RUN_ID", EXIT_USAGE)
+        ov = overview(ctx.store, ctx.stack)
+        if fmt == "json":
+            echo_json(ov.to_dict())
+        else:
+            console().print(overview_renderable(ov, ctx.clock()))
+        return
+    view = find_run(ctx.store, run_id)
+    if view is None:
+        unknown_run(ctx, run_id)
+    if fmt == "json":
+        echo_json(view.to_dict())
+    elif fmt == "markdown":
+        click.echo(markdown(view, ctx.stack), nl=False)
+    else:
+        console().print(run_renderable(view, ctx.stack))
+
+
+@click.command()
+@resources
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def runs(limit: int, as_json: bool) -> None:
+    """Recent runs: status, reason, duration and estimated cost."""
+    from pcp.cli.render import runs_table
+
+    ctx = context()
+    rows = recent_runs(ctx.store, limit)
+    if as_json:
+        echo_json({"stack": ctx.stack, "runs": rows})
+    elif not rows:
+        click.echo(f"no runs on stack {ctx.stack} yet")
+    else:
+        console().print(runs_table(rows))
+
+
+@click.command()
+@resources
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def queue(as_json: bool) -> None:
+    """The active run and the runs waiting behind it, in order."""
+    from pcp.cli.render import queue_table, styled
+    from pcp.cli.views import load_state
+
+    ctx = context()
+    state = load_state(ctx.store) or StackState()
+    if as_json:
+        echo_json({"stack": ctx.stack,
+                   "active": None if state.active is None else state.active.to_dict(),
+                   "queue": [dict(r.to_dict(), position=i)
+                             for i, r in enumerate(state.queue, 1)]})
+        return
+    out = console()
+    if state.active is None:
+        out.print(f"active: none on stack {ctx.stack}")
+    else:
+        out.print(f"active: {state.active.run_id} {styled(state.active.status)}")
+    out.print(queue_table(state, ctx.clock()))
+
+
+@click.command()
+@resources
+@click.argument("run_id")
+@click.option("--node", help="only this node (shepherd, worker-0, ...)")
+@click.option("--follow", "-f", "keep", is_flag=True, help="print new output until the run ends")
+@click.option("--poll", type=float, default=3.0, show_default=True, metavar="SECONDS")
+def logs(run_id: str, node: str | None, keep: bool, poll: float) -> None:
+    """Print a run's stdout.log and stderr.log (runs/RUN_ID/NODE/)."""
+    if node is not None and not NODE_RE.match(node):
+        fail(f"--node {node!r}: use shepherd or worker-<n>", EXIT_USAGE)
+    ctx = context()
+    tail = LogTail(ctx.store, run_id, node)
+    current: list[str] = []
+
+    def show_new() -> bool:
+        chunks = tail.poll()
+        for name, data in chunks:
+            if not current or current[-1] != name:
+                click.echo(f"==> {name} <==")
+                current.append(name)
+            click.echo(data.decode("utf-8", errors="replace"), nl=False)
+        return bool(chunks)
+
+    view = find_run(ctx.store, run_id)
+    if not show_new() and view is None:
+        unknown_run(ctx, run_id)
+    if not keep:
+        if not tail.seen:
+            click.echo(f"no logs yet for run {run_id}", err=True)
+        return
+    try:
+        while view is None or not view.final:
+            ctx.sleep(poll)
+            show_new()
+            view = find_run(ctx.store, run_id)
+        show_new()  # what the nodes wrote just before the end
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@click.command()
+@resources
+@click.argument("run_id")
+@click.option("--dest", required=True, type=click.Path(file_okay=False),
+              help="directory to download runs/RUN_ID/ into")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def results(run_id: str, dest: str, as_json: bool) -> None:
+    """Download everything under runs/RUN_ID/ and print the files and the summary."""
+    from pcp.cli.render import run_renderable
+
+    ctx = context()
+    view = find_run(ctx.store, run_id)
+    if view is None:
+        unknown_run(ctx, run_id)
+    root = Path(dest)
+    files = download(ctx.store, run_id, root)
+    if as_json:
+        echo_json({"run_id": run_id, "dest": str(root), "files": files, "run": view.to_dict()})
+        return
+    click.echo(f"downloaded {len(files)} file(s) of run {run_id} into {root}")
+    for f in files:
+        click.echo(f"  {f['path']}  ({f['bytes']} bytes)")
+    console().print(run_renderable(view, ctx.stack))

@@ -1,0 +1,66 @@
+"""`pcp local up|down`: thin wrappers around the local replica (`pcp_dev.local.replica`).
+
+The replica is imported only here and only when asked for, so the rest of the CLI never pays
+for it and still works where it is not shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from pcp.cli.config import STACKS, local_dir, local_state_file
+from pcp.cli.errors import PcpGroup, fail, one_line
+
+
+@click.group(cls=PcpGroup)
+def local() -> None:
+    """Start or stop the local replica of the cloud (emulators, functions, fake VMs)."""
+
+
+def _replica() -> Any:
+    try:
+        import pcp_dev.local.replica as replica
+    except ModuleNotFoundError as e:
+        if e.name != "pcp_dev.local.replica":
+            raise
+        fail("the local replica is not available in this version (pcp_dev.local.replica is "
+             "missing)")
+    return replica
+
+
+@local.command("up")
+@click.option("--stack", default="tiny", show_default=True, help="the stack to replicate")
+def local_up(stack: str) -> None:
+    """Start the local replica in the background; later commands find it by itself."""
+    if stack not in STACKS:
+        fail(f"unknown stack {stack!r}: use one of {', '.join(STACKS)}")
+    replica = _replica()
+    directory = local_dir(os.environ)
+    try:
+        info = replica.up(stack, directory)
+    except (RuntimeError, OSError) as e:  # EmulatorMissing and friends say what to install
+        fail(f"the local replica did not start: {one_line(e)}")
+    path = local_state_file(directory, stack)
+    if not path.exists():  # the replica writes it; keep the CLI's lookup working regardless
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    click.echo(f"local replica of stack {stack} is up: bucket {info.get('bucket')} at "
+               f"{info.get('storage_endpoint')}, Pub/Sub at {info.get('pubsub_host')} "
+               f"(state in {path})")
+    click.echo(f"try: pcp run --stack {stack} --wait")
+
+
+@local.command("down")
+@click.option("--stack", help="only this stack's replica (default: every one)")
+def local_down(stack: str | None) -> None:
+    """Stop the local replica and everything it started."""
+    replica = _replica()
+    stopped = replica.down(local_dir(os.environ), stack)
+    if stopped:
+        click.echo(f"local replica stopped: {', '.join(stopped)}")
+    else:
+        click.echo("no local replica was running")

@@ -1,0 +1,290 @@
+"""What the CLI reads from the stack bucket, shaped for people and for `--json`.
+
+The stack document (control/stack.json) is the authority while a run is queued or live; once
+a run has ended its archived record (runs/<id>/run.json) and summary (runs/<id>/summary.json)
+say how. Only reads: the CLI never writes state, it publishes requests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pcp.core.names import REJECTED, STACK_DOC, run_doc, run_prefix, summary_doc
+from pcp.core.ports import BlobStore
+from pcp.core.state import Lease, Phase, RecentRun, Run, StackState, Status
+from pcp.core.timefmt import iso, opt_iso
+
+FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.REJECTED})
+
+
+def load_state(store: BlobStore) -> StackState | None:
+    """The stack document, or None before the first request. A corrupt one raises."""
+    blob = store.get(STACK_DOC)
+    return None if blob is None else StackState.from_json(blob.data)
+
+
+def load_json(store: BlobStore, name: str) -> dict[str, Any] | None:
+    blob = store.get(name)
+    if blob is None:
+        return None
+    try:
+        obj = json.loads(blob.data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def load_run(store: BlobStore, run_id: str) -> Run | None:
+    blob = store.get(run_doc(run_id))
+    return None if blob is None else Run.from_json(blob.data)
+
+
+@dataclass(frozen=True)
+class RunView:
+    """One run as the CLI shows it: status, where it waits, its record and summary."""
+
+    run_id: str
+    status: Status
+    run: Run | None = None
+    recent: RecentRun | None = None
+    position: int | None = None
+    lease: Lease | None = None
+    summary: dict[str, Any] | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def reason(self) -> str | None:
+        if self.recent is not None:
+            return self.recent.reason.value
+        if self.run is not None and self.run.reason is not None:
+            return self.run.reason.value
+        return None
+
+    @property
+    def detail(self) -> str:
+        if self.recent is not None and self.recent.detail:
+            return self.recent.detail
+        return self.run.detail if self.run is not None else ""
+
+    @property
+    def started_at(self) -> datetime | None:
+        if self.run is not None and self.run.started_at is not None:
+            return self.run.started_at
+        return self.recent.started_at if self.recent is not None else None
+
+    @property
+    def ended_at(self) -> datetime | None:
+        if self.recent is not None:
+            return self.recent.ended_at
+        return self.run.ended_at if self.run is not None else None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+    @property
+    def cost_usd(self) -> float | None:
+        if self.summary is not None and self.summary.get("estimated_cost_usd") is not None:
+            return float(self.summary["estimated_cost_usd"])
+        if self.recent is not None and self.recent.cost_usd is not None:
+            return self.recent.cost_usd
+        return self.run.cost_usd if self.run is not None else None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        raw = (self.summary or {}).get("metrics")
+        return raw if isinstance(raw, dict) else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status.value,
+            "final": self.final,
+            "reason": self.reason,
+            "detail": self.detail,
+            "queue_position": self.position,
+            "started_at": opt_iso(self.started_at),
+            "ended_at": opt_iso(self.ended_at),
+            "duration_s": self.duration_s,
+            "estimated_cost_usd": self.cost_usd,
+            "keep_alive_until": None if self.lease is None else iso(self.lease.until),
+            "run": None if self.run is None else self.run.to_dict(),
+            "summary": self.summary,
+        }
+
+
+def find_run(store: BlobStore, run_id: str, state: StackState | None = None) -> RunView | None:
+    """Where `run_id` stands, or None when the stack has never heard of it."""
+    state = load_state(store) if state is None else state
+    lease = None
+    if state is not None:
+        lease = state.lease if state.lease is not None and state.lease.run_id == run_id else None
+        if state.active is not None and state.active.run_id == run_id:
+            return RunView(run_id, state.active.status, run=state.active, lease=lease)
+        position = state.queue_position(run_id)
+        if position is not None:
+            queued = state.queue[position - 1]
+            return RunView(run_id, queued.status, run=queued, position=position, lease=lease)
+    recent = None if state is None else next(
+        (r for r in state.recent if r.run_id == run_id), None)
+    run = load_run(store, run_id)
+    if recent is not None:
+        status = recent.status
+    elif run is None:
+        return None
+    elif run.phase is not Phase.ENDED:
+        # Archived at start, but the stack document no longer holds it (lost or replaced).
+        return RunView(run_id, run.status, run=run, lease=lease)
+    else:
+        status = run.status
+    return RunView(run_id, status, run=run, recent=recent, lease=lease,
+                   summary=load_json(store, summary_doc(run_id)))
+
+
+@dataclass(frozen=True)
+class Overview:
+    """`pcp status` without a run id: the stack at a glance."""
+
+    stack: str
+    state: StackState
+    rejections: tuple[dict[str, Any], ...]
+
+    def to_dict(self, recent: int = 5) -> dict[str, Any]:
+        s = self.state
+        return {
+            "stack": self.stack,
+            "active": None if s.active is None else s.active.to_dict(),
+            "queue": [r.to_dict() for r in s.queue],
+            "lease": None if s.lease is None else s.lease.to_dict(),
+            "recent": [r.to_dict() for r in s.recent[:recent]],
+            "rejections": list(self.rejections),
+        }
+
+
+def overview(store: BlobStore, stack: str, rejections: int = 5) -> Overview:
+    state = load_state(store) or StackState()
+    names = store.list(REJECTED)[-rejections:] if rejections else []
+    found = []
+    for name in reversed(names):
+        obj = load_json(store, name) or {}
+        found.append({"object": name, "at": obj.get("at"), "kind": obj.get("kind"),
+                      "message_id": obj.get("message_id"), "detail": obj.get("detail")})
+    return Overview(stack, state, tuple(found))
+
+
+def recent_runs(store: BlobStore, limit: int) -> list[dict[str, Any]]:
+    """Live, queued and recently ended runs, newest first, with duration and cost."""
+    state = load_state(store) or StackState()
+    rows: list[dict[str, Any]] = []
+    live = ([state.active] if state.active is not None else []) + list(state.queue)
+    for run in live:
+        rows.append({"run_id": run.run_id, "status": run.status.value, "reason": None,
+                     "detail": "", "started_at": opt_iso(run.started_at), "ended_at": None,
+                     "duration_s": None, "estimated_cost_usd": None,
+                     "requested_by": run.request.requested_by})
+    for line in state.recent:
+        if len(rows) >= limit:
+            break
+        cost = line.cost_usd
+        if cost is None:
+            summary = load_json(store, summary_doc(line.run_id)) or {}
+            cost = summary.get("estimated_cost_usd")
+        duration = None
+        if line.started_at is not None:
+            duration = (line.ended_at - line.started_at).total_seconds()
+        rows.append({"run_id": line.run_id, "status": line.status.value,
+                     "reason": line.reason.value, "detail": line.detail,
+                     "started_at": opt_iso(line.started_at), "ended_at": iso(line.ended_at),
+                     "duration_s": duration, "estimated_cost_usd": cost, "requested_by": None})
+    return rows[:limit]
+
+
+def download(store: BlobStore, run_id: str, dest: Path) -> list[dict[str, Any]]:
+    """Copy runs/<id>/ into `dest`; an object name never writes outside it."""
+    prefix = run_prefix(run_id)
+    files = []
+    for name in store.list(prefix):
+        rel = PurePosixPath(name.removeprefix(prefix))
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            continue
+        blob = store.get(name)
+        if blob is None:
+            continue  # deleted since the listing
+        path = dest.joinpath(*rel.parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob.data)
+        files.append({"object": name, "path": str(path), "bytes": len(blob.data)})
+    return files
+
+
+class LogTail:
+    """New bytes of runs/<id>/<node>/stdout.log and stderr.log since the last poll.
+
+    Agents rewrite a log object as it grows, so each poll reads the whole object and keeps
+    what is past the previous length; a shorter object was started afresh (a new attempt).
+    """
+
+    def __init__(self, store: BlobStore, run_id: str, node: str | None = None) -> None:
+        self.store = store
+        self.prefix = run_prefix(run_id)
+        self.node = node
+        self.offsets: dict[str, int] = {}
+
+    @property
+    def seen(self) -> bool:
+        return bool(self.offsets)
+
+    def poll(self) -> list[tuple[str, bytes]]:
+        """(name under runs/<id>/, new bytes) for every log that grew."""
+        chunks = []
+        for name in self.store.list(self.prefix):
+            if not name.endswith(("/stdout.log", "/stderr.log")) or name.count("/") != 3:
+                continue
+            if self.node is not None and name.split("/")[2] != self.node:
+                continue
+            blob = self.store.get(name)
+            if blob is None:
+                continue
+            start = self.offsets.get(name, 0)
+            if len(blob.data) < start:
+                start = 0
+            if len(blob.data) > start:
+                chunks.append((name.removeprefix(self.prefix), blob.data[start:]))
+            self.offsets[name] = len(blob.data)
+        return chunks
+
+
+class WaitTimeout(Exception):
+    """`--timeout` passed before the run ended; the run itself goes on."""
+
+
+def follow(store: BlobStore, run_id: str, *, on_view: Callable[[RunView | None], None],
+           sleep: Callable[[float], None], monotonic: Callable[[], float],
+           poll: float, timeout: float | None, settle: float = 15.0) -> RunView:
+    """Poll until the run ends; `on_view` sees every poll (None: not accepted yet).
+
+    The end is saved in the stack document a moment before the summary is archived, so an
+    ended run is polled up to `settle` seconds more for its summary (metrics, cost).
+    """
+    started = monotonic()
+    ended_at: float | None = None
+    while True:
+        view = find_run(store, run_id)
+        on_view(view)
+        if view is not None and view.final:
+            ended_at = monotonic() if ended_at is None else ended_at
+            if view.summary is not None or monotonic() - ended_at >= settle:
+                return view
+        elif timeout is not None and monotonic() - started >= timeout:
+            raise WaitTimeout(f"gave up waiting for run {run_id} after {timeout:g} s")
+        sleep(poll)

@@ -1,0 +1,225 @@
+"""Every name pcp gives a thing, in one place: cloud resources, bucket objects, labels, metadata.
+
+The functions, the agent, the CLI, the local replica and the Pulumi program all import these,
+so a name is spelled once. Standard library only (the core's rule), so the Pulumi program and
+the agent can import it without the clients. docs/architecture.md lists the layout.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: The stacks and their worker counts.
+STACK_SIZES = {"tiny": 1, "small": 3, "large": 7, "huge": 15}
+STACKS = tuple(STACK_SIZES)
+
+#: A stack name: short enough that every derived name fits its cloud limit (service account
+#: ids are 6-30 characters: `pcp-<stack>-functions`; workload identity pools 4-32).
+STACK_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+
+# ---------------------------------------------------------------- nodes
+
+SHEPHERD = "shepherd"
+WORKER_PREFIX = "worker-"
+NODE_RE = re.compile(r"^(shepherd|worker-(0|[1-9][0-9]{0,2}))$")
+
+
+def worker_node(index: int) -> str:
+    """The node name of worker `index`: worker-0, worker-1, ..."""
+    return f"{WORKER_PREFIX}{index}"
+
+
+def worker_index(node: str) -> int | None:
+    """The index of a worker node name; None for the shepherd or anything else."""
+    rest = node.removeprefix(WORKER_PREFIX)
+    if rest == node or not rest.isdigit() or (len(rest) > 1 and rest[0] == "0"):
+        return None
+    return int(rest)
+
+
+def node_names(worker_count: int) -> tuple[str, ...]:
+    """The shepherd first, then every worker, in rank order."""
+    return (SHEPHERD, *(worker_node(i) for i in range(worker_count)))
+
+
+# ---------------------------------------------------------------- bucket objects
+
+CONTROL = "control/"
+STACK_DOC = "control/stack.json"
+SWEEPS = "control/sweeps/"
+REJECTED = "control/rejected/"
+RUNS = "runs/"
+MARKERS = "markers/"
+AGENT_OBJECT = "agent/pcp-agent.tar.gz"
+MARKER_KINDS = ("booted", "done")
+MARKER_PATH_RE = re.compile(r"^markers/([^/]+)/([^/]+)/(booted|done)\.json$")
+
+
+def corrupt_stack_doc(generation: int) -> str:
+    """Where an unreadable stack document is set aside before the sweeper rebuilds it."""
+    return f"control/stack.corrupt-{generation}.json"
+
+
+def run_prefix(run_id: str) -> str:
+    """Everything a run leaves in the bucket, but its markers: runs/<run_id>/."""
+    return f"{RUNS}{run_id}/"
+
+
+def run_doc(run_id: str) -> str:
+    """The run's archived record, written when it ends."""
+    return f"{RUNS}{run_id}/run.json"
+
+
+def summary_doc(run_id: str) -> str:
+    """The run's summary (outcome, nodes, metrics), written when it ends."""
+    return f"{RUNS}{run_id}/summary.json"
+
+
+def node_prefix(run_id: str, node: str) -> str:
+    """A node's logs, heartbeat and outputs: runs/<run_id>/<node>/."""
+    return f"{RUNS}{run_id}/{node}/"
+
+
+def node_file(run_id: str, node: str, name: str) -> str:
+    """One file a node uploads, e.g. node_file(r, "shepherd", "metrics.json")."""
+    return f"{node_prefix(run_id, node)}{name}"
+
+
+def markers_prefix(run_id: str) -> str:
+    return f"{MARKERS}{run_id}/"
+
+
+def marker_path(run_id: str, node: str, kind: str) -> str:
+    """markers/<run_id>/<node>/<booted|done>.json: the only objects that raise events."""
+    return f"{MARKERS}{run_id}/{node}/{kind}.json"
+
+
+def sweep_doc(stamp: str) -> str:
+    """One sweep's audit record."""
+    return f"{SWEEPS}{stamp}.json"
+
+
+def rejection_doc(stamp: str, kind: str, message_id: str) -> str:
+    """A rejected event that is not a start request (those become rejected runs)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "-", message_id)[:100] or "unknown"
+    return f"{REJECTED}{stamp}-{kind}-{safe}.json"
+
+
+# ---------------------------------------------------------------- labels and metadata
+
+LABEL_STACK = "pcp-stack"
+LABEL_RUN = "pcp-run"
+LABEL_ATTEMPT = "pcp-attempt"
+LABEL_DEADLINE = "pcp-deadline"
+LABEL_KEEP_ALIVE = "pcp-keep-alive-until"
+LABEL_ROLE = "pcp-role"
+LABEL_NODE = "pcp-node"
+LABEL_FUNCTION = "pcp-function"
+
+#: Worker instance metadata: the node's assignment (JSON), written before every start.
+ASSIGNMENT_KEY = "pcp-assignment"
+#: Instance metadata written by the Pulumi program, read by the startup script and the agent.
+META_STACK = "pcp-stack"
+META_BUCKET = "pcp-bucket"
+META_PROJECT = "pcp-project"
+META_NODE = "pcp-node"
+META_CACHIX_CACHE = "pcp-cachix-cache"
+META_CACHIX_KEY = "pcp-cachix-public-key"
+META_NIX_INSTALLER = "pcp-nix-installer-url"
+#: Object metadata on a marker: the marker describes itself, so the function need not read it.
+MARKER_METADATA_KEY = "pcp-marker"
+#: Pub/Sub message attributes.
+ATTR_RUN_ID = "run_id"
+ATTR_STACK = "pcp-stack"
+ATTR_SOURCE = "pcp-source"
+
+
+# ---------------------------------------------------------------- cloud resources
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every cloud name of one stack. `project` is needed only for the bucket."""
+
+    stack: str
+    project: str = ""
+
+    @property
+    def prefix(self) -> str:
+        return f"pcp-{self.stack}"
+
+    # storage
+    @property
+    def bucket(self) -> str:
+        # Bucket names are global: the project id keeps them unique.
+        return f"{self.prefix}-{self.project}"
+
+    # messaging
+    def topic(self, kind: str) -> str:
+        """kind: start | stop | sweep | shepherd | markers | dead-letter."""
+        return f"{self.prefix}-{kind}"
+
+    @property
+    def shepherd_subscription(self) -> str:
+        return f"{self.prefix}-shepherd-host"
+
+    @property
+    def dead_letter_subscription(self) -> str:
+        return f"{self.prefix}-dead-letter"
+
+    # compute
+    def worker_vm(self, index: int) -> str:
+        return f"{self.prefix}-worker-{index}"
+
+    def vm_of(self, node: str) -> str | None:
+        """The VM a node runs on; None for the shepherd (not a VM of ours)."""
+        index = worker_index(node)
+        return None if index is None else self.worker_vm(index)
+
+    def node_of_vm(self, vm: str) -> str | None:
+        """The node a VM of this stack runs; None for any other name."""
+        rest = vm.removeprefix(f"{self.prefix}-")
+        return rest if rest != vm and worker_index(rest) is not None else None
+
+    @property
+    def worker_tag(self) -> str:
+        return f"{self.prefix}-worker"
+
+    @property
+    def network(self) -> str:
+        return f"{self.prefix}-net"
+
+    @property
+    def subnetwork(self) -> str:
+        return f"{self.prefix}-workers"
+
+    # functions and scheduler
+    def function(self, kind: str) -> str:
+        """kind: start | stop | marker | sweep."""
+        return f"{self.prefix}-{kind}"
+
+    @property
+    def scheduler_job(self) -> str:
+        return f"{self.prefix}-sweep"
+
+    # identity
+    def service_account_id(self, role: str) -> str:
+        account_id = f"{self.prefix}-{role}"
+        if not 6 <= len(account_id) <= 30:
+            raise ValueError(f"service account id {account_id!r} must be 6-30 characters")
+        return account_id
+
+    def custom_role_id(self, purpose: str) -> str:
+        # Role ids allow [a-zA-Z0-9_.] only.
+        return f"pcp_{self.stack}_{purpose}".replace("-", "_")
+
+    @property
+    def workload_identity_pool(self) -> str:
+        pool = f"{self.prefix}-github"
+        if not 4 <= len(pool) <= 32:
+            raise ValueError(f"workload identity pool id {pool!r} must be 4-32 characters")
+        return pool
+
+    def labels(self, **extra: str) -> dict[str, str]:
+        return {LABEL_STACK: self.stack, **extra}

@@ -1,0 +1,1 @@
+"""Helpers of bench/run.py: a counting storage proxy, a function stack, a remote Compute."""

@@ -1,0 +1,796 @@
+"""The local replica: the whole cloud side of one stack on 127.0.0.1, wired as Pulumi wires it.
+
+Real parts: the Pub/Sub emulator, fake-gcs-server (notifying `markers/` into
+`pcp-<stack>-markers`), the four functions served by the real functions-framework behind push
+subscriptions, the node agents and the reference trainer. Stood in for: Eventarc (push
+subscriptions), Cloud Scheduler (`Ticker`), Compute Engine (`LocalCompute`, whose VMs are
+worker agent processes) and the GCE metadata server (`MetadataServer`, one per VM).
+
+Every process started here runs in its own session with its output in a log file under
+`<state_dir>/logs/<stack>/`, carries `PCP_REPLICA_TOKEN` in its environment, and is stopped
+on exit, Ctrl-C, SIGTERM and error, together with anything it started (the trainer runs in a
+session of its own, so it is found through the process table, not the process group).
+
+`up()` / `down()` keep a replica running in the background for `pcp local up` / `down`; the
+CLI finds it through `<state_dir>/<stack>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+import pcp
+from pcp.core.names import Names
+from pcp.core.policy import STACK_SIZES
+from pcp.logs import log
+from pcp_dev import REFERENCE_BINARY
+from pcp_dev.local.compute import LocalCompute, VmRecord
+from pcp_dev.local.emulators import (
+    EmulatorMissing,
+    FakeGcs,
+    PubSubEmulator,
+    ensure_subscription,
+    ensure_topic,
+    fake_gcs_binary,
+    free_port,
+    java_binary,
+    publisher,
+    pubsub_jar,
+    storage_client,
+    subscriber,
+)
+from pcp_dev.local.metadata import MetadataServer
+from pcp_dev.local.ticker import Ticker
+
+if TYPE_CHECKING:
+    from pcp.adapters.gcs_store import GcsStore
+
+TOKEN_ENV = "PCP_REPLICA_TOKEN"
+TOPICS = ("start", "stop", "sweep", "shepherd", "markers", "dead-letter")
+# function kind -> (entry point, topic that triggers it), as the Pulumi program deploys them
+FUNCTIONS = {"start": ("on_start", "start"), "stop": ("on_stop", "stop"),
+             "marker": ("on_marker", "markers"), "sweep": ("on_sweep", "sweep")}
+# The stacks' worker prices (infra/Pulumi.<stack>.yaml), so the demo's cost estimate is real.
+WORKER_HOURLY_USD = {"tiny": 0.54, "small": 0.73, "large": 0.85, "huge": 0.85}
+
+
+@dataclass(frozen=True)
+class Options:
+    """A replica's settings; the defaults suit `make demo` and `pcp local up`."""
+
+    stack: str = "tiny"
+    state_dir: Path = Path(".pcp-local")
+    project: str = "pcp-local"
+    zone: str = "local-a"
+    workers: int | None = None  # default: the stack's size
+    sweep_interval: float = 5.0  # seconds between sweep ticks
+    boot_timeout_minutes: float = 2.0
+    keep_alive_hours: float = 0.25
+    max_run_hours: float = 1.0
+    binary: str = REFERENCE_BINARY
+    agent_interval: float = 1.0  # the agents' upload and poll intervals, seconds
+    grace: float = 5.0  # SIGTERM -> SIGKILL, for agents and for the binary
+    extra_env: Mapping[str, str] = field(default_factory=dict)  # for the functions
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers if self.workers is not None else STACK_SIZES[self.stack]
+
+    @property
+    def bucket(self) -> str:
+        return Names(self.stack, self.project).bucket
+
+
+def check_prerequisites() -> None:
+    """Name every missing emulator or runtime at once, with how to install it."""
+    missing = []
+    for check in (java_binary, pubsub_jar, fake_gcs_binary):
+        try:
+            check()
+        except EmulatorMissing as e:
+            missing.append(str(e))
+    if missing:
+        raise EmulatorMissing("the local replica needs: " + "; ".join(missing))
+
+
+def functions_source() -> Path:
+    """functions/main.py of this checkout (the replica serves the very file that is deployed)."""
+    source = Path(pcp.__file__).resolve().parent.parent / "functions" / "main.py"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} not found: the local replica runs from a checkout "
+                                "of the repository (pip install -e .)")
+    return source
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids, from `ps` (Linux and macOS alike)."""
+    try:
+        out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True,
+                             text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    tree: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            tree.setdefault(int(parts[1]), []).append(int(parts[0]))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    tree, found, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill(pid: int, sig: int, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def carries(pid: int, token: str) -> bool | None:
+    """Whether a process's environment carries the token; None where /proc cannot tell."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes()
+    except FileNotFoundError:
+        return None if not Path("/proc").is_dir() else False
+    except OSError:
+        return False
+    return f"{TOKEN_ENV}={token}".encode() in env.split(b"\0")
+
+
+def token_pids(token: str) -> list[int]:
+    """Processes whose environment carries this replica's token (Linux /proc; else none)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    return [int(e.name) for e in proc.iterdir()
+            if e.name.isdigit() and int(e.name) != os.getpid() and carries(int(e.name), token)]
+
+
+class Child:
+    """One process of the replica: its own session, output in a log file, stopped as a tree."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log_path: Path,
+                 cwd: Path | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = dict(env)
+        self.log_path = log_path
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.expected_exit = False  # set before the replica itself stops it
+
+    def start(self) -> Child:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            out.write(f"--- {datetime.now(UTC).isoformat()} start {self.name}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace: float) -> int | None:
+        """SIGTERM the group, wait `grace`, then SIGKILL it and whatever it started."""
+        if self.proc is None:
+            return None
+        self.expected_exit = True
+        tree = descendants(self.proc.pid) if self.running else []
+        if self.running:
+            _kill(self.proc.pid, signal.SIGTERM, group=True)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_tree(tree)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """A crash: SIGKILL at once, no chance to clean up (used to break things on purpose)."""
+        if self.proc is None:
+            return
+        self.expected_exit = True
+        self._kill_tree(descendants(self.proc.pid) if self.running else [])
+
+    def _kill_tree(self, tree: list[int]) -> None:
+        assert self.proc is not None
+        _kill(self.proc.pid, signal.SIGKILL, group=True)
+        token = self.env.get(TOKEN_ENV)
+        for pid in tree:
+            if token is not None and carries(pid, token) is False:
+                continue  # gone, and its number perhaps reused by a stranger: leave it be
+            _kill(pid, signal.SIGKILL, group=True)  # a child that made its own session
+            _kill(pid, signal.SIGKILL, group=False)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _http_answers(url: str) -> bool:
+    """Any HTTP answer (functions-framework answers GET / with 405) means it is serving."""
+    try:
+        with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback only
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+# ---------------------------------------------------------------- the replica
+
+
+class Replica:
+    """The stack's cloud on loopback. Use as a context manager, or start() / stop()."""
+
+    def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
+        self.options = options or Options(**kwargs)
+        o = self.options
+        if o.stack not in STACK_SIZES and o.workers is None:
+            raise ValueError(f"unknown stack {o.stack!r}: use one of {', '.join(STACK_SIZES)}")
+        self.token = uuid.uuid4().hex
+        self.state_dir = Path(o.state_dir).resolve()
+        self.log_dir = self.state_dir / "logs" / o.stack
+        self.node_dir = self.state_dir / "nodes" / o.stack
+        self.tcp_port = free_port()
+        self.vms = tuple(Names(o.stack).worker_vm(i) for i in range(o.worker_count))
+        self.hold_boot: set[str] = set()  # VMs that come up but whose agent never starts
+        self.pubsub: PubSubEmulator | None = None
+        self.gcs: FakeGcs | None = None
+        self.compute: LocalCompute | None = None
+        self.metadata: dict[str, MetadataServer] = {}
+        self.functions: dict[str, Child] = {}
+        self.function_ports = {kind: free_port() for kind in FUNCTIONS}
+        self.shepherd: Child | None = None
+        self.workers: dict[str, Child] = {}
+        self.ticker: Ticker | None = None
+        self.started_at: datetime | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._publisher: Any = None
+        self._runtime: Path | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Replica:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> Replica:
+        check_prerequisites()
+        source = functions_source()
+        atexit.register(self.stop)
+        try:
+            self._start(source)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_at = datetime.now(UTC)
+        log("INFO", "replica.up", stack=self.options.stack,
+            reason=f"local replica of stack {self.options.stack} is up",
+            endpoints={k: v for k, v in self.info().items() if k != "stack"})
+        return self
+
+    def _start(self, source: Path) -> None:
+        o = self.options
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.pubsub = PubSubEmulator(o.project).start()
+        host = self.pubsub.host
+        for kind in TOPICS:
+            ensure_topic(host, o.project, self.topic(kind))
+        ensure_subscription(host, o.project, Names(o.stack).shepherd_subscription,
+                            self.topic("shepherd"))
+        self.gcs = FakeGcs(notify_project=o.project, notify_topic=self.topic("markers"),
+                           notify_prefix="markers/", pubsub_host=host).start()
+        storage_client(self.gcs.endpoint, o.project).create_bucket(o.bucket)
+        self.compute = LocalCompute(o.project, o.zone, on_start=self._vm_started,
+                                    on_stop=self._vm_stopping).start()
+        for i, vm in enumerate(self.vms):
+            self.compute.add_instance(
+                vm, labels={"pcp-stack": o.stack, "pcp-role": "worker", "pcp-node": str(i)},
+                metadata={"pcp-stack": o.stack, "pcp-bucket": o.bucket,
+                          "pcp-project": o.project})
+            self.metadata[vm] = MetadataServer(self._lookup(vm), vm).start()
+        for kind in FUNCTIONS:
+            self.start_function(kind, source, wait=False)
+        for kind in FUNCTIONS:
+            self._wait_function(kind)
+        for kind, (_, topic) in FUNCTIONS.items():
+            ensure_subscription(host, o.project, f"{Names(o.stack).topic(kind)}-trigger",
+                                self.topic(topic), push_endpoint=self.function_url(kind))
+        self.shepherd = Child("shepherd", self._agent_argv("shepherd", "shepherd") + [
+            "--stack", o.stack, "--project", o.project, "--bucket", o.bucket],
+            self._agent_env(), self.log_dir / "shepherd.log").start()
+        self.ticker = Ticker(lambda data: self.publish("sweep", data), o.sweep_interval,
+                             stack=o.stack).start()
+
+    def stop(self) -> None:
+        """Stop everything, newest first. Idempotent; safe from atexit and signal handlers."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        atexit.unregister(self.stop)
+        # A second Ctrl-C (or a SIGTERM) must not cut the cleanup short.
+        masked = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in masked} if main else {}
+        try:
+            self._stop()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop(self) -> None:
+        grace = self.options.grace
+        steps: list[tuple[str, Any]] = []
+        if self.ticker is not None:
+            steps.append(("ticker", self.ticker.stop))
+        workers = list(self.workers.values())
+        steps.append(("workers", lambda: self._stop_all(workers, grace)))
+        if self.shepherd is not None:
+            shepherd = self.shepherd
+            steps.append(("shepherd", lambda: shepherd.stop(grace)))
+        functions = list(self.functions.values())
+        # A function holds no state worth a graceful exit: what it did not finish is redone.
+        steps.append(("functions", lambda: self._stop_all(functions, min(grace, 1.0))))
+        if self.compute is not None:
+            steps.append(("compute", self.compute.stop))
+        for server in self.metadata.values():
+            steps.append(("metadata", server.stop))
+        if self.gcs is not None:
+            steps.append(("fake-gcs-server", self.gcs.stop))
+        if self.pubsub is not None:
+            steps.append(("pubsub-emulator", self.pubsub.stop))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - one failure must not leave the rest running
+                log("ERROR", "replica.stop", stack=self.options.stack,
+                    reason=f"stopping {name}: {type(e).__name__}: {e}")
+        for pid in token_pids(self.token):  # anything that slipped through, e.g. a trainer
+            _kill(pid, signal.SIGKILL, group=False)
+        if self._publisher is not None:
+            self._publisher.transport.close()
+        if self._runtime is not None:
+            shutil.rmtree(self._runtime, ignore_errors=True)
+
+    @staticmethod
+    def _stop_all(children: list[Child], grace: float) -> None:
+        threads = [threading.Thread(target=c.stop, args=(grace,), daemon=True) for c in children]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    # ------------------------------------------------------------ names and clients
+
+    def topic(self, kind: str) -> str:
+        return Names(self.options.stack).topic(kind)
+
+    def function_url(self, kind: str) -> str:
+        return f"http://127.0.0.1:{self.function_ports[kind]}/"
+
+    def publish(self, kind: str, data: bytes, attributes: Mapping[str, str] | None = None
+                ) -> str:
+        """Publish to `pcp-<stack>-<kind>` as `pcp run` / Cloud Scheduler would."""
+        from pcp.adapters.pubsub_bus import PubSubBus
+
+        assert self.pubsub is not None, "the replica is not started"
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = publisher(self.pubsub.host)
+        bus = PubSubBus(self.options.project, self.options.stack, publisher=self._publisher)
+        return bus.publish(kind, data, attributes)
+
+    def store(self) -> GcsStore:
+        """A GcsStore on the stack bucket (the BlobStore port), for tests and the demo."""
+        from pcp.adapters.gcs_store import GcsStore
+
+        assert self.gcs is not None, "the replica is not started"
+        client = storage_client(self.gcs.endpoint, self.options.project)
+        return GcsStore(self.options.bucket, client=client, project=self.options.project)
+
+    def info(self) -> dict[str, Any]:
+        """What `.pcp-local/<stack>.json` holds: how the CLI reaches this replica."""
+        o = self.options
+        return {
+            "stack": o.stack, "project": o.project, "bucket": o.bucket, "zone": o.zone,
+            "region": o.zone.rsplit("-", 1)[0],
+            "storage_endpoint": self.gcs.endpoint if self.gcs else None,
+            "pubsub_host": self.pubsub.host if self.pubsub else None,
+            "compute_endpoint": self.compute.endpoint if self.compute else None,
+            "functions": {k: self.function_url(k) for k in FUNCTIONS},
+            "shepherd_host": "127.0.0.1", "tcp_port": self.tcp_port,
+            "worker_vms": list(self.vms), "sweep_interval_s": o.sweep_interval,
+            "logs": str(self.log_dir), "pid": os.getpid(), "token": self.token,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+        }
+
+    # ------------------------------------------------------------ functions
+
+    def function_env(self) -> dict[str, str]:
+        """The functions' settings, as the Pulumi program sets them, plus the emulators."""
+        o = self.options
+        assert self.pubsub is not None and self.gcs is not None and self.compute is not None
+        env = self._base_env()
+        env.update({
+            "PCP_STACK": o.stack, "PCP_PROJECT": o.project, "PCP_ZONE": o.zone,
+            "PCP_BUCKET": o.bucket, "PCP_WORKER_COUNT": str(o.worker_count),
+            "PCP_SHEPHERD_HOST": "127.0.0.1", "PCP_TCP_PORT": str(self.tcp_port),
+            "PCP_MAX_RUN_HOURS": str(o.max_run_hours),
+            "PCP_BOOT_TIMEOUT_MINUTES": str(o.boot_timeout_minutes),
+            "PCP_KEEP_ALIVE_HOURS": str(o.keep_alive_hours),
+            "PCP_SWEEP_INTERVAL_MINUTES": str(o.sweep_interval / 60.0),
+            "PCP_BINARY": o.binary,
+            "PCP_WORKER_HOURLY_USD": str(WORKER_HOURLY_USD.get(o.stack, 0.0)),
+            "PCP_SHEPHERD_HOURLY_USD": "0",
+            "PCP_COMPUTE_ENDPOINT": self.compute.endpoint,
+            "STORAGE_EMULATOR_HOST": self.gcs.endpoint,
+            "PUBSUB_EMULATOR_HOST": self.pubsub.host,
+            "GOOGLE_CLOUD_PROJECT": o.project,
+        })
+        env.update(o.extra_env)
+        return env
+
+    def start_function(self, kind: str, source: Path | None = None, wait: bool = True) -> Child:
+        """Serve one entry point with the real functions-framework, on its fixed port."""
+        target, _ = FUNCTIONS[kind]
+        argv = [sys.executable, "-m", "functions_framework", "--target", target,
+                "--source", str(source or functions_source()), "--signature-type", "cloudevent",
+                "--host", "127.0.0.1", "--port", str(self.function_ports[kind])]
+        env = self.function_env()
+        # gunicorn >= 25 puts a control socket in $XDG_RUNTIME_DIR, else one shared path in
+        # $HOME; a directory per server keeps four servers (and other users) apart.
+        env["XDG_RUNTIME_DIR"] = str(self._runtime_dir(f"function-{kind}"))
+        child = Child(f"function-{kind}", argv, env,
+                      self.log_dir / f"function-{kind}.log").start()
+        self.functions[kind] = child
+        if wait:
+            self._wait_function(kind)
+        return child
+
+    def _runtime_dir(self, name: str) -> Path:
+        """A short private directory (a Unix socket path must stay under ~100 bytes)."""
+        with self._lock:
+            if self._runtime is None:
+                self._runtime = Path(tempfile.mkdtemp(prefix="pcp-replica-"))
+        path = self._runtime / name
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    def _wait_function(self, kind: str, timeout: float = 60.0) -> None:
+        child = self.functions[kind]
+        deadline = time.monotonic() + timeout
+        while not _http_answers(self.function_url(kind)):
+            if not child.running:
+                code = child.proc.returncode if child.proc else None
+                raise RuntimeError(f"function {kind} exited with code {code} before serving; "
+                                   f"see {child.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"function {kind} not serving after {timeout:.0f} s; "
+                                   f"see {child.log_path}")
+            time.sleep(0.05)
+
+    def heal(self) -> list[str]:
+        """Restart a function server or the shepherd daemon that died on its own (a
+        long-lived `pcp local up` should outlive one crash). Returns what was restarted."""
+        restarted = []
+        for kind, child in list(self.functions.items()):
+            if not child.running and not child.expected_exit and not self._stopping:
+                self.start_function(kind)
+                restarted.append(f"function-{kind}")
+        shepherd = self.shepherd
+        if shepherd is not None and not shepherd.running and not self._stopping:
+            shepherd.expected_exit = False
+            self.shepherd = Child(shepherd.name, shepherd.argv, shepherd.env,
+                                  shepherd.log_path).start()
+            restarted.append("shepherd")
+        for name in restarted:
+            log("WARNING", "replica.heal", stack=self.options.stack,
+                reason=f"{name} had exited; restarted it")
+        return restarted
+
+    def drop_backlog(self, kind: str) -> None:
+        """Lose every event waiting for function `kind` (as when a trigger gives up): the
+        push subscription is deleted and created again, empty. Only the sweeper can then
+        notice what those events would have said."""
+        o = self.options
+        assert self.pubsub is not None
+        client = subscriber(self.pubsub.host)
+        try:
+            client.delete_subscription(subscription=client.subscription_path(
+                o.project, f"{Names(o.stack).topic(kind)}-trigger"))
+        finally:
+            client.close()
+        ensure_subscription(self.pubsub.host, o.project, f"{Names(o.stack).topic(kind)}-trigger",
+                            self.topic(FUNCTIONS[kind][1]), push_endpoint=self.function_url(kind))
+
+    def kill_function(self, kind: str) -> None:
+        """Crash one function server (SIGKILL): its pushes fail until it is restarted."""
+        self.functions[kind].kill()
+
+    def restart_function(self, kind: str) -> Child:
+        self.functions[kind].stop(self.options.grace)
+        return self.start_function(kind)
+
+    # ------------------------------------------------------------ VMs as processes
+
+    def _lookup(self, vm: str) -> Any:
+        def attributes() -> dict[str, str]:
+            assert self.compute is not None
+            return self.compute.metadata_of(vm)
+        return attributes
+
+    def _base_env(self) -> dict[str, str]:
+        drop = ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "GCE_METADATA_HOST",
+                "GOOGLE_APPLICATION_CREDENTIALS", "PCP_COMPUTE_ENDPOINT")
+        env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PCP_")}
+        env.update({TOKEN_ENV: self.token, "PYTHONUNBUFFERED": "1", "NO_GCE_CHECK": "True"})
+        return env
+
+    def _agent_env(self, metadata_host: str | None = None) -> dict[str, str]:
+        assert self.pubsub is not None and self.gcs is not None
+        env = self._base_env()
+        env.update({"STORAGE_EMULATOR_HOST": self.gcs.endpoint,
+                    "PUBSUB_EMULATOR_HOST": self.pubsub.host,
+                    "GOOGLE_CLOUD_PROJECT": self.options.project,
+                    # the reference trainer listens on loopback only, never on every interface
+                    "PCP_TRAINER_HOST": "127.0.0.1"})
+        if metadata_host is not None:
+            env["GCE_METADATA_HOST"] = metadata_host
+        return env
+
+    def _agent_argv(self, role: str, node: str) -> list[str]:
+        o = self.options
+        interval = str(o.agent_interval)
+        return [sys.executable, "-m", "pcp.agent", role, "--work-dir",
+                str(self.node_dir / node), "--grace", str(o.grace), "--upload-interval",
+                interval, "--poll-interval", interval, "--output-interval", "0"]
+
+    def _vm_started(self, vm: VmRecord) -> None:
+        """LocalCompute's on_start: the VM booted, so its agent starts (unless held back)."""
+        if vm.name in self.hold_boot:
+            log("NOTICE", "replica.vm_held", stack=self.options.stack,
+                reason=f"{vm.name} is RUNNING but its agent is held back (never boots)")
+            return
+        with self._lock:
+            if self._stopping:
+                return
+            old = self.workers.get(vm.name)
+        if old is not None and old.running:
+            old.stop(self.options.grace)
+        argv = self._agent_argv("worker", vm.name) + ["--poweroff-command", "",
+                                                      "--boot-grace", "10"]
+        child = Child(vm.name, argv, self._agent_env(self.metadata[vm.name].host),
+                      self.log_dir / f"{vm.name}.log").start()
+        with self._lock:
+            self.workers[vm.name] = child
+        threading.Thread(target=self._watch, args=(vm.name, child), daemon=True,
+                         name=f"watch-{vm.name}").start()
+
+    def _watch(self, name: str, child: Child) -> None:
+        """The agent exited by itself: its power-off command is 'just exit', so power off."""
+        assert child.proc is not None
+        child.proc.wait()
+        with self._lock:
+            current = self.workers.get(name) is child and not self._stopping
+        if current and not child.expected_exit and self.compute is not None:
+            log("INFO", "replica.vm_power_off", stack=self.options.stack,
+                reason=f"{name}: agent exited with code {child.proc.returncode}; VM powered off")
+            self.compute.power_off(name)
+
+    def _vm_stopping(self, vm: VmRecord) -> None:
+        """LocalCompute's on_stop: an ACPI shutdown, SIGTERM to the agent, SIGKILL after grace."""
+        with self._lock:
+            child = self.workers.get(vm.name)
+        if child is not None and child.running:
+            child.stop(self.options.grace)
+
+
+# ---------------------------------------------------------------- signals and background mode
+
+
+@contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the main thread like Ctrl-C does, so cleanup always runs."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def state_file(state_dir: Path, stack: str) -> Path:
+    return Path(state_dir) / f"{stack}.json"
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:  # our own child (up() in the same process) must be reaped, or it lingers as a zombie
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def serve(options: Options) -> int:
+    """Run a replica until SIGTERM or Ctrl-C, with its state file written while it is up."""
+    path = state_file(options.state_dir, options.stack)
+    with exit_on_signals():
+        try:
+            with Replica(options) as replica:
+                _write_json(path, replica.info())
+                try:
+                    while True:
+                        time.sleep(1)
+                        replica.heal()
+                finally:
+                    state = _read_state(path)
+                    if state is not None and state.get("pid") == os.getpid():
+                        path.unlink(missing_ok=True)
+        except EmulatorMissing as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def up(stack: str, state_dir: Path | str, *, timeout: float = 120.0,
+       **options: Any) -> dict[str, Any]:
+    """Start a replica of `stack` in the background (or find the running one); its state."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_file(state_dir, stack)
+    current = _read_state(path)
+    if current is not None and isinstance(current.get("pid"), int) and _alive(current["pid"]):
+        return current
+    path.unlink(missing_ok=True)
+    check_prerequisites()  # a clear message here rather than in a background log
+    argv = [sys.executable, "-m", "pcp_dev.local.replica", "serve", "--stack", stack,
+            "--state-dir", str(state_dir.resolve())]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    log_path = state_dir / "logs" / f"replica-{stack}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _read_state(path)
+        if state is not None and state.get("pid") == proc.pid:
+            return state
+        if proc.poll() is not None:
+            raise RuntimeError(f"the local replica exited with code {proc.returncode} while "
+                               f"starting: {_tail(log_path)}")
+        time.sleep(0.2)
+    _kill(proc.pid, signal.SIGTERM, group=False)
+    raise RuntimeError(f"the local replica did not come up within {timeout:.0f} s; "
+                       f"see {log_path}")
+
+
+def down(state_dir: Path | str, stack: str | None = None, timeout: float = 60.0) -> list[str]:
+    """Stop the background replica(s) in `state_dir` and everything they started."""
+    stopped = []
+    for path in sorted(Path(state_dir).glob("*.json")):
+        state = _read_state(path)
+        if state is None or (stack is not None and state.get("stack") != stack):
+            continue
+        pid, token = state.get("pid"), state.get("token")
+        if not isinstance(pid, int) or not isinstance(token, str):
+            continue
+        if _alive(pid):
+            _kill(pid, signal.SIGTERM, group=False)
+            deadline = time.monotonic() + timeout
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if _alive(pid):  # the orderly stop did not finish in time
+            _kill(pid, signal.SIGKILL, group=False)
+        for leftover in token_pids(token):  # what a killed replica could not stop itself
+            _kill(leftover, signal.SIGKILL, group=False)
+        path.unlink(missing_ok=True)
+        stopped.append(str(state.get("stack")))
+    return stopped
+
+
+def _tail(path: Path, limit: int = 1500) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return text[-limit:].strip() or "(no output)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pcp_dev.local.replica",
+                                description="run the local replica of a pcp stack")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run in the foreground until SIGTERM or Ctrl-C")
+    s.add_argument("--stack", default="tiny", choices=sorted(STACK_SIZES))
+    s.add_argument("--state-dir", type=Path, default=Path(".pcp-local"))
+    s.add_argument("--sweep-interval", type=float, default=Options.sweep_interval)
+    s.add_argument("--boot-timeout-minutes", type=float, default=Options.boot_timeout_minutes)
+    s.add_argument("--keep-alive-hours", type=float, default=Options.keep_alive_hours)
+    s.add_argument("--max-run-hours", type=float, default=Options.max_run_hours)
+    s.add_argument("--grace", type=float, default=Options.grace)
+    args = p.parse_args(argv)
+    return serve(Options(stack=args.stack, state_dir=args.state_dir,
+                         sweep_interval=args.sweep_interval,
+                         boot_timeout_minutes=args.boot_timeout_minutes,
+                         keep_alive_hours=args.keep_alive_hours,
+                         max_run_hours=args.max_run_hours, grace=args.grace))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
