@@ -4,9 +4,9 @@ timestamps, modes and owners), and both skip `__pycache__` and `*.pyc`.
 - `build_function_archive`: the Cloud Functions source, `functions/*` at the zip root plus the
   parts of the `pcp/` package the functions run (`FUNCTION_PARTS`: core, adapters, edge,
   service, settings, logs; never the agent, the CLI or the development-only `pcp_dev`), so an
-  edit to the CLI does not redeploy the functions. Its SHA-256 (over the files' relative paths and bytes) goes into the uploaded
-  object's name: a changed archive under an unchanged name would be uploaded but never redeployed
-  (hashicorp/terraform-provider-google#1938).
+  edit to the CLI does not redeploy the functions. Its SHA-256 (over the files' relative paths
+  and bytes) goes into the uploaded object's name: a changed archive under an unchanged name
+  would be uploaded but never redeployed (hashicorp/terraform-provider-google#1938).
 - `build_agent_sdist`: a pip-installable source distribution of the agent's parts of `pcp`
   (`AGENT_PARTS`) with a generated pyproject.toml whose dependencies are the `agent` extra
   alone, which the worker startup script installs as the node agent.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import io
+import json
 import tarfile
 import tomllib
 import zipfile

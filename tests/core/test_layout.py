@@ -89,7 +89,8 @@ def test_each_part_imports_only_what_runs_where_it_runs(part: str) -> None:
     assert violations(part) == []
 
 
-def test_the_rules_catch_a_forbidden_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_rules_catch_a_forbidden_import(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "pcp" / "core"
     fake.mkdir(parents=True)
     (fake / "bad.py").write_text("from pcp.service import Service\nimport requests\n")
