@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from pcp.core.commands import (
     ArchiveRun,
@@ -45,23 +46,73 @@ LIVE = (Phase.STARTING, Phase.RUNNING)
 UNARCHIVED_LIMIT = 20
 
 
+class NoteKind(StrEnum):
+    """What a decision did, as a stable kind: counted by the fault campaign and the tests, and
+    logged as a field, so rewording a note's text changes nothing that reads it."""
+
+    QUEUED = "queued"
+    DUPLICATE_START = "duplicate_start"
+    START_REDELIVERED = "start_redelivered"  # a start for a starting run re-issued its nodes
+    REJECTED = "rejected"
+    REJECTION_REPEATED = "rejection_repeated"
+    DEQUEUED = "dequeued"
+    LEASE_ENDED_EARLY = "lease_ended_early"
+    STOP_NOOP = "stop_noop"
+    STOP_UNKNOWN = "stop_unknown"
+    MARKER_IGNORED = "marker_ignored"  # the run is not live, or the node is not one of it
+    MARKER_STALE = "marker_stale"
+    MARKER_DUPLICATE = "marker_duplicate"
+    NODE_BOOTED = "node_booted"
+    NODE_EXITED = "node_exited"
+    RUN_RUNNING = "run_running"
+    START_REISSUED = "start_reissued"  # the sweeper started again VMs that are not up
+    SHEPHERD_RESENT = "shepherd_resent"
+    ORPHANS_STOPPED = "orphans_stopped"
+    LEASE_EXPIRED = "lease_expired"
+    LEASE_TAKEN_OVER = "lease_taken_over"
+    RUN_STARTING = "run_starting"
+    RUN_ENDED = "run_ended"  # `ended` says why
+    RUN_RESTARTING = "run_restarting"
+    RECORD_REWRITTEN = "record_rewritten"
+    START_FAILURE_STALE = "start_failure_stale"
+
+
+@dataclass(frozen=True)
+class Note:
+    """One thing a decision did: its kind, the run it concerns, and the text for people."""
+
+    kind: NoteKind
+    run_id: str | None
+    text: str
+    ended: Reason | None = None  # for RUN_ENDED: the run's end reason
+
+
 @dataclass(frozen=True)
 class Transition:
     state: StackState
     commands: tuple[Command, ...]
-    reason: str
+    notes: tuple[Note, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """The notes' texts joined with "; " (derived; what log lines and tests read)."""
+        return "; ".join(n.text for n in self.notes) or "no change"
+
+    def kinds(self) -> tuple[NoteKind, ...]:
+        return tuple(n.kind for n in self.notes)
 
 
 class _Tx:
-    """Accumulates one decision: the evolving state, the commands and the reasons."""
+    """Accumulates one decision: the evolving state, the commands and the notes."""
 
     def __init__(self, state: StackState) -> None:
         self.state = state
         self.commands: list[Command] = []
-        self.reasons: list[str] = []
+        self.notes: list[Note] = []
 
-    def note(self, reason: str) -> None:
-        self.reasons.append(reason)
+    def note(self, kind: NoteKind, run_id: str | None, text: str,
+             ended: Reason | None = None) -> None:
+        self.notes.append(Note(kind, run_id, text, ended))
 
     def emit(self, *commands: Command) -> None:
         self.commands.extend(commands)
@@ -88,7 +139,7 @@ def decide(state: StackState, event: Event, now: datetime, policy: Policy) -> Tr
         raise TypeError(f"unknown event {type(event).__name__}")
     _expire(tx, now, policy)
     _advance(tx, now, policy)
-    return Transition(tx.state, tuple(tx.commands), "; ".join(tx.reasons) or "no change")
+    return Transition(tx.state, tuple(tx.commands), tuple(tx.notes))
 
 
 # ---------------------------------------------------------------- requests
@@ -101,7 +152,8 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
         # A redelivery after a transient failure: re-issue what has not booted (idempotent).
         pending = [n.name for n in active.nodes if n.phase is NodePhase.PENDING]
         _reissue(tx, active, pending, policy)
-        tx.note(f"duplicate start request for run {req.run_id} (starting): re-issued the start "
+        tx.note(NoteKind.START_REDELIVERED, req.run_id,
+                f"duplicate start request for run {req.run_id} (starting): re-issued the start "
                 f"of {', '.join(pending) or 'no node'}")
         return
     if isinstance(known, RecentRun) and known.reason is Reason.REJECTED:
@@ -110,7 +162,8 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
                                                   if r.run_id != req.run_id))
         known = None
     if known is not None:
-        tx.note(f"duplicate start request for run {req.run_id} ({known.status.value}): no-op")
+        tx.note(NoteKind.DUPLICATE_START, req.run_id,
+                f"duplicate start request for run {req.run_id} ({known.status.value}): no-op")
         return
     if req.stack is not None and req.stack != policy.stack:
         _reject(tx, req.run_id, f"start request is for stack {req.stack!r}, "
@@ -128,15 +181,17 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
     why = "accepted"
     if req.max_hours is not None and req.max_hours > policy.max_run_hours:
         why += f"; max_hours {req.max_hours:g} capped to the stack limit {policy.max_run_hours:g}"
-    run = run.log(now, "-> queued", why)
+    run = run.entered(now, why)
     tx.state = replace(tx.state, queue=(*tx.state.queue, run))
-    tx.note(f"run {req.run_id} {why}, queue position {len(tx.state.queue)}")
+    tx.note(NoteKind.QUEUED, req.run_id,
+            f"run {req.run_id} {why}, queue position {len(tx.state.queue)}")
 
 
 def _reject(tx: _Tx, run_id: str, detail: str, now: datetime, policy: Policy) -> None:
     known = tx.state.find(run_id)
     if known is not None:
-        tx.note(f"rejected request repeats run {run_id} ({known.status.value}): no-op")
+        tx.note(NoteKind.REJECTION_REPEATED, run_id,
+                f"rejected request repeats run {run_id} ({known.status.value}): no-op")
         return
     run = Run(
         request=StartRequest(run_id=run_id),
@@ -145,10 +200,10 @@ def _reject(tx: _Tx, run_id: str, detail: str, now: datetime, policy: Policy) ->
         ended_at=now,
         reason=Reason.REJECTED,
         detail=detail,
-    ).log(now, "-> rejected", detail)
+    ).entered(now, detail)
     _remember(tx, run, policy)
     tx.emit(ArchiveRun(run))
-    tx.note(f"rejected run {run_id}: {detail}")
+    tx.note(NoteKind.REJECTED, run_id, f"rejected run {run_id}: {detail}")
 
 
 def _on_stop(tx: _Tx, req: StopRequest, now: datetime, policy: Policy) -> None:
@@ -161,25 +216,29 @@ def _on_stop(tx: _Tx, req: StopRequest, now: datetime, policy: Policy) -> None:
     if position is not None:
         run = state.queue[position - 1]
         queue = tuple(r for r in state.queue if r.run_id != req.run_id)
-        ended = replace(run, phase=Phase.ENDED, ended_at=now, reason=Reason.CANCELLED,
-                        detail=f"removed from the queue: {why}")
-        ended = ended.log(now, "queued -> ended", ended.detail)
+        detail = f"removed from the queue: {why}"
+        ended = run.moved(now, Phase.ENDED, detail, ended_at=now, reason=Reason.CANCELLED,
+                          detail=detail)
         tx.state = replace(state, queue=queue)
         _remember(tx, ended, policy)
         tx.emit(ArchiveRun(ended))
-        tx.note(f"run {req.run_id} removed from the queue at position {position}: {why}")
+        tx.note(NoteKind.DEQUEUED, req.run_id,
+                f"run {req.run_id} removed from the queue at position {position}: {why}")
         return
     if state.lease is not None and state.lease.run_id == req.run_id:
         tx.emit(StopNodes(state.lease.vms, f"keep-alive of run {req.run_id} ended early: {why}",
                           req.run_id))
         tx.state = replace(state, lease=None)
-        tx.note(f"keep-alive lease of run {req.run_id} ended early: {why}")
+        tx.note(NoteKind.LEASE_ENDED_EARLY, req.run_id,
+                f"keep-alive lease of run {req.run_id} ended early: {why}")
         return
     known = state.find(req.run_id)
     if known is not None:
-        tx.note(f"stop for run {req.run_id}: already {known.status.value}, no-op")
+        tx.note(NoteKind.STOP_NOOP, req.run_id,
+                f"stop for run {req.run_id}: already {known.status.value}, no-op")
         return
-    tx.note(f"rejected stop: unknown run {req.run_id!r} (not active, queued or recent)")
+    tx.note(NoteKind.STOP_UNKNOWN, req.run_id,
+            f"rejected stop: unknown run {req.run_id!r} (not active, queued or recent)")
 
 
 # ---------------------------------------------------------------- node markers
@@ -190,29 +249,32 @@ def _on_marker(tx: _Tx, m: NodeMarker, now: datetime, policy: Policy) -> None:
     if run is None or run.run_id != m.run_id or run.phase not in LIVE:
         known = tx.state.find(m.run_id)
         status = known.status.value if known is not None else "unknown"
-        tx.note(f"{m.kind} marker from {m.node} for run {m.run_id} ({status}): no-op")
+        tx.note(NoteKind.MARKER_IGNORED, m.run_id,
+                f"{m.kind} marker from {m.node} for run {m.run_id} ({status}): no-op")
         return
     if m.attempt != run.attempt:
-        tx.note(f"stale {m.kind} marker from {m.node}, attempt {m.attempt} "
-                f"(run {run.run_id} is on attempt {run.attempt}): no-op")
+        tx.note(NoteKind.MARKER_STALE, m.run_id, f"stale {m.kind} marker from {m.node}, attempt "
+                f"{m.attempt} (run {run.run_id} is on attempt {run.attempt}): no-op")
         return
     node = run.node(m.node)
     if node is None:
-        tx.note(f"{m.kind} marker from {m.node}, which is not a node of run {run.run_id}: no-op")
+        tx.note(NoteKind.MARKER_IGNORED, m.run_id,
+                f"{m.kind} marker from {m.node}, which is not a node of run {run.run_id}: no-op")
         return
     if m.kind == "booted":
         if node.phase is not NodePhase.PENDING:
-            tx.note(f"duplicate booted marker from {m.node}: no-op")
+            tx.note(NoteKind.MARKER_DUPLICATE, m.run_id,
+                    f"duplicate booted marker from {m.node}: no-op")
             return
         _set_node(tx, replace(node, phase=NodePhase.BOOTED, booted_at=m.at), now,
-                  f"{m.node} booted")
+                  NoteKind.NODE_BOOTED, f"{m.node} booted")
         return
     if node.phase is NodePhase.DONE:
-        tx.note(f"duplicate done marker from {m.node}: no-op")
+        tx.note(NoteKind.MARKER_DUPLICATE, m.run_id, f"duplicate done marker from {m.node}: no-op")
         return
     done = replace(node, phase=NodePhase.DONE, booted_at=node.booted_at or m.at, done_at=m.at,
                    exit_code=m.exit_code, signal=m.signal, duration_s=m.duration_s)
-    _set_node(tx, done, now, f"{m.node} exited {_exit_text(done)}")
+    _set_node(tx, done, now, NoteKind.NODE_EXITED, f"{m.node} exited {_exit_text(done)}")
     run = tx.state.active
     assert run is not None
     if done.failed:
@@ -228,16 +290,15 @@ def _exit_text(node: NodeState) -> str:
     return f"with code {node.exit_code}"
 
 
-def _set_node(tx: _Tx, node: NodeState, now: datetime, reason: str) -> None:
+def _set_node(tx: _Tx, node: NodeState, now: datetime, kind: NoteKind, text: str) -> None:
     run = tx.state.active
     assert run is not None
     run = run.with_node(node)
+    tx.note(kind, run.run_id, text)
     if run.phase is Phase.STARTING and all(n.phase is not NodePhase.PENDING for n in run.nodes):
-        run = replace(run, phase=Phase.RUNNING).log(now, "starting -> running",
-                                                     "every node booted")
-        reason += "; every node booted, run is running"
+        run = run.moved(now, Phase.RUNNING, "every node booted")
+        tx.note(NoteKind.RUN_RUNNING, run.run_id, "every node booted, run is running")
     tx.state = replace(tx.state, active=run)
-    tx.note(reason)
 
 
 # ---------------------------------------------------------------- reconcile
@@ -296,11 +357,13 @@ def _check_nodes(tx: _Tx, run: Run, views: dict[str, VmView], now: datetime,
         # booting. Starting it again is idempotent, and the boot timeout bounds the retries.
         restart.append(node.name)
     if restart:
-        tx.note(f"re-issued start for {', '.join(restart)} (VM not up under run {run.run_id})")
+        tx.note(NoteKind.START_REISSUED, run.run_id,
+                f"re-issued start for {', '.join(restart)} (VM not up under run {run.run_id})")
     shepherd = run.node("shepherd")
     if run.phase is Phase.STARTING and shepherd is not None and shepherd.phase is NodePhase.PENDING:
         restart.append("shepherd")
-        tx.note("re-sent the start command to the shepherd (not booted yet)")
+        tx.note(NoteKind.SHEPHERD_RESENT, run.run_id,
+                "re-sent the start command to the shepherd (not booted yet)")
     _reissue(tx, run, restart, policy)
 
 
@@ -330,7 +393,7 @@ def _stop_orphans(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None
     if orphans:
         why = "stack state was lost" if ev.state_lost else "no run or lease holds it"
         tx.emit(StopNodes(orphans, f"orphan: {why}"))
-        tx.note(f"stopping orphan VMs {', '.join(orphans)}: {why}")
+        tx.note(NoteKind.ORPHANS_STOPPED, None, f"stopping orphan VMs {', '.join(orphans)}: {why}")
 
 
 # ---------------------------------------------------------------- time
@@ -350,7 +413,8 @@ def _expire(tx: _Tx, now: datetime, policy: Policy) -> None:
     if lease is not None and now >= lease.until:
         tx.emit(StopNodes(lease.vms, f"keep-alive lease of run {lease.run_id} ended", lease.run_id))
         tx.state = replace(tx.state, lease=None)
-        tx.note(f"keep-alive lease of run {lease.run_id} ended at {iso(lease.until)}")
+        tx.note(NoteKind.LEASE_EXPIRED, lease.run_id,
+                f"keep-alive lease of run {lease.run_id} ended at {iso(lease.until)}")
 
 
 # ---------------------------------------------------------------- start and end
@@ -361,19 +425,15 @@ def _advance(tx: _Tx, now: datetime, policy: Policy) -> None:
         return
     run, rest = tx.state.queue[0], tx.state.queue[1:]
     hours = policy.run_hours(run.request.max_hours)
-    run = replace(
-        run,
-        phase=Phase.STARTING,
-        started_at=now,
-        deadline=now + timedelta(hours=hours),
-        nodes=tuple(NodeState(n) for n in policy.node_names),
-    )
-    run = run.log(now, "queued -> starting",
-                  f"attempt {run.attempt}: starting {policy.worker_count} worker(s) and the "
-                  f"shepherd, deadline in {hours:g} h")
+    run = run.moved(now, Phase.STARTING,
+                    f"attempt {run.attempt}: starting {policy.worker_count} worker(s) and the "
+                    f"shepherd, deadline in {hours:g} h",
+                    started_at=now, deadline=now + timedelta(hours=hours),
+                    nodes=tuple(NodeState(n) for n in policy.node_names))
     state = replace(tx.state, active=run, queue=rest)
     if state.lease is not None:
-        tx.note(f"VMs kept alive for run {state.lease.run_id} are taken over by run {run.run_id}")
+        tx.note(NoteKind.LEASE_TAKEN_OVER, state.lease.run_id, f"VMs kept alive for run "
+                f"{state.lease.run_id} are taken over by run {run.run_id}")
         state = replace(state, lease=None)
     tx.state = state
     tx.emit(
@@ -381,7 +441,7 @@ def _advance(tx: _Tx, now: datetime, policy: Policy) -> None:
         CommandShepherd(_shepherd_start(run, policy)),
         ArchiveRun(run),
     )
-    tx.note(f"run {run.run_id} attempt {run.attempt} starting")
+    tx.note(NoteKind.RUN_STARTING, run.run_id, f"run {run.run_id} attempt {run.attempt} starting")
 
 
 def _deadline(run: Run) -> datetime:
@@ -423,9 +483,8 @@ def _end(tx: _Tx, reason: Reason, detail: str, now: datetime, policy: Policy) ->
     run = tx.state.active
     assert run is not None
     cost = (run.cost_usd or 0.0) + policy.estimate_cost(run.started_at or now, now)
-    ended = replace(run, phase=Phase.ENDED, ended_at=now, reason=reason, detail=detail,
-                    cost_usd=round(cost, 4))
-    ended = ended.log(now, f"{run.phase.value} -> ended", f"{reason.value}: {detail}")
+    ended = run.moved(now, Phase.ENDED, f"{reason.value}: {detail}", ended_at=now,
+                      reason=reason, detail=detail, cost_usd=round(cost, 4))
     vms = policy.worker_vms
     restart = reason in RESTARTABLE and run.attempt <= run.request.max_restarts
     until = min(now + timedelta(hours=policy.keep_alive_hours), _deadline(run))
@@ -444,18 +503,21 @@ def _end(tx: _Tx, reason: Reason, detail: str, now: datetime, policy: Policy) ->
         ended = replace(ended, keep_alive_until=until)
         state = replace(state, lease=Lease(run.run_id, vms, until))
         tx.emit(LabelNodes(vms, ((LABEL_KEEP_ALIVE, str(int(until.timestamp()))),)))
-        tx.note(f"run {run.run_id} {reason.value}: {detail}; VMs kept alive until {iso(until)}")
+        tx.note(NoteKind.RUN_ENDED, run.run_id, f"run {run.run_id} {reason.value}: {detail}; "
+                f"VMs kept alive until {iso(until)}", ended=reason)
     else:
         tx.emit(StopNodes(vms, f"run {run.run_id} {reason.value}", run.run_id))
-        tx.note(f"run {run.run_id} {reason.value}: {detail}; stopping every node")
+        tx.note(NoteKind.RUN_ENDED, run.run_id,
+                f"run {run.run_id} {reason.value}: {detail}; stopping every node", ended=reason)
     tx.state = state
     if restart:
-        again = replace(ended, phase=Phase.QUEUED, attempt=run.attempt + 1, started_at=None,
-                        ended_at=None, deadline=None, nodes=(), reason=None, detail="")
-        again = again.log(now, "ended -> queued", f"restart {run.attempt + 1} of "
-                          f"{run.request.max_restarts + 1} after {reason.value}: {detail}")
+        again = ended.moved(now, Phase.QUEUED, f"restart {run.attempt + 1} of "
+                            f"{run.request.max_restarts + 1} after {reason.value}: {detail}",
+                            attempt=run.attempt + 1, started_at=None, ended_at=None,
+                            deadline=None, nodes=(), reason=None, detail="")
         tx.state = replace(tx.state, queue=(again, *tx.state.queue))
-        tx.note(f"run {run.run_id} will restart as attempt {run.attempt + 1}")
+        tx.note(NoteKind.RUN_RESTARTING, run.run_id,
+                f"run {run.run_id} will restart as attempt {run.attempt + 1}")
         return
     _remember(tx, ended, policy)
     tx.emit(ArchiveRun(ended))
@@ -478,13 +540,14 @@ def _heal_archive(tx: _Tx, archived: frozenset[str]) -> None:
     for run in missing:
         tx.emit(ArchiveRun(run))
     if missing:
-        tx.note(f"re-wrote the record of {', '.join(r.run_id for r in missing)} "
-                "(its first write was lost)")
+        tx.note(NoteKind.RECORD_REWRITTEN, None, f"re-wrote the record of "
+                f"{', '.join(r.run_id for r in missing)} (its first write was lost)")
 
 
 def _on_start_failed(tx: _Tx, ev: StartFailed, now: datetime, policy: Policy) -> None:
     run = tx.state.active
     if run is None or run.run_id != ev.run_id or run.attempt != ev.attempt:
-        tx.note(f"start failure for run {ev.run_id} attempt {ev.attempt} is stale: no-op")
+        tx.note(NoteKind.START_FAILURE_STALE, ev.run_id,
+                f"start failure for run {ev.run_id} attempt {ev.attempt} is stale: no-op")
         return
     _end(tx, Reason.FAILED, f"could not start the VMs: {ev.detail}", now, policy)

@@ -160,6 +160,15 @@ class Run:
     def log(self, at: datetime, change: str, reason: str) -> Run:
         return replace(self, history=(*self.history, HistoryEntry(at, change, reason)))
 
+    def entered(self, at: datetime, reason: str) -> Run:
+        """A new run's first history entry: `-> <status>` (queued, or rejected)."""
+        return self.log(at, f"-> {self.status.value}", reason)
+
+    def moved(self, at: datetime, to: Phase, why: str, /, **changes: Any) -> Run:
+        """The one way a run changes phase: apply `changes`, set `to`, log `from -> to`."""
+        moved = replace(self, phase=to, **changes)
+        return moved.log(at, f"{self.phase.value} -> {to.value}", why)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,

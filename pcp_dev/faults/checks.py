@@ -23,12 +23,12 @@ same with or without a deletion.
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from pcp.core.events import VmView
+from pcp.core.lifecycle import NoteKind
 from pcp.core.names import (
     LABEL_ATTEMPT,
     LABEL_DEADLINE,
@@ -46,18 +46,21 @@ if TYPE_CHECKING:
 
 TERMINAL = ("succeeded", "failed", "cancelled", "rejected")
 
-# Notes in a sweep's reason that mean the sweeper, not an event, did something (lifecycle.py).
-HEALS = (
-    (re.compile(r"^re-issued start for "), "sweeper: VM starts re-issued"),
-    (re.compile(r"^re-sent the start command to the shepherd"), "sweeper: shepherd start re-sent"),
-    (re.compile(r"^stopping orphan VMs "), "sweeper: orphan VMs stopped"),
-    (re.compile(r"^\S+ booted$"), "sweeper: booted markers found"),
-    (re.compile(r"^\S+ exited "), "sweeper: done markers found"),
-    (re.compile(r"^run \S+ timed_out: "), "sweeper: deadlines enforced"),
-    (re.compile(r"^run \S+ boot_timeout: "), "sweeper: boot timeouts"),
-    (re.compile(r"^run \S+ node_lost: "), "sweeper: lost nodes detected"),
-    (re.compile(r"^keep-alive lease of run \S+ ended at "), "sweeper: keep-alive leases ended"),
-)
+# Note kinds of a sweep that mean the sweeper, not an event, did something (lifecycle.py).
+HEALS = {
+    NoteKind.START_REISSUED: "sweeper: VM starts re-issued",
+    NoteKind.SHEPHERD_RESENT: "sweeper: shepherd start re-sent",
+    NoteKind.ORPHANS_STOPPED: "sweeper: orphan VMs stopped",
+    NoteKind.NODE_BOOTED: "sweeper: booted markers found",
+    NoteKind.NODE_EXITED: "sweeper: done markers found",
+    NoteKind.LEASE_EXPIRED: "sweeper: keep-alive leases ended",
+}
+# A run the sweeper ended, by its end reason.
+HEALED_ENDS = {
+    Reason.TIMED_OUT: "sweeper: deadlines enforced",
+    Reason.BOOT_TIMEOUT: "sweeper: boot timeouts",
+    Reason.NODE_LOST: "sweeper: lost nodes detected",
+}
 
 
 def label_int(vm: VmView | dict[str, str], key: str) -> int | None:
@@ -116,11 +119,12 @@ class Checks:
                              f"{iso(datetime.fromtimestamp(deadline, UTC))} + one interval")
 
     def after_sweep(self, outcome: Outcome) -> None:
-        for note in outcome.reason.split("; "):
-            for pattern, heal in HEALS:
-                if pattern.search(note):
-                    self.w.report.heals[heal] += 1
-                    break
+        for note in outcome.transition.notes:
+            heal = HEALS.get(note.kind)
+            if note.kind is NoteKind.RUN_ENDED and note.ended is not None:
+                heal = HEALED_ENDS.get(note.ended)
+            if heal is not None:
+                self.w.report.heals[heal] += 1
         now = self.w.now
         audit = self.w.store.get(f"{SWEEPS}{iso(now)}.json")
         lost = audit is not None and b'"state_lost":true' in audit.data
