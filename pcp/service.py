@@ -25,7 +25,7 @@ from pcp.core.commands import (
 )
 from pcp.core.errors import CapacityError, Conflict, CorruptState, PermanentError
 from pcp.core.events import Event, Markers, Reconcile, Rejected, StartFailed
-from pcp.core.lifecycle import Transition, decide
+from pcp.core.lifecycle import Transition, decide, marker_would_change
 from pcp.core.messages import NodeMarker, dump
 from pcp.core.names import (
     STACK_DOC,
@@ -38,7 +38,7 @@ from pcp.core.names import (
 )
 from pcp.core.policy import Policy
 from pcp.core.ports import BlobStore, Bus, Fleet
-from pcp.core.state import NodePhase, Phase, Run, StackState
+from pcp.core.state import Phase, Run, StackState
 from pcp.core.timefmt import iso
 
 
@@ -142,8 +142,8 @@ class Service:
         def event(loaded: Loaded) -> Event:
             nonlocal tries
             tries += 1
-            if tries == 1 or not _unapplied(loaded.state, marker.run_id, marker.node,
-                                            marker.kind):
+            if tries == 1 or not marker_would_change(loaded.state, marker.run_id, marker.node,
+                                                     marker.kind, marker.attempt):
                 return marker  # first try, or a winner already folded this one in
             return Markers(marker, self._markers(loaded.state, unapplied_only=True))
 
@@ -200,7 +200,8 @@ class Service:
         for item in self.store.scan(markers_prefix(run.run_id)):
             try:
                 _, node_name, kind = NodeMarker.parse_path(item.name)
-                if unapplied_only and not _unapplied(state, run.run_id, node_name, kind):
+                if unapplied_only and not marker_would_change(state, run.run_id, node_name,
+                                                              kind, None):
                     continue
                 marker = NodeMarker.from_metadata(dict(item.metadata), item.name)
                 if marker is None and not unapplied_only:
@@ -293,15 +294,6 @@ class Service:
             "metrics": metrics,
             "files": files,
         }
-
-
-def _unapplied(state: StackState, run_id: str, node_name: str, kind: str) -> bool:
-    """Whether a marker of the active run would still change its node's state."""
-    run = state.active
-    node = None if run is None or run.run_id != run_id else run.node(node_name)
-    if node is None or node.phase is NodePhase.DONE:
-        return False
-    return kind == "done" or node.phase is NodePhase.PENDING
 
 
 def describe(command: Command) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from google.api_core import exceptions as gexc
 
 from pcp.core.errors import CapacityError
-from pcp.core.events import RUNNING_STATES, VmView
+from pcp.core.events import RUNNING_STATES, VmView, holds_attempt, late_stop_spares
 from pcp.core.messages import Assignment
 from pcp.core.names import (
     ASSIGNMENT_KEY,
@@ -169,7 +169,7 @@ class ComputeFleet:
         else:
             vm.gpu = _last_segment(inst.machine_type) or vm.gpu
         labels = dict(inst.labels)
-        same = labels.get(LABEL_RUN) == a.run_id and labels.get(LABEL_ATTEMPT) == str(a.attempt)
+        same = holds_attempt(labels, a.run_id, a.attempt)
         if inst.status in RUNNING_STATES and same:
             log("INFO", "fleet.start", stack=self.stack, run_id=a.run_id,
                 reason=f"{vm.name} already {inst.status} for attempt {a.attempt}; left alone")
@@ -199,13 +199,10 @@ class ComputeFleet:
                 if inst.status == "TERMINATED":
                     return
                 labels = dict(inst.labels)
-                current = None if owner is not None and labels.get(LABEL_RUN) == owner \
-                    else spare()
-                if current is not None and (labels.get(LABEL_RUN), labels.get(
-                        LABEL_ATTEMPT)) == (current[0], str(current[1])):
-                    log("INFO", "fleet.stop", stack=self.stack, run_id=current[0],
-                        reason=f"{vm.name} now runs {current[0]} attempt {current[1]}; "
-                               "a late stop leaves it alone")
+                if late_stop_spares(labels, owner, spare):
+                    log("INFO", "fleet.stop", stack=self.stack, run_id=labels.get(LABEL_RUN),
+                        reason=f"{vm.name} now runs {labels.get(LABEL_RUN)} attempt "
+                               f"{labels.get(LABEL_ATTEMPT)}; a late stop leaves it alone")
                     return
             self._mutate(vm, "stop", vm.clients.instances.stop_unary)
         except gexc.NotFound:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pcp.core.errors import CapacityError, Conflict
-from pcp.core.events import VmView
+from pcp.core.events import VmView, holds_attempt, late_stop_spares
 from pcp.core.messages import Assignment
 from pcp.core.names import (
     ASSIGNMENT_KEY,
@@ -101,8 +101,7 @@ class MemoryFleet:
             for a in assignments:
                 vm = self.vms[a.vm]
                 self.calls.append(("start", vm.name))
-                same = (vm.labels.get(LABEL_RUN) == a.run_id
-                        and vm.labels.get(LABEL_ATTEMPT) == str(a.attempt))
+                same = holds_attempt(vm.labels, a.run_id, a.attempt)
                 if vm.status == "RUNNING" and same:
                     continue
                 if vm.status == "RUNNING":
@@ -121,14 +120,12 @@ class MemoryFleet:
         for name in vms:
             with self._lock:
                 vm = self.vms.get(name)
-                mine = vm is not None and owner is not None and vm.labels.get(LABEL_RUN) == owner
-            current = spare() if spare is not None and not mine else None
+                labels = dict(vm.labels) if vm is not None else {}
+            spared = vm is not None and late_stop_spares(labels, owner, spare)
             with self._lock:
                 self.calls.append(("stop", name))
                 vm = self.vms.get(name)
-                if vm is not None and current is not None and (
-                        vm.labels.get(LABEL_RUN), vm.labels.get(LABEL_ATTEMPT)) == (
-                        current[0], str(current[1])):
+                if spared:
                     continue  # a late stop: the VM now belongs to the current run
                 if vm is not None and vm.status != "TERMINATED":
                     vm.status = "TERMINATED"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pcp.core.messages import NodeMarker, StartRequest, StopRequest
+from pcp.core.names import LABEL_ATTEMPT, LABEL_RUN
 
 RUNNING_STATES = frozenset({"PROVISIONING", "STAGING", "RUNNING"})
 
@@ -25,6 +27,22 @@ class VmView:
     def label_epoch(self, key: str) -> int | None:
         value = self.labels.get(key, "")
         return int(value) if value.isdigit() else None
+
+
+def holds_attempt(labels: Mapping[str, str], run_id: str, attempt: int) -> bool:
+    """Whether a VM's labels say it runs this attempt of this run (its start already happened)."""
+    return labels.get(LABEL_RUN) == run_id and labels.get(LABEL_ATTEMPT) == str(attempt)
+
+
+def late_stop_spares(labels: Mapping[str, str], owner: str | None,
+                     current: Callable[[], tuple[str, int] | None] | None) -> bool:
+    """Whether a stop decided earlier must leave this VM alone: it now holds the attempt active
+    when the stop executes. A VM still labelled with the stopped run (`owner`) is never spared,
+    and `current` (which costs a read) is asked only for the others."""
+    if current is None or (owner is not None and labels.get(LABEL_RUN) == owner):
+        return False
+    active = current()
+    return active is not None and holds_attempt(labels, *active)
 
 
 @dataclass(frozen=True)

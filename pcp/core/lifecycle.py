@@ -19,7 +19,15 @@ from pcp.core.commands import (
     StartNodes,
     StopNodes,
 )
-from pcp.core.events import Event, Markers, Reconcile, Rejected, StartFailed, VmView
+from pcp.core.events import (
+    Event,
+    Markers,
+    Reconcile,
+    Rejected,
+    StartFailed,
+    VmView,
+    holds_attempt,
+)
 from pcp.core.messages import (
     Assignment,
     NodeMarker,
@@ -27,7 +35,7 @@ from pcp.core.messages import (
     StartRequest,
     StopRequest,
 )
-from pcp.core.names import LABEL_ATTEMPT, LABEL_KEEP_ALIVE, LABEL_RUN
+from pcp.core.names import LABEL_KEEP_ALIVE
 from pcp.core.policy import Policy
 from pcp.core.state import (
     RESTARTABLE,
@@ -324,15 +332,20 @@ def _apply_news(tx: _Tx, markers: tuple[NodeMarker, ...], now: datetime,
 
 
 def _marker_is_news(state: StackState, m: NodeMarker) -> bool:
+    return marker_would_change(state, m.run_id, m.node, m.kind, m.attempt)
+
+
+def marker_would_change(state: StackState, run_id: str, node_name: str, kind: str,
+                        attempt: int | None) -> bool:
+    """Whether a marker would still change the active run: the one definition the lifecycle
+    and the service's fold share. `attempt` None: not known yet (only the path was read)."""
     run = state.active
-    if run is None or run.run_id != m.run_id or run.attempt != m.attempt:
+    if run is None or run.run_id != run_id or (attempt is not None and run.attempt != attempt):
         return False
-    node = run.node(m.node)
-    if node is None:
+    node = run.node(node_name)
+    if node is None or node.phase is NodePhase.DONE:
         return False
-    if m.kind == "booted":
-        return node.phase is NodePhase.PENDING
-    return node.phase is not NodePhase.DONE
+    return kind == "done" or node.phase is NodePhase.PENDING
 
 
 def _check_nodes(tx: _Tx, run: Run, views: dict[str, VmView], now: datetime,
@@ -344,8 +357,7 @@ def _check_nodes(tx: _Tx, run: Run, views: dict[str, VmView], now: datetime,
         if vm_name is None or node.phase is NodePhase.DONE:
             continue
         vm = views.get(vm_name)
-        ours = vm is not None and vm.labels.get(LABEL_RUN) == run.run_id and \
-            vm.labels.get(LABEL_ATTEMPT) == str(run.attempt)
+        ours = vm is not None and holds_attempt(vm.labels, run.run_id, run.attempt)
         if vm is not None and vm.up and ours:
             continue
         if node.phase is NodePhase.BOOTED:

@@ -21,7 +21,8 @@ def log_outcome(settings: Settings, event: str, outcome: Outcome, run_id: str | 
     if known is not None and known.status is Status.REJECTED:
         severity = "WARNING"
     log(severity, event, stack=settings.stack, run_id=run_id, reason=outcome.reason,
-        kinds=[k.value for k in outcome.transition.kinds()], conflicts=outcome.conflicts, commands=len(outcome.commands), saved=outcome.saved,
+        kinds=[k.value for k in outcome.transition.kinds()], conflicts=outcome.conflicts,
+        commands=len(outcome.commands), saved=outcome.saved,
         errors=outcome.errors, **fields)
 
 
