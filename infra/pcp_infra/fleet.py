@@ -1,10 +1,10 @@
 """Persistent GPU worker VMs: created once, then started and stopped by the control plane.
 
 Pulumi owns the VM's shape; the control plane owns its run-time state. The fields the control
-plane changes (DESIGN 6.2: status, the `pcp-assignment` metadata key, run labels, the GCE hard cap
-`scheduling.maxRunDuration` + `instanceTerminationAction`) are listed in WORKER_IGNORE_CHANGES,
-and `desired_status` is never set, so `pulumi up` (even after a refresh) never starts or stops a
-worker or undoes an armed hard cap.
+plane changes (docs/architecture.md: status, the `pcp-assignment` metadata key, run labels, the
+GCE hard cap `scheduling.maxRunDuration` + `instanceTerminationAction`) are in
+WORKER_IGNORE_CHANGES, and `desired_status` is never set, so `pulumi up` (even after a
+refresh) never starts or stops a worker or undoes an armed hard cap.
 """
 
 from __future__ import annotations

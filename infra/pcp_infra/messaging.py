@@ -1,7 +1,8 @@
 """Pub/Sub topics, the shepherd's pull subscription, dead-lettering, and the markers notification.
 
-Events (DESIGN 3): start/stop requests, sweep ticks, shepherd commands, and GCS notifications
-for objects under `markers/` (and only there: checkpoints and logs must not invoke functions).
+Events (docs/architecture.md): start/stop requests, sweep ticks, shepherd commands, and GCS
+notifications for objects under `markers/` (and only there: checkpoints and logs must not
+invoke functions).
 """
 
 from __future__ import annotations

@@ -4,5 +4,5 @@ A worker agent reads its assignment from instance metadata and powers the VM off
 done; the shepherd agent takes start and stop commands from a Pub/Sub subscription and never
 powers its host off. Both realise the binary, write `booted`, run the binary with its logs
 streamed to the bucket, write `done`, and stop the binary when the run ends elsewhere, at
-the deadline or on SIGTERM (DESIGN section 7; docs/agent.md).
+the deadline or on SIGTERM (the binary contract in docs/agent.md).
 """

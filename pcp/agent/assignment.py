@@ -102,7 +102,7 @@ class ShepherdSubscription:
             self._future.cancel()
             try:
                 self._future.result(timeout=10)
-            except Exception:  # noqa: BLE001, S110 - cancelled on purpose
+            except Exception:  # noqa: BLE001 - cancelled on purpose
                 pass
         if self._client is not None:
             self._client.close()

@@ -1,8 +1,9 @@
 """The node's dead-man's switch: when a worker VM powers itself off, and how.
 
-Independent of the control plane (DESIGN section 6, layer 3): even if every function fails,
-a worker never idles past its run. The decision is a pure function of the assignment, the
-run record and the time; the agent re-evaluates it every poll until it says "now".
+Independent of the control plane (a safety layer of its own, docs/reliability.md): even if
+every function fails, a worker never idles past its run. The decision is a pure function of
+the assignment, the run record and the time; the agent re-evaluates it every poll until it
+says "now".
 """
 
 from __future__ import annotations

@@ -8,13 +8,14 @@ the grace period: SIGTERM to the group, then SIGKILL once the grace has passed.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from pcp.agent.procs import signal_group
 
 CANNOT_EXECUTE = 126  # the shell's "found but cannot execute"
 
@@ -87,10 +88,7 @@ class Runner:
     def reap_group(self) -> None:
         """After the main process exited: kill what it left behind in its group."""
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            signal_group(self.proc.pid, signal.SIGKILL)
 
     def exit(self) -> Exit:
         assert self.proc is not None and self.proc.returncode is not None
@@ -104,7 +102,4 @@ class Runner:
         assert self.proc is not None
         if self.sent is None:
             self.sent = sig.name
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        signal_group(self.proc.pid, sig)

@@ -68,7 +68,7 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
     if flags.get("stack"):
         body["stack"] = flags["stack"]
     try:  # the control plane's own parser: what fails here would be rejected there
-        request = StartRequest.from_json(json.dumps(body))
+        request = StartRequest.from_dict(body)
     except PermanentError as e:
         fail(str(e), EXIT_USAGE)
     ctx = context()

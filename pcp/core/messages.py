@@ -217,8 +217,12 @@ class StartRequest:
 
     @classmethod
     def from_json(cls, data: bytes | str, message_id: str | None = None) -> StartRequest:
+        return cls.from_dict(load_object(data, "start request"), message_id)
+
+    @classmethod
+    def from_dict(cls, obj: JsonObj, message_id: str | None = None) -> StartRequest:
+        """The parser behind from_json, for a request already decoded (the CLI builds one)."""
         what = "start request"
-        obj = load_object(data, what)
         check_fields(obj, START_FIELDS, what)
         if obj.get("run_id") is not None:
             run_id = validate_run_id(obj["run_id"])
@@ -488,7 +492,7 @@ class Assignment:
         return f"{self.head_host}:{self.port}"
 
     def argv(self, executable: str) -> list[str]:
-        """The binary's argument list (DESIGN section 7). Never passed through a shell."""
+        """The binary's argument list (the contract in docs/agent.md). Never through a shell."""
         if self.role == "shepherd":
             return [executable, "shepherd", f"--port={self.port}", *self.args]
         return [executable, "worker", f"--head-node={self.head_node}", *self.args]

@@ -52,7 +52,7 @@ def _serve(conn: Connection, project: str, zone: str) -> None:
     from pcp_dev.local.compute import LocalCompute
 
     # The endpoint's own log lines (a hook failing, maxRunDuration) are not the bench's output.
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the child's whole life
+    sys.stdout = open(os.devnull, "w")  # for the child's whole life
 
     log: list[tuple[float, str, str]] = []
 

@@ -558,10 +558,10 @@ class _Handler(BaseHTTPRequestHandler):
     # delayed ACK of the headers, adding ~40 ms to every call on a kept-alive connection.
     disable_nagle_algorithm = True
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+    def do_GET(self) -> None:  # the http.server naming
         self._serve("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._serve("POST")
 
     def _serve(self, method: str) -> None:
@@ -583,5 +583,5 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # every call is in LocalCompute.calls; access lines would only be noise

@@ -26,6 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
 
+from pcp.agent.procs import signal_group
+
 if TYPE_CHECKING:
     from google.cloud import pubsub_v1, storage
 
@@ -162,10 +164,7 @@ def _launch(name: str, argv_for: Callable[[int], list[str]], port: int | None,
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # start_new_session made the child its group's leader
-    except (ProcessLookupError, PermissionError):
-        pass
+    signal_group(proc.pid, sig)  # start_new_session made the child its group's leader
 
 
 # Probes go straight to loopback, whatever http_proxy says.
@@ -406,7 +405,7 @@ def ensure_topic(host: str, project: str, topic: str) -> str:
 
 def ensure_subscription(host: str, project: str, sub: str, topic: str,
                         push_endpoint: str | None = None, ack_deadline: int = 60,
-                        filter: str | None = None) -> str:  # noqa: A002 (the API's word)
+                        filter: str | None = None) -> str:  # the API's word
     """Create a pull (or, with `push_endpoint`, push) subscription unless it exists.
 
     `topic` is a short name in `project` or a full `projects/P/topics/T` path.

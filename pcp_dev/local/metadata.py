@@ -95,7 +95,7 @@ class _Handler(BaseHTTPRequestHandler):
     metadata: MetadataServer
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+    def do_GET(self) -> None:  # the http.server naming
         url = urlsplit(self.path)
         if self.headers.get("Metadata-Flavor") != "Google":
             code, ctype, body = 403, "text/html", "Missing Metadata-Flavor:Google header.\n"
@@ -109,5 +109,5 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # a polling agent would flood the output

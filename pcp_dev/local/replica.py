@@ -40,6 +40,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pcp
+from pcp.agent.procs import signal_group
 from pcp.core.names import Names
 from pcp.core.policy import STACK_SIZES
 from pcp.logs import log
@@ -150,11 +151,11 @@ def descendants(pid: int) -> list[int]:
 
 
 def _kill(pid: int, sig: int, group: bool) -> None:
+    if group:
+        signal_group(pid, sig)
+        return
     try:
-        if group:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
+        os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -250,7 +251,7 @@ class Child:
 def _http_answers(url: str) -> bool:
     """Any HTTP answer (functions-framework answers GET / with 405) means it is serving."""
     try:
-        with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=1):  # loopback only
             return True
     except urllib.error.HTTPError:
         return True

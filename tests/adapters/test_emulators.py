@@ -176,7 +176,7 @@ def push_sink() -> Iterator[tuple[str, queue.Queue[dict[str, object]]]]:
     bodies: queue.Queue[dict[str, object]] = queue.Queue()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:  # http.server's name
             length = int(self.headers.get("Content-Length", 0))
             bodies.put(json.loads(self.rfile.read(length)))
             self.send_response(204)

@@ -165,12 +165,12 @@ def _handler(server: SchedulerServer) -> type[BaseHTTPRequestHandler]:
             name, _, verb = path.partition(":")
             return name, verb or None
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:  # http.server's naming
             name, _ = self._job()
             server.calls.append(("get", name))
             self._reply(name)
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             name, verb = self._job()
             server.calls.append((verb or "post", name))

@@ -22,14 +22,14 @@ NO_CREDS_ENV = {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/pcp-test-credent
 
 @pytest.mark.parametrize("args", [["status"], ["run"], ["stop", "r-x"], ["runs"],
                                   ["results", "r-x", "--dest", "out"]])
-def test_missing_credentials_is_one_line(args, invoke, tmp_path) -> None:  # noqa: ANN001
+def test_missing_credentials_is_one_line(args, invoke, tmp_path) -> None:
     result = invoke(args, env={**NO_CREDS_ENV, "PCP_LOCAL_DIR": str(tmp_path)})
     assert result.exit_code == 1
     assert result.stderr == f"pcp: error: {NO_CREDENTIALS}\n"
     assert "Traceback" not in result.output
 
 
-def test_missing_credentials_from_the_console_script(tmp_path) -> None:  # noqa: ANN001
+def test_missing_credentials_from_the_console_script(tmp_path) -> None:
     """The installed entry point, as a real process: no traceback reaches the user."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **NO_CREDS_ENV,
            "PCP_LOCAL_DIR": str(tmp_path)}
@@ -39,34 +39,34 @@ def test_missing_credentials_from_the_console_script(tmp_path) -> None:  # noqa:
     assert proc.stderr == f"pcp: error: {NO_CREDENTIALS}\n"
 
 
-def test_doctor_reports_missing_credentials_as_a_check(invoke, tmp_path) -> None:  # noqa: ANN001
+def test_doctor_reports_missing_credentials_as_a_check(invoke, tmp_path) -> None:
     result = invoke(["doctor"], env={**NO_CREDS_ENV, "PCP_LOCAL_DIR": str(tmp_path)})
     assert result.exit_code == 1
     assert f"✗ credentials: {NO_CREDENTIALS}" in result.stdout
     assert "– bucket: not checked without credentials" in result.stdout
 
 
-def test_no_names_anywhere_is_one_line(invoke, tmp_path) -> None:  # noqa: ANN001
+def test_no_names_anywhere_is_one_line(invoke, tmp_path) -> None:
     result = invoke(["status"], env={"PCP_LOCAL_DIR": str(tmp_path)})
     assert result.exit_code == 1
     assert result.stderr.startswith("pcp: error: no resource names for stack tiny")
     assert len(result.stderr.splitlines()) == 1
 
 
-def test_unknown_stack_from_the_environment(invoke, tmp_path) -> None:  # noqa: ANN001
+def test_unknown_stack_from_the_environment(invoke, tmp_path) -> None:
     result = invoke(["runs"], env={"PCP_STACK": "giant", "PCP_LOCAL_DIR": str(tmp_path)})
     assert result.exit_code == 1
     assert result.stderr == ("pcp: error: unknown stack 'giant': use one of tiny, small, large, "
                              "huge\n")
 
 
-def cloud_context(stack, scheduler) -> Context:  # noqa: ANN001
+def cloud_context(stack, scheduler) -> Context:
     config = resolve({}, {"PCP_PROJECT": "real-proj", "PCP_REGION": "europe-west4"})
     return Context("tiny", store=stack.store, bus=stack.bus, config=config,
                    scheduler=scheduler, local=False, credentials=lambda: "test credentials")
 
 
-def test_sweep_runs_the_scheduler_job(stack, invoke, scheduler_server,  # noqa: ANN001
+def test_sweep_runs_the_scheduler_job(stack, invoke, scheduler_server,
                                       scheduler_client) -> None:
     scheduler_server.jobs[JOB] = "ENABLED"
     result = invoke(["sweep"], obj=cloud_context(stack, scheduler_client))
@@ -76,7 +76,7 @@ def test_sweep_runs_the_scheduler_job(stack, invoke, scheduler_server,  # noqa: 
     assert stack.published("sweep") == []  # the job publishes, not the CLI
 
 
-def test_sweep_of_a_missing_job_is_one_line(stack, invoke, scheduler_server,  # noqa: ANN001
+def test_sweep_of_a_missing_job_is_one_line(stack, invoke, scheduler_server,
                                             scheduler_client) -> None:
     result = invoke(["sweep"], obj=cloud_context(stack, scheduler_client))
     assert result.exit_code == 1
@@ -85,7 +85,7 @@ def test_sweep_of_a_missing_job_is_one_line(stack, invoke, scheduler_server,  # 
 
 
 @pytest.mark.parametrize("state, ok", [("ENABLED", True), ("PAUSED", False)])
-def test_doctor_checks_the_safety_net(stack, invoke, scheduler_server,  # noqa: ANN001
+def test_doctor_checks_the_safety_net(stack, invoke, scheduler_server,
                                       scheduler_client, state, ok) -> None:
     scheduler_server.jobs[JOB] = state
     result = invoke(["doctor"], obj=cloud_context(stack, scheduler_client))
@@ -101,13 +101,13 @@ def test_doctor_checks_the_safety_net(stack, invoke, scheduler_server,  # noqa: 
     assert ("get", JOB) in scheduler_server.calls
 
 
-def test_doctor_without_the_job(stack, invoke, scheduler_server, scheduler_client) -> None:  # noqa: ANN001
+def test_doctor_without_the_job(stack, invoke, scheduler_server, scheduler_client) -> None:
     result = invoke(["doctor"], obj=cloud_context(stack, scheduler_client))
     assert result.exit_code == 1
     assert f"✗ scheduler job: {JOB} does not exist" in result.stdout
 
 
-def test_doctor_without_a_region(stack, invoke) -> None:  # noqa: ANN001
+def test_doctor_without_a_region(stack, invoke) -> None:
     config = resolve({}, {"PCP_PROJECT": "real-proj"})
     ctx = Context("tiny", store=stack.store, bus=stack.bus, config=config, local=False,
                   credentials=lambda: "test credentials")
@@ -117,7 +117,7 @@ def test_doctor_without_a_region(stack, invoke) -> None:  # noqa: ANN001
     assert sweep.exit_code == 1 and "the sweep job's region is unknown" in sweep.stderr
 
 
-def test_a_stale_local_replica_file_is_one_line(invoke, tmp_path) -> None:  # noqa: ANN001
+def test_a_stale_local_replica_file_is_one_line(invoke, tmp_path) -> None:
     """A state file left behind by a replica that is gone: no minutes of retries."""
     from pcp_dev.local.emulators import free_port
 

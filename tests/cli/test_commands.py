@@ -22,7 +22,7 @@ pytestmark = pytest.mark.cli
 RUN_ID_STYLE = re.compile(r"^r-\d{8}-\d{6}-[0-9a-f]{4}$")
 
 
-def one_line_error(result) -> str:  # noqa: ANN001
+def one_line_error(result) -> str:
     """The error output of a failed command: exactly one line, no traceback."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
@@ -34,7 +34,7 @@ def one_line_error(result) -> str:  # noqa: ANN001
 # ---------------------------------------------------------------- run
 
 
-def test_run_publishes_a_valid_start_request(stack, invoke) -> None:  # noqa: ANN001
+def test_run_publishes_a_valid_start_request(stack, invoke) -> None:
     result = invoke(["run", "--stack", "tiny", "--config", "--lr 0.1 --name 'a b'",
                      "--keep-vm-alive", "--max-hours", "2", "--max-restarts", "1",
                      "--binary", "github:example/trainer#train"],
@@ -52,7 +52,7 @@ def test_run_publishes_a_valid_start_request(stack, invoke) -> None:  # noqa: AN
     assert f"pcp status {run_id}" in result.stderr
 
 
-def test_run_json_with_fixed_id_and_platform_map(stack, invoke) -> None:  # noqa: ANN001
+def test_run_json_with_fixed_id_and_platform_map(stack, invoke) -> None:
     binary = '{"x86_64-linux": "/nix/store/a-train", "aarch64-darwin": "/nix/store/b-train"}'
     result = invoke(["run", "--run-id", "gh-42-1", "--binary", binary, "--json"],
                     obj=stack.context)
@@ -71,7 +71,7 @@ def test_run_json_with_fixed_id_and_platform_map(stack, invoke) -> None:  # noqa
     (["--max-hours", "-1"], "max_hours must be positive"),
     (["--binary", "{not json"], "--binary looks like a JSON platform map"),
 ])
-def test_invalid_run_is_one_line_and_publishes_nothing(stack, invoke, args,  # noqa: ANN001
+def test_invalid_run_is_one_line_and_publishes_nothing(stack, invoke, args,
                                                        message) -> None:
     result = invoke(["run", *args], obj=stack.context)
     assert result.exit_code == 2
@@ -79,14 +79,14 @@ def test_invalid_run_is_one_line_and_publishes_nothing(stack, invoke, args,  # n
     assert stack.bus.messages == []
 
 
-def test_unknown_stack_is_one_line(stack, invoke) -> None:  # noqa: ANN001
+def test_unknown_stack_is_one_line(stack, invoke) -> None:
     result = invoke(["run", "--stack", "medium"], obj=stack.context)
     assert result.exit_code == 1
     assert "unknown stack 'medium'" in one_line_error(result)
     assert stack.bus.messages == []
 
 
-def test_run_wait_success(stack, invoke, control_plane) -> None:  # noqa: ANN001
+def test_run_wait_success(stack, invoke, control_plane) -> None:
     control_plane(stack.store, stack.bus, {})
     result = invoke(["run", "--run-id", "r-ok", "--wait", "--poll", "0.01", "--timeout", "20"],
                     obj=stack.context)
@@ -102,7 +102,7 @@ def test_run_wait_success(stack, invoke, control_plane) -> None:  # noqa: ANN001
     assert len(lines) == len(set(line.split("] ", 1)[1] for line in lines))  # only changes
 
 
-def test_run_wait_failure_exits_1_with_the_reason(stack, invoke, control_plane) -> None:  # noqa: ANN001
+def test_run_wait_failure_exits_1_with_the_reason(stack, invoke, control_plane) -> None:
     control_plane(stack.store, stack.bus, {"worker-0": 3})
     result = invoke(["run", "--run-id", "r-bad", "--wait", "--poll", "0.01", "--timeout", "20"],
                     obj=stack.context)
@@ -115,7 +115,7 @@ def test_run_wait_failure_exits_1_with_the_reason(stack, invoke, control_plane) 
     ("reject", "rejected", "no binary: pass one in the request"),
     ("cancel", "cancelled", "removed from the queue: changed my mind"),
 ])
-def test_run_wait_rejected_or_cancelled_exits_1(stack, invoke, end, status,  # noqa: ANN001
+def test_run_wait_rejected_or_cancelled_exits_1(stack, invoke, end, status,
                                                 reason) -> None:
     stack.start("r-first")  # holds the stack, so the next run waits in the queue
 
@@ -141,7 +141,7 @@ def test_run_wait_rejected_or_cancelled_exits_1(stack, invoke, end, status,  # n
         assert "queue position 1" in result.stdout
 
 
-def test_run_wait_json(stack, invoke, control_plane) -> None:  # noqa: ANN001
+def test_run_wait_json(stack, invoke, control_plane) -> None:
     control_plane(stack.store, stack.bus, {})
     result = invoke(["run", "--run-id", "r-js", "--wait", "--json", "--poll", "0.01"],
                     obj=stack.context)
@@ -151,7 +151,7 @@ def test_run_wait_json(stack, invoke, control_plane) -> None:  # noqa: ANN001
     assert out["summary"]["metrics"] == {"loss": 0.125, "steps": 100}
 
 
-def test_run_wait_timeout_leaves_the_run_alone(stack, invoke) -> None:  # noqa: ANN001
+def test_run_wait_timeout_leaves_the_run_alone(stack, invoke) -> None:
     result = invoke(["run", "--run-id", "r-slow", "--wait", "--poll", "0.01", "--timeout",
                      "0.05"], obj=stack.context)
     assert result.exit_code == 3
@@ -162,7 +162,7 @@ def test_run_wait_timeout_leaves_the_run_alone(stack, invoke) -> None:  # noqa: 
     assert stack.published("stop") == []
 
 
-def test_run_wait_ctrl_c_does_not_stop_the_run(stack, invoke) -> None:  # noqa: ANN001
+def test_run_wait_ctrl_c_does_not_stop_the_run(stack, invoke) -> None:
     def interrupt(seconds: float) -> None:
         raise KeyboardInterrupt
 
@@ -177,7 +177,7 @@ def test_run_wait_ctrl_c_does_not_stop_the_run(stack, invoke) -> None:  # noqa: 
 # ---------------------------------------------------------------- status, runs, queue
 
 
-def test_status_overview(stack, invoke) -> None:  # noqa: ANN001
+def test_status_overview(stack, invoke) -> None:
     stack.start("r-done")
     stack.finish("r-done", {})
     stack.start("r-live", requested_by="alice")
@@ -199,7 +199,7 @@ def test_status_overview(stack, invoke) -> None:  # noqa: ANN001
     assert data["rejections"][0]["message_id"] == "77"
 
 
-def test_status_of_one_run_in_every_format(stack, invoke) -> None:  # noqa: ANN001
+def test_status_of_one_run_in_every_format(stack, invoke) -> None:
     stack.start("r-one", requested_by="alice")
     stack.finish("r-one", {})
     human = invoke(["status", "r-one"], obj=stack.context)
@@ -216,14 +216,14 @@ def test_status_of_one_run_in_every_format(stack, invoke) -> None:  # noqa: ANN0
     assert "| loss | 0.125 |" in md and "| worker-0 | exit 0 | 30m00s |" in md
 
 
-def test_status_of_a_queued_run_shows_its_position(stack, invoke) -> None:  # noqa: ANN001
+def test_status_of_a_queued_run_shows_its_position(stack, invoke) -> None:
     stack.start("r-a")
     stack.start("r-b")
     data = json.loads(invoke(["status", "r-b", "--json"], obj=stack.context).stdout)
     assert data["status"] == "queued" and data["queue_position"] == 1 and not data["final"]
 
 
-def test_status_markdown_escapes_table_breakers(stack, invoke) -> None:  # noqa: ANN001
+def test_status_markdown_escapes_table_breakers(stack, invoke) -> None:
     stack.start("r-md")
     stack.store.put("runs/r-md/shepherd/metrics.json", b'{"a|b": "x|y"}')
     stack.marker("r-md", "shepherd", "booted", stack.t0)
@@ -232,19 +232,19 @@ def test_status_markdown_escapes_table_breakers(stack, invoke) -> None:  # noqa:
     assert "### ❌" in md and "| a\\|b | x\\|y |" in md
 
 
-def test_status_unknown_run(stack, invoke) -> None:  # noqa: ANN001
+def test_status_unknown_run(stack, invoke) -> None:
     result = invoke(["status", "r-nope"], obj=stack.context)
     assert result.exit_code == 1
     assert "unknown run 'r-nope' on stack tiny" in one_line_error(result)
 
 
-def test_status_markdown_needs_a_run(stack, invoke) -> None:  # noqa: ANN001
+def test_status_markdown_needs_a_run(stack, invoke) -> None:
     result = invoke(["status", "--format", "markdown"], obj=stack.context)
     assert result.exit_code == 2
     one_line_error(result)
 
 
-def test_runs(stack, invoke) -> None:  # noqa: ANN001
+def test_runs(stack, invoke) -> None:
     assert "no runs on stack tiny yet" in invoke(["runs"], obj=stack.context).stdout
     stack.start("r-1")
     stack.finish("r-1", {"shepherd": 2})
@@ -261,7 +261,7 @@ def test_runs(stack, invoke) -> None:  # noqa: ANN001
     assert len(limited["runs"]) == 1
 
 
-def test_queue(stack, invoke) -> None:  # noqa: ANN001
+def test_queue(stack, invoke) -> None:
     assert "queue: empty" in invoke(["queue"], obj=stack.context).stdout
     for run_id in ("r-a", "r-b", "r-c"):
         stack.start(run_id, requested_by="carol")
@@ -276,7 +276,7 @@ def test_queue(stack, invoke) -> None:  # noqa: ANN001
 # ---------------------------------------------------------------- logs and results
 
 
-def test_logs(stack, invoke) -> None:  # noqa: ANN001
+def test_logs(stack, invoke) -> None:
     stack.start("r-log")
     stack.finish("r-log", {})
     stack.store.put("runs/r-log/worker-0/stderr.log", b"warning: slow disk\n")
@@ -288,7 +288,7 @@ def test_logs(stack, invoke) -> None:  # noqa: ANN001
     assert "shepherd: step 1" not in only and "worker-0: step 1" in only
 
 
-def test_logs_follow_prints_new_bytes_until_the_run_ends(stack, invoke) -> None:  # noqa: ANN001
+def test_logs_follow_prints_new_bytes_until_the_run_ends(stack, invoke) -> None:
     stack.start("r-f")
     stack.store.put("runs/r-f/worker-0/stdout.log", b"line 1\n")
     polls = []
@@ -309,7 +309,7 @@ def test_logs_follow_prints_new_bytes_until_the_run_ends(stack, invoke) -> None:
     assert polls == [0.5, 0.5]
 
 
-def test_logs_errors(stack, invoke) -> None:  # noqa: ANN001
+def test_logs_errors(stack, invoke) -> None:
     assert "unknown run 'r-x'" in one_line_error(invoke(["logs", "r-x"], obj=stack.context))
     bad = invoke(["logs", "r-x", "--node", "../etc"], obj=stack.context)
     assert bad.exit_code == 2 and "--node '../etc'" in one_line_error(bad)
@@ -318,7 +318,7 @@ def test_logs_errors(stack, invoke) -> None:  # noqa: ANN001
     assert result.exit_code == 0 and "no logs yet for run r-quiet" in result.stderr
 
 
-def test_results_downloads_the_run(stack, invoke, tmp_path) -> None:  # noqa: ANN001
+def test_results_downloads_the_run(stack, invoke, tmp_path) -> None:
     stack.start("r-res")
     stack.finish("r-res", {})
     stack.store.put("runs/r-res/worker-0/ckpt/step-100.pt", b"\x00weights")
@@ -337,7 +337,7 @@ def test_results_downloads_the_run(stack, invoke, tmp_path) -> None:  # noqa: AN
     assert data["run"]["status"] == "succeeded"
 
 
-def test_results_never_write_outside_dest(stack, invoke, tmp_path) -> None:  # noqa: ANN001
+def test_results_never_write_outside_dest(stack, invoke, tmp_path) -> None:
     stack.start("r-evil")
     stack.store.put("runs/r-evil/../../escape.txt", b"no")
     result = invoke(["results", "r-evil", "--dest", str(tmp_path / "d")], obj=stack.context)
@@ -346,7 +346,7 @@ def test_results_never_write_outside_dest(stack, invoke, tmp_path) -> None:  # n
     assert not any(p.name == "escape.txt" for p in tmp_path.rglob("*"))
 
 
-def test_results_into_an_unwritable_place_is_one_line(stack, invoke, tmp_path) -> None:  # noqa: ANN001
+def test_results_into_an_unwritable_place_is_one_line(stack, invoke, tmp_path) -> None:
     stack.start("r-w")
     (tmp_path / "file").write_text("in the way")
     result = invoke(["results", "r-w", "--dest", str(tmp_path / "file" / "sub")],
@@ -355,7 +355,7 @@ def test_results_into_an_unwritable_place_is_one_line(stack, invoke, tmp_path) -
     assert str(tmp_path / "file") in one_line_error(result)
 
 
-def test_results_unknown_run(stack, invoke, tmp_path) -> None:  # noqa: ANN001
+def test_results_unknown_run(stack, invoke, tmp_path) -> None:
     result = invoke(["results", "r-zz", "--dest", str(tmp_path)], obj=stack.context)
     assert result.exit_code == 1 and "unknown run 'r-zz'" in one_line_error(result)
 
@@ -363,7 +363,7 @@ def test_results_unknown_run(stack, invoke, tmp_path) -> None:  # noqa: ANN001
 # ---------------------------------------------------------------- stop and sweep
 
 
-def test_stop_unknown_run_is_a_clear_error(stack, invoke) -> None:  # noqa: ANN001
+def test_stop_unknown_run_is_a_clear_error(stack, invoke) -> None:
     result = invoke(["stop", "r-ghost"], obj=stack.context)
     assert result.exit_code == 1
     assert "unknown run 'r-ghost' on stack tiny" in one_line_error(result)
@@ -373,7 +373,7 @@ def test_stop_unknown_run_is_a_clear_error(stack, invoke) -> None:  # noqa: ANN0
     assert stack.published("stop") == []
 
 
-def test_stop_active_run_publishes_a_stop_request(stack, invoke) -> None:  # noqa: ANN001
+def test_stop_active_run_publishes_a_stop_request(stack, invoke) -> None:
     stack.start("r-stop")
     result = invoke(["stop", "r-stop", "--reason", "workflow cancelled"], obj=stack.context,
                     env={"GITHUB_ACTOR": "octocat"})
@@ -387,7 +387,7 @@ def test_stop_active_run_publishes_a_stop_request(stack, invoke) -> None:  # noq
         "status"] == Status.CANCELLED.value
 
 
-def test_stop_queued_and_ended_runs(stack, invoke) -> None:  # noqa: ANN001
+def test_stop_queued_and_ended_runs(stack, invoke) -> None:
     stack.start("r-a")
     stack.start("r-b")
     queued = invoke(["stop", "r-b"], obj=stack.context)
@@ -398,7 +398,7 @@ def test_stop_queued_and_ended_runs(stack, invoke) -> None:  # noqa: ANN001
     assert [StopRequest.from_json(d).run_id for d in stack.published("stop")] == ["r-b"]
 
 
-def test_stop_ends_a_keep_alive_lease(stack, invoke) -> None:  # noqa: ANN001
+def test_stop_ends_a_keep_alive_lease(stack, invoke) -> None:
     stack.start("r-keep", keep_vm_alive=True)
     stack.finish("r-keep", {})
     result = invoke(["stop", "r-keep"], obj=stack.context)
@@ -406,7 +406,7 @@ def test_stop_ends_a_keep_alive_lease(stack, invoke) -> None:  # noqa: ANN001
     assert [StopRequest.from_json(d).run_id for d in stack.published("stop")] == ["r-keep"]
 
 
-def test_stop_grace_waits_for_a_run_just_requested(stack, invoke) -> None:  # noqa: ANN001
+def test_stop_grace_waits_for_a_run_just_requested(stack, invoke) -> None:
     clock = [0.0]
 
     def later(seconds: float) -> None:
@@ -422,7 +422,7 @@ def test_stop_grace_waits_for_a_run_just_requested(stack, invoke) -> None:  # no
     assert [StopRequest.from_json(d).run_id for d in stack.published("stop")] == ["r-late"]
 
 
-def test_sweep_without_scheduler_publishes_a_tick(stack, invoke) -> None:  # noqa: ANN001
+def test_sweep_without_scheduler_publishes_a_tick(stack, invoke) -> None:
     result = invoke(["sweep"], obj=stack.context, env={"GITHUB_ACTOR": "octocat"})
     assert result.exit_code == 0, result.output
     assert "published a sweep tick to pcp-tiny-sweep directly" in result.stdout
@@ -433,7 +433,7 @@ def test_sweep_without_scheduler_publishes_a_tick(stack, invoke) -> None:  # noq
 # ---------------------------------------------------------------- doctor
 
 
-def test_doctor_over_memory(stack, invoke) -> None:  # noqa: ANN001
+def test_doctor_over_memory(stack, invoke) -> None:
     result = invoke(["doctor"], obj=stack.context)
     assert result.exit_code == 0, result.output
     assert "✓ credentials" in result.stdout and "✓ bucket" in result.stdout
@@ -443,7 +443,7 @@ def test_doctor_over_memory(stack, invoke) -> None:  # noqa: ANN001
     assert {c["name"]: c["state"] for c in data["checks"]}["stack state"] == "ok"
 
 
-def test_doctor_fails_on_a_corrupt_stack_document(stack, invoke) -> None:  # noqa: ANN001
+def test_doctor_fails_on_a_corrupt_stack_document(stack, invoke) -> None:
     stack.store.put("control/stack.json", b"{not json")
     result = invoke(["doctor"], obj=stack.context)
     assert result.exit_code == 1

@@ -121,7 +121,7 @@ def test_nothing_configured_says_what_to_do() -> None:
         assert hint in text
 
 
-def test_readers(tmp_path) -> None:  # noqa: ANN001
+def test_readers(tmp_path) -> None:
     out = tmp_path / "outputs.json"
     out.write_text(json.dumps(OUTPUTS))
     assert load_outputs(out)["bucket"] == "out-bucket"
@@ -135,7 +135,7 @@ def test_readers(tmp_path) -> None:  # noqa: ANN001
     assert read_local_state(tmp_path, "tiny") == LOCAL
 
 
-def test_resolve_from_reads_outputs_then_local_dir(tmp_path) -> None:  # noqa: ANN001
+def test_resolve_from_reads_outputs_then_local_dir(tmp_path) -> None:
     (tmp_path / "tiny.json").write_text(json.dumps(LOCAL))
     out = tmp_path / "outputs.json"
     out.write_text(json.dumps(OUTPUTS))

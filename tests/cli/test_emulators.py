@@ -53,7 +53,7 @@ class LocalStack:
 
 
 @pytest.fixture
-def local_stack(tmp_path, gcs_bucket, pubsub_emulator) -> LocalStack:  # noqa: ANN001
+def local_stack(tmp_path, gcs_bucket, pubsub_emulator) -> LocalStack:
     project = f"pcp-cli-{uuid.uuid4().hex[:8]}"  # topics of its own in the shared emulator
     subscriptions = {}
     for kind in KINDS:
@@ -68,7 +68,7 @@ def local_stack(tmp_path, gcs_bucket, pubsub_emulator) -> LocalStack:  # noqa: A
                       subscriptions)
 
 
-def test_run_publishes_to_the_emulator_topic(local_stack, invoke) -> None:  # noqa: ANN001
+def test_run_publishes_to_the_emulator_topic(local_stack, invoke) -> None:
     result = invoke(["run", "--config", "--epochs 3", "--run-id", "r-emu"], env=local_stack.env)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "r-emu"
@@ -79,7 +79,7 @@ def test_run_publishes_to_the_emulator_topic(local_stack, invoke) -> None:  # no
     assert message.attributes["run_id"] == "r-emu"
 
 
-def test_run_wait_end_to_end_over_emulators(local_stack, invoke, stack_over) -> None:  # noqa: ANN001
+def test_run_wait_end_to_end_over_emulators(local_stack, invoke, stack_over) -> None:
     """The start travels through the Pub/Sub emulator; the state through fake-gcs-server."""
     driver = stack_over(local_stack.store)
 
@@ -100,7 +100,7 @@ def test_run_wait_end_to_end_over_emulators(local_stack, invoke, stack_over) -> 
     assert [(r["run_id"], r["status"]) for r in runs] == [("r-e2e", "succeeded")]
 
 
-def test_reads_stop_and_results(local_stack, invoke, stack_over, tmp_path) -> None:  # noqa: ANN001
+def test_reads_stop_and_results(local_stack, invoke, stack_over, tmp_path) -> None:
     driver = stack_over(local_stack.store)
     driver.start("r-a", requested_by="alice")
     driver.start("r-b")
@@ -122,7 +122,7 @@ def test_reads_stop_and_results(local_stack, invoke, stack_over, tmp_path) -> No
     assert "worker-0: step 1" in invoke(["logs", "r-a", "--node", "worker-0"], env=env).stdout
 
 
-def test_sweep_publishes_a_tick_without_a_scheduler(local_stack, invoke) -> None:  # noqa: ANN001
+def test_sweep_publishes_a_tick_without_a_scheduler(local_stack, invoke) -> None:
     result = invoke(["sweep"], env=local_stack.env)
     assert result.exit_code == 0, result.output
     assert "no Cloud Scheduler in the local replica" in result.stdout
@@ -130,7 +130,7 @@ def test_sweep_publishes_a_tick_without_a_scheduler(local_stack, invoke) -> None
     assert SweepTick.from_json(message.data).requested_by
 
 
-def test_doctor_all_good(local_stack, invoke) -> None:  # noqa: ANN001
+def test_doctor_all_good(local_stack, invoke) -> None:
     result = invoke(["doctor"], env=local_stack.env)
     assert result.exit_code == 0, result.output
     for line in ("✓ credentials: not needed (local replica emulators)", "✓ bucket",
@@ -139,7 +139,7 @@ def test_doctor_all_good(local_stack, invoke) -> None:  # noqa: ANN001
         assert line in result.stdout
 
 
-def test_doctor_reports_missing_topics_and_bucket(tmp_path, fake_gcs, pubsub_emulator,  # noqa: ANN001
+def test_doctor_reports_missing_topics_and_bucket(tmp_path, fake_gcs, pubsub_emulator,
                                                   invoke) -> None:
     project = f"pcp-cli-{uuid.uuid4().hex[:8]}"
     ensure_topic(pubsub_emulator.host, project, "pcp-tiny-start")

@@ -35,7 +35,7 @@ class FakeReplica(types.ModuleType):
         return ["tiny"]
 
 
-def install(monkeypatch, module: types.ModuleType | None) -> None:  # noqa: ANN001
+def install(monkeypatch, module: types.ModuleType | None) -> None:
     """Stand in for pcp_dev.local.replica, also where an earlier import left it on the package
     (`import pcp_dev.local.replica as r` reads the package attribute)."""
     import pcp_dev.local
@@ -48,13 +48,13 @@ def install(monkeypatch, module: types.ModuleType | None) -> None:  # noqa: ANN0
 
 
 @pytest.fixture
-def replica(monkeypatch) -> FakeReplica:  # noqa: ANN001
+def replica(monkeypatch) -> FakeReplica:
     fake = FakeReplica()
     install(monkeypatch, fake)
     return fake
 
 
-def test_up_passes_stack_and_state_dir_and_records_the_state(replica, invoke,  # noqa: ANN001
+def test_up_passes_stack_and_state_dir_and_records_the_state(replica, invoke,
                                                              tmp_path) -> None:
     result = invoke(["local", "up", "--stack", "small"], env={"PCP_LOCAL_DIR": str(tmp_path)})
     assert result.exit_code == 0, result.output
@@ -69,7 +69,7 @@ def test_up_passes_stack_and_state_dir_and_records_the_state(replica, invoke,  #
     assert config.local and config.bucket == "pcp-small-pcp-local"
 
 
-def test_up_failure_is_one_line(monkeypatch, invoke, tmp_path) -> None:  # noqa: ANN001
+def test_up_failure_is_one_line(monkeypatch, invoke, tmp_path) -> None:
     fake = FakeReplica(fail=RuntimeError("java not found (the Pub/Sub emulator needs it)\nmore"))
     install(monkeypatch, fake)
     result = invoke(["local", "up"], env={"PCP_LOCAL_DIR": str(tmp_path)})
@@ -78,20 +78,20 @@ def test_up_failure_is_one_line(monkeypatch, invoke, tmp_path) -> None:  # noqa:
                              "(the Pub/Sub emulator needs it)\n")
 
 
-def test_up_refuses_an_unknown_stack(replica, invoke) -> None:  # noqa: ANN001
+def test_up_refuses_an_unknown_stack(replica, invoke) -> None:
     result = invoke(["local", "up", "--stack", "mega"])
     assert result.exit_code == 1 and "unknown stack 'mega'" in result.stderr
     assert replica.calls == []
 
 
-def test_down(replica, invoke, tmp_path) -> None:  # noqa: ANN001
+def test_down(replica, invoke, tmp_path) -> None:
     result = invoke(["local", "down"], env={"PCP_LOCAL_DIR": str(tmp_path)})
     assert result.exit_code == 0, result.output
     assert replica.calls == [("down", tmp_path, None)]
     assert "local replica stopped: tiny" in result.stdout
 
 
-def test_missing_replica_module_is_a_clear_error(monkeypatch, invoke) -> None:  # noqa: ANN001
+def test_missing_replica_module_is_a_clear_error(monkeypatch, invoke) -> None:
     install(monkeypatch, None)  # as if it were not shipped
     result = invoke(["local", "up"])
     assert result.exit_code == 1

@@ -15,7 +15,7 @@ from pcp.core.names import summary_doc
 pytestmark = pytest.mark.cli
 
 
-def test_live_table_on_a_terminal(stack) -> None:  # noqa: ANN001
+def test_live_table_on_a_terminal(stack) -> None:
     stack.start("r-a")
     stack.start("r-b")
     stack.marker("r-a", "worker-0", "booted", stack.t0)
@@ -33,7 +33,7 @@ def test_live_table_on_a_terminal(stack) -> None:  # noqa: ANN001
     assert "waiting for the control plane" in out.getvalue()
 
 
-def test_progress_line_changes_only_with_the_state(stack) -> None:  # noqa: ANN001
+def test_progress_line_changes_only_with_the_state(stack) -> None:
     stack.start("r-a")
     view = find_run(stack.store, "r-a")
     assert progress_line(view, "r-a", 1) == progress_line(view, "r-a", 99)
@@ -45,7 +45,7 @@ def test_duration_format() -> None:
         "-", "0s", "1m00s", "1m01s", "1h00m00s", "1h02m05s"]
 
 
-def test_follow_waits_for_the_summary_a_moment(stack) -> None:  # noqa: ANN001
+def test_follow_waits_for_the_summary_a_moment(stack) -> None:
     stack.start("r-s")
     stack.finish("r-s", {})
     summary = stack.store.get(summary_doc("r-s"))
@@ -69,7 +69,7 @@ def test_follow_waits_for_the_summary_a_moment(stack) -> None:  # noqa: ANN001
     assert view.summary is None and view.final and clock[0] == 5
 
 
-def test_follow_timeout(stack) -> None:  # noqa: ANN001
+def test_follow_timeout(stack) -> None:
     clock = [0.0]
     with pytest.raises(WaitTimeout, match="after 2 s"):
         follow(stack.store, "r-never", on_view=lambda v: None,
@@ -77,7 +77,7 @@ def test_follow_timeout(stack) -> None:  # noqa: ANN001
                monotonic=lambda: clock[0], poll=1, timeout=2)
 
 
-def test_markup_in_user_strings_is_printed_as_written(stack, invoke) -> None:  # noqa: ANN001
+def test_markup_in_user_strings_is_printed_as_written(stack, invoke) -> None:
     stack.start("r-m", requested_by="[red]mallory[/red]")
     stack.store.put("runs/r-m/shepherd/metrics.json", json.dumps({"[b]k": "[i]v"}).encode())
     stack.finish("r-m", {"worker-0": 1}, logs=False)

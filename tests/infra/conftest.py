@@ -24,7 +24,7 @@ HARNESS = Path(__file__).resolve().parent / "mock_stack.py"
 if str(INFRA) not in sys.path:
     sys.path.insert(0, str(INFRA))
 
-#: Stack -> number of workers (DESIGN 2).
+#: Stack -> number of workers (README's stack table).
 STACK_SIZES = {"tiny": 1, "small": 3, "large": 7, "huge": 15}
 
 #: Extra runs that flip the optional branches: label -> (stack, `--set` overrides).

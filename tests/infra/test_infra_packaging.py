@@ -80,7 +80,7 @@ def test_missing_entry_point_is_an_error(tmp_path):
         build_function_archive(repo, tmp_path / "out")
 
 
-def run_fresh(code: str, src, cwd, env) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+def run_fresh(code: str, src, cwd, env) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter with `src` first on sys.path; it must succeed."""
     proc = subprocess.run([sys.executable, "-c", code, str(src)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)

@@ -2,8 +2,9 @@
 
 A hypothesis state machine plays the world: requests and stops arrive, node agents write
 markers for whatever their VM was assigned, markers are redelivered late, VMs are preempted,
-the clock jumps and the sweeper ticks. After every step the invariants of DESIGN section 5
-must hold; at the end, with only sweeps and time left, every accepted request is terminal.
+the clock jumps and the sweeper ticks. After every step the invariants of
+docs/architecture.md must hold; at the end, with only sweeps and time left, every accepted
+request is terminal.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def train() -> dict[str, Any]:
     return load(TRAIN)
 
 
-def test_dispatch_inputs(train) -> None:  # noqa: ANN001
+def test_dispatch_inputs(train) -> None:
     inputs = trigger(train)["workflow_dispatch"]["inputs"]
     assert set(inputs) == {"stack", "keep_vm_alive", "training_config"}
     assert inputs["stack"]["type"] == "choice"
@@ -59,17 +59,17 @@ def test_dispatch_inputs(train) -> None:  # noqa: ANN001
     assert inputs["training_config"]["default"] == ""
 
 
-def test_tag_trigger(train) -> None:  # noqa: ANN001
+def test_tag_trigger(train) -> None:
     assert trigger(train)["push"] == {"tags": ["train/*"]}
 
 
-def test_environment_training(train) -> None:  # noqa: ANN001
+def test_environment_training(train) -> None:
     [job] = train["jobs"].values()
     env = job["environment"]
     assert (env if isinstance(env, str) else env["name"]) == "training"
 
 
-def test_concurrency_per_stack_never_cancels(train) -> None:  # noqa: ANN001
+def test_concurrency_per_stack_never_cancels(train) -> None:
     concurrency = train["concurrency"]
     assert "inputs.stack" in concurrency["group"]
     assert concurrency["cancel-in-progress"] is False
@@ -78,7 +78,7 @@ def test_concurrency_per_stack_never_cancels(train) -> None:  # noqa: ANN001
         assert "concurrency" not in job  # a second group of the same name could deadlock
 
 
-def test_permissions_exactly(train) -> None:  # noqa: ANN001
+def test_permissions_exactly(train) -> None:
     assert train["permissions"] == {"contents": "read", "id-token": "write"}
     for job in train["jobs"].values():
         assert "permissions" not in job
@@ -88,7 +88,7 @@ def test_ci_permissions_read_only() -> None:
     assert load(CI)["permissions"] == {"contents": "read"}
 
 
-def test_inputs_reach_scripts_only_through_env(train) -> None:  # noqa: ANN001
+def test_inputs_reach_scripts_only_through_env(train) -> None:
     [job] = train["jobs"].values()
     env = job["env"]
     assert "inputs.stack" in env["STACK"]
@@ -118,7 +118,7 @@ def test_every_action_pinned_to_a_commit_with_its_version(path: Path) -> None:
     assert len(lines) == sum(1 for s in steps(load(path)) if "uses" in s)
 
 
-def test_auth_by_wif_with_key_fallback(train) -> None:  # noqa: ANN001
+def test_auth_by_wif_with_key_fallback(train) -> None:
     auth = [s for s in steps(train) if s.get("uses", "").startswith("google-github-actions/auth@")]
     wif = [s for s in auth if "workload_identity_provider" in s["with"]]
     key = [s for s in auth if "credentials_json" in s["with"]]
@@ -136,7 +136,7 @@ def test_auth_by_wif_with_key_fallback(train) -> None:  # noqa: ANN001
     assert any(u.startswith("actions/checkout@") for u in order[:first_auth])
 
 
-def test_deploy_then_outputs_then_run(train) -> None:  # noqa: ANN001
+def test_deploy_then_outputs_then_run(train) -> None:
     names = [s.get("uses", "") + s.get("run", "") for s in steps(train)]
     pulumi = step(train, "pulumi/actions@")
     assert pulumi["with"]["command"] == "up" and pulumi["with"]["work-dir"] == "infra"
@@ -153,7 +153,7 @@ def test_deploy_then_outputs_then_run(train) -> None:  # noqa: ANN001
         assert flag in run["run"]
 
 
-def test_results_summary_and_artifact(train) -> None:  # noqa: ANN001
+def test_results_summary_and_artifact(train) -> None:
     results = step(train, "pcp results")
     assert '"$RUN_ID"' in results["run"] and "--dest" in results["run"]
     summary = step(train, "$GITHUB_STEP_SUMMARY")
@@ -163,7 +163,7 @@ def test_results_summary_and_artifact(train) -> None:  # noqa: ANN001
     assert "steps.results.outcome" in upload["if"]
 
 
-def test_cancelling_the_workflow_stops_the_run(train) -> None:  # noqa: ANN001
+def test_cancelling_the_workflow_stops_the_run(train) -> None:
     cancel = [s for s in steps(train) if "cancelled()" in str(s.get("if", ""))]
     assert len(cancel) == 1
     assert cancel[0]["if"] == "cancelled()"
