@@ -74,3 +74,32 @@ class Settings:
         return cls(stack=stack, project=env["PCP_PROJECT"], zone=env["PCP_ZONE"],
                    bucket=env["PCP_BUCKET"], policy=policy,
                    compute_endpoint=env.get("PCP_COMPUTE_ENDPOINT") or None)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment `from_env` reads back into these settings: the one writer of the
+        functions' contract (the Pulumi program and the local replica both call it)."""
+        p = self.policy
+        env = {
+            "PCP_STACK": self.stack,
+            "PCP_PROJECT": self.project,
+            "PCP_ZONE": self.zone,
+            "PCP_BUCKET": self.bucket,
+            "PCP_WORKER_COUNT": str(p.worker_count),
+            "PCP_SHEPHERD_HOST": p.shepherd_host,
+            "PCP_TCP_PORT": str(p.tcp_port),
+            "PCP_MAX_RUN_HOURS": _num(p.max_run_hours),
+            "PCP_BOOT_TIMEOUT_MINUTES": _num(p.boot_timeout_minutes),
+            "PCP_KEEP_ALIVE_HOURS": _num(p.keep_alive_hours),
+            "PCP_SWEEP_INTERVAL_MINUTES": _num(p.sweep_interval_minutes),
+            "PCP_BINARY": p.default_binary or "",
+            "PCP_WORKER_HOURLY_USD": _num(p.worker_hourly_usd),
+            "PCP_SHEPHERD_HOURLY_USD": _num(p.shepherd_hourly_usd),
+        }
+        if self.compute_endpoint:
+            env["PCP_COMPUTE_ENDPOINT"] = self.compute_endpoint
+        return env
+
+
+def _num(value: float) -> str:
+    """A number as from_env reads it back exactly (repr keeps every digit of a float)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

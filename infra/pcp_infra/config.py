@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pcp.core.names import META_CACHIX_CACHE, META_CACHIX_KEY, META_NIX_INSTALLER, STACK_RE
+from pcp.core.policy import Policy
+from pcp.settings import Settings
 
 #: Sentinel for keys that have no default and must be set per stack.
 REQUIRED = object()
@@ -316,24 +318,15 @@ class StackConfig:
         return {key: value for key, value in optional.items() if value}
 
     def function_environment(self, bucket_name: str) -> dict[str, str]:
-        """The runtime environment of every Cloud Function (all values strings)."""
-        return {
-            "PCP_STACK": self.stack,
-            "PCP_PROJECT": self.project,
-            "PCP_ZONE": self.zone,
-            "PCP_BUCKET": bucket_name,
-            "PCP_WORKER_COUNT": str(self.worker_count),
-            "PCP_SHEPHERD_HOST": self.shepherd_host,
-            "PCP_TCP_PORT": str(self.tcp_port),
-            "PCP_MAX_RUN_HOURS": str(self.max_run_hours),
-            "PCP_BOOT_TIMEOUT_MINUTES": str(self.boot_timeout_minutes),
-            "PCP_KEEP_ALIVE_HOURS": str(self.keep_alive_hours),
-            "PCP_SWEEP_INTERVAL_MINUTES": str(self.sweep_interval_minutes),
-            "PCP_BINARY": self.binary,
-            "PCP_WORKER_HOURLY_USD": _price_str(self.worker_hourly_usd),
-            "PCP_SHEPHERD_HOURLY_USD": _price_str(self.shepherd_hourly_usd),
-        }
-
-
-def _price_str(price: float) -> str:
-    return f"{price:g}"
+        """The runtime environment of every Cloud Function (all values strings), written by
+        `pcp.settings.Settings.to_env`, the same code that the functions read it back with."""
+        policy = Policy(
+            stack=self.stack, worker_count=self.worker_count, shepherd_host=self.shepherd_host,
+            tcp_port=self.tcp_port, max_run_hours=self.max_run_hours,
+            boot_timeout_minutes=self.boot_timeout_minutes,
+            keep_alive_hours=self.keep_alive_hours,
+            sweep_interval_minutes=self.sweep_interval_minutes,
+            default_binary=self.binary or None, worker_hourly_usd=self.worker_hourly_usd,
+            shepherd_hourly_usd=self.shepherd_hourly_usd)
+        return Settings(stack=self.stack, project=self.project, zone=self.zone,
+                        bucket=bucket_name, policy=policy).to_env()

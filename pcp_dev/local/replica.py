@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 import pcp
 from pcp.agent.procs import signal_group
 from pcp.core.names import Names
-from pcp.core.policy import STACK_SIZES
+from pcp.core.policy import STACK_SIZES, Policy
 from pcp.logs import log
+from pcp.settings import Settings
 from pcp_dev import REFERENCE_BINARY
 from pcp_dev.local.compute import LocalCompute, VmRecord
 from pcp_dev.local.emulators import (
@@ -459,18 +460,15 @@ class Replica:
         o = self.options
         assert self.pubsub is not None and self.gcs is not None and self.compute is not None
         env = self._base_env()
+        policy = Policy(
+            stack=o.stack, worker_count=o.worker_count, shepherd_host="127.0.0.1",
+            tcp_port=self.tcp_port, max_run_hours=o.max_run_hours,
+            boot_timeout_minutes=o.boot_timeout_minutes, keep_alive_hours=o.keep_alive_hours,
+            sweep_interval_minutes=o.sweep_interval / 60.0, default_binary=o.binary,
+            worker_hourly_usd=WORKER_HOURLY_USD.get(o.stack, 0.0))
+        env.update(Settings(stack=o.stack, project=o.project, zone=o.zone, bucket=o.bucket,
+                            policy=policy, compute_endpoint=self.compute.endpoint).to_env())
         env.update({
-            "PCP_STACK": o.stack, "PCP_PROJECT": o.project, "PCP_ZONE": o.zone,
-            "PCP_BUCKET": o.bucket, "PCP_WORKER_COUNT": str(o.worker_count),
-            "PCP_SHEPHERD_HOST": "127.0.0.1", "PCP_TCP_PORT": str(self.tcp_port),
-            "PCP_MAX_RUN_HOURS": str(o.max_run_hours),
-            "PCP_BOOT_TIMEOUT_MINUTES": str(o.boot_timeout_minutes),
-            "PCP_KEEP_ALIVE_HOURS": str(o.keep_alive_hours),
-            "PCP_SWEEP_INTERVAL_MINUTES": str(o.sweep_interval / 60.0),
-            "PCP_BINARY": o.binary,
-            "PCP_WORKER_HOURLY_USD": str(WORKER_HOURLY_USD.get(o.stack, 0.0)),
-            "PCP_SHEPHERD_HOURLY_USD": "0",
-            "PCP_COMPUTE_ENDPOINT": self.compute.endpoint,
             "STORAGE_EMULATOR_HOST": self.gcs.endpoint,
             "PUBSUB_EMULATOR_HOST": self.pubsub.host,
             "GOOGLE_CLOUD_PROJECT": o.project,

@@ -84,3 +84,18 @@ def test_import_builds_no_client_and_skips_compute_v1() -> None:
     # No client library is even imported before the first event asks for it.
     assert not [m for m in loaded if m.startswith(("google.cloud.storage",
                                                    "google.cloud.pubsub"))], loaded
+
+
+def test_settings_round_trip_through_the_environment() -> None:
+    from pcp.core.policy import Policy
+    from pcp.settings import Settings
+
+    policy = Policy(stack="small", worker_count=3, shepherd_host="mac.example", tcp_port=9100,
+                    max_run_hours=2.5, boot_timeout_minutes=20, keep_alive_hours=0.25,
+                    sweep_interval_minutes=1 / 12, default_binary="github:o/r#t",
+                    worker_hourly_usd=0.7312, shepherd_hourly_usd=0.1)
+    settings = Settings(stack="small", project="p-1", zone="z", bucket="b", policy=policy,
+                        compute_endpoint="http://127.0.0.1:1")
+    env = settings.to_env()
+    assert all(isinstance(v, str) for v in env.values())
+    assert Settings.from_env(env) == settings
