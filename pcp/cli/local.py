@@ -1,4 +1,4 @@
-"""`pcp local up|down`: thin wrappers around the local replica (`pcp_dev.local.replica`).
+"""`pcp local up|down`: thin wrappers around the local replica (`pcp_dev.local.daemon`).
 
 The replica is imported only here and only when asked for, so the rest of the CLI never pays
 for it and still works where it is not shipped.
@@ -23,11 +23,11 @@ def local() -> None:
 
 def _replica() -> Any:
     try:
-        import pcp_dev.local.replica as replica
+        import pcp_dev.local.daemon as replica
     except ModuleNotFoundError as e:
-        if e.name != "pcp_dev.local.replica":
+        if e.name not in ("pcp_dev", "pcp_dev.local", "pcp_dev.local.daemon"):
             raise
-        fail("the local replica is not available in this version (pcp_dev.local.replica is "
+        fail("the local replica is not available in this version (pcp_dev.local.daemon is "
              "missing)")
     return replica
 

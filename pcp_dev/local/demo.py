@@ -25,8 +25,9 @@ from pcp.cli.render import progress_line
 from pcp.cli.views import RunView, find_run, load_json
 from pcp.core.messages import StartRequest
 from pcp.core.names import SHEPHERD, node_file, run_prefix
+from pcp_dev.local.daemon import exit_on_signals
 from pcp_dev.local.emulators import EmulatorMissing
-from pcp_dev.local.replica import Options, Replica, exit_on_signals
+from pcp_dev.local.replica import Options, Replica
 
 EXIT_FAILED, EXIT_MISSING, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 3, 130
 

@@ -17,30 +17,23 @@ CLI finds it through `<state_dir>/<stack>.json`.
 
 from __future__ import annotations
 
-import argparse
 import atexit
-import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pcp
-from pcp.agent.procs import signal_group
 from pcp.core.names import Names
 from pcp.core.policy import STACK_SIZES, Policy
 from pcp.logs import log
@@ -62,12 +55,18 @@ from pcp_dev.local.emulators import (
     subscriber,
 )
 from pcp_dev.local.metadata import MetadataServer
+from pcp_dev.local.processes import (
+    TOKEN_ENV,
+    Child,
+    _http_answers,
+    _kill,
+    token_pids,
+)
 from pcp_dev.local.ticker import Ticker
 
 if TYPE_CHECKING:
     from pcp.adapters.gcs_store import GcsStore
 
-TOKEN_ENV = "PCP_REPLICA_TOKEN"
 TOPICS = ("start", "stop", "sweep", "shepherd", "markers", "dead-letter")
 # function kind -> (entry point, topic that triggers it), as the Pulumi program deploys them
 FUNCTIONS = {"start": ("on_start", "start"), "stop": ("on_stop", "stop"),
@@ -122,142 +121,6 @@ def functions_source() -> Path:
         raise FileNotFoundError(f"{source} not found: the local replica runs from a checkout "
                                 "of the repository (pip install -e .)")
     return source
-
-
-# ---------------------------------------------------------------- processes
-
-
-def _children() -> dict[int, list[int]]:
-    """ppid -> pids, from `ps` (Linux and macOS alike)."""
-    try:
-        out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True,
-                             text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    tree: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-            tree.setdefault(int(parts[1]), []).append(int(parts[0]))
-    return tree
-
-
-def descendants(pid: int) -> list[int]:
-    tree, found, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill(pid: int, sig: int, group: bool) -> None:
-    if group:
-        signal_group(pid, sig)
-        return
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def carries(pid: int, token: str) -> bool | None:
-    """Whether a process's environment carries the token; None where /proc cannot tell."""
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes()
-    except FileNotFoundError:
-        return None if not Path("/proc").is_dir() else False
-    except OSError:
-        return False
-    return f"{TOKEN_ENV}={token}".encode() in env.split(b"\0")
-
-
-def token_pids(token: str) -> list[int]:
-    """Processes whose environment carries this replica's token (Linux /proc; else none)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    return [int(e.name) for e in proc.iterdir()
-            if e.name.isdigit() and int(e.name) != os.getpid() and carries(int(e.name), token)]
-
-
-class Child:
-    """One process of the replica: its own session, output in a log file, stopped as a tree."""
-
-    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log_path: Path,
-                 cwd: Path | None = None) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = dict(env)
-        self.log_path = log_path
-        self.cwd = cwd
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.expected_exit = False  # set before the replica itself stops it
-
-    def start(self) -> Child:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
-            out.write(f"--- {datetime.now(UTC).isoformat()} start {self.name}\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd,
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                         start_new_session=True)
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, grace: float) -> int | None:
-        """SIGTERM the group, wait `grace`, then SIGKILL it and whatever it started."""
-        if self.proc is None:
-            return None
-        self.expected_exit = True
-        tree = descendants(self.proc.pid) if self.running else []
-        if self.running:
-            _kill(self.proc.pid, signal.SIGTERM, group=True)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill_tree(tree)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """A crash: SIGKILL at once, no chance to clean up (used to break things on purpose)."""
-        if self.proc is None:
-            return
-        self.expected_exit = True
-        self._kill_tree(descendants(self.proc.pid) if self.running else [])
-
-    def _kill_tree(self, tree: list[int]) -> None:
-        assert self.proc is not None
-        _kill(self.proc.pid, signal.SIGKILL, group=True)
-        token = self.env.get(TOKEN_ENV)
-        for pid in tree:
-            if token is not None and carries(pid, token) is False:
-                continue  # gone, and its number perhaps reused by a stranger: leave it be
-            _kill(pid, signal.SIGKILL, group=True)  # a child that made its own session
-            _kill(pid, signal.SIGKILL, group=False)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _http_answers(url: str) -> bool:
-    """Any HTTP answer (functions-framework answers GET / with 405) means it is serving."""
-    try:
-        with urllib.request.urlopen(url, timeout=1):  # loopback only
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 # ---------------------------------------------------------------- the replica
@@ -629,167 +492,3 @@ class Replica:
             child = self.workers.get(vm.name)
         if child is not None and child.running:
             child.stop(self.options.grace)
-
-
-# ---------------------------------------------------------------- signals and background mode
-
-
-@contextmanager
-def exit_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the main thread like Ctrl-C does, so cleanup always runs."""
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def state_file(state_dir: Path, stack: str) -> Path:
-    return Path(state_dir) / f"{stack}.json"
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-    try:  # our own child (up() in the same process) must be reaped, or it lingers as a zombie
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_state(path: Path) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def serve(options: Options) -> int:
-    """Run a replica until SIGTERM or Ctrl-C, with its state file written while it is up."""
-    path = state_file(options.state_dir, options.stack)
-    with exit_on_signals():
-        try:
-            with Replica(options) as replica:
-                _write_json(path, replica.info())
-                try:
-                    while True:
-                        time.sleep(1)
-                        replica.heal()
-                finally:
-                    state = _read_state(path)
-                    if state is not None and state.get("pid") == os.getpid():
-                        path.unlink(missing_ok=True)
-        except EmulatorMissing as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        except KeyboardInterrupt:
-            return 0
-    return 0
-
-
-def up(stack: str, state_dir: Path | str, *, timeout: float = 120.0,
-       **options: Any) -> dict[str, Any]:
-    """Start a replica of `stack` in the background (or find the running one); its state."""
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_file(state_dir, stack)
-    current = _read_state(path)
-    if current is not None and isinstance(current.get("pid"), int) and _alive(current["pid"]):
-        return current
-    path.unlink(missing_ok=True)
-    check_prerequisites()  # a clear message here rather than in a background log
-    argv = [sys.executable, "-m", "pcp_dev.local.replica", "serve", "--stack", stack,
-            "--state-dir", str(state_dir.resolve())]
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    log_path = state_dir / "logs" / f"replica-{stack}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = _read_state(path)
-        if state is not None and state.get("pid") == proc.pid:
-            return state
-        if proc.poll() is not None:
-            raise RuntimeError(f"the local replica exited with code {proc.returncode} while "
-                               f"starting: {_tail(log_path)}")
-        time.sleep(0.2)
-    _kill(proc.pid, signal.SIGTERM, group=False)
-    raise RuntimeError(f"the local replica did not come up within {timeout:.0f} s; "
-                       f"see {log_path}")
-
-
-def down(state_dir: Path | str, stack: str | None = None, timeout: float = 60.0) -> list[str]:
-    """Stop the background replica(s) in `state_dir` and everything they started."""
-    stopped = []
-    for path in sorted(Path(state_dir).glob("*.json")):
-        state = _read_state(path)
-        if state is None or (stack is not None and state.get("stack") != stack):
-            continue
-        pid, token = state.get("pid"), state.get("token")
-        if not isinstance(pid, int) or not isinstance(token, str):
-            continue
-        if _alive(pid):
-            _kill(pid, signal.SIGTERM, group=False)
-            deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        if _alive(pid):  # the orderly stop did not finish in time
-            _kill(pid, signal.SIGKILL, group=False)
-        for leftover in token_pids(token):  # what a killed replica could not stop itself
-            _kill(leftover, signal.SIGKILL, group=False)
-        path.unlink(missing_ok=True)
-        stopped.append(str(state.get("stack")))
-    return stopped
-
-
-def _tail(path: Path, limit: int = 1500) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return text[-limit:].strip() or "(no output)"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pcp_dev.local.replica",
-                                description="run the local replica of a pcp stack")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run in the foreground until SIGTERM or Ctrl-C")
-    s.add_argument("--stack", default="tiny", choices=sorted(STACK_SIZES))
-    s.add_argument("--state-dir", type=Path, default=Path(".pcp-local"))
-    s.add_argument("--sweep-interval", type=float, default=Options.sweep_interval)
-    s.add_argument("--boot-timeout-minutes", type=float, default=Options.boot_timeout_minutes)
-    s.add_argument("--keep-alive-hours", type=float, default=Options.keep_alive_hours)
-    s.add_argument("--max-run-hours", type=float, default=Options.max_run_hours)
-    s.add_argument("--grace", type=float, default=Options.grace)
-    args = p.parse_args(argv)
-    return serve(Options(stack=args.stack, state_dir=args.state_dir,
-                         sweep_interval=args.sweep_interval,
-                         boot_timeout_minutes=args.boot_timeout_minutes,
-                         keep_alive_hours=args.keep_alive_hours,
-                         max_run_hours=args.max_run_hours, grace=args.grace))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

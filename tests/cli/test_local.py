@@ -1,4 +1,4 @@
-"""`pcp local up|down` are thin wrappers around `pcp_dev.local.replica` (imported lazily).
+"""`pcp local up|down` are thin wrappers around `pcp_dev.local.daemon` (imported lazily).
 
 The replica itself (processes, emulators) is tested in tests/e2e; here a stand-in module
 records what the wrappers pass and returns what the real one returns.
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.cli
 
 class FakeReplica(types.ModuleType):
     def __init__(self, fail: Exception | None = None) -> None:
-        super().__init__("pcp_dev.local.replica")
+        super().__init__("pcp_dev.local.daemon")
         self.calls: list[tuple[Any, ...]] = []
         self.fail = fail
 
@@ -36,15 +36,15 @@ class FakeReplica(types.ModuleType):
 
 
 def install(monkeypatch, module: types.ModuleType | None) -> None:
-    """Stand in for pcp_dev.local.replica, also where an earlier import left it on the package
-    (`import pcp_dev.local.replica as r` reads the package attribute)."""
+    """Stand in for pcp_dev.local.daemon, also where an earlier import left it on the package
+    (`import pcp_dev.local.daemon as r` reads the package attribute)."""
     import pcp_dev.local
 
-    monkeypatch.setitem(sys.modules, "pcp_dev.local.replica", module)
+    monkeypatch.setitem(sys.modules, "pcp_dev.local.daemon", module)
     if module is None:
-        monkeypatch.delattr(pcp_dev.local, "replica", raising=False)
+        monkeypatch.delattr(pcp_dev.local, "daemon", raising=False)
     else:
-        monkeypatch.setattr(pcp_dev.local, "replica", module, raising=False)
+        monkeypatch.setattr(pcp_dev.local, "daemon", module, raising=False)
 
 
 @pytest.fixture

@@ -20,8 +20,10 @@ import pytest
 
 from pcp.adapters.pubsub_bus import PubSubBus
 from pcp.core.messages import StartRequest
+from pcp_dev.local.daemon import down, up
 from pcp_dev.local.emulators import EmulatorMissing, publisher
-from pcp_dev.local.replica import Options, Replica, check_prerequisites, down, token_pids, up
+from pcp_dev.local.processes import token_pids
+from pcp_dev.local.replica import Options, Replica, check_prerequisites
 from tests.conftest import require_emulator
 from tests.e2e.helpers import run_processes, wait_for, wait_no_processes
 
