@@ -31,7 +31,7 @@ from pcp_dev.bench.fnstack import (
     start_event,
     sweep_event,
 )
-from pcp_dev.bench.gcs_proxy import CountingProxy
+from pcp_dev.local.gcs_proxy import GcsProxy
 
 
 class CountingBus:
@@ -56,7 +56,7 @@ class CountingBus:
 class Meter:
     """Calls at the three endpoints since the last `take`."""
 
-    def __init__(self, fn: FnStack, proxy: CountingProxy, bus: CountingBus) -> None:
+    def __init__(self, fn: FnStack, proxy: GcsProxy, bus: CountingBus) -> None:
         self.fn, self.proxy, self.bus = fn, proxy, bus
 
     def take(self) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def _deliver(fn: FnStack, target: str, event: dict[str, Any]) -> None:
 def measure_one(emulators: Emulators, workers: int) -> dict[str, Any]:
     assert emulators.gcs is not None
     run_id = f"calls-{workers}"
-    with CountingProxy(emulators.gcs.endpoint) as proxy, \
+    with GcsProxy(emulators.gcs.endpoint) as proxy, \
             fn_stack(emulators, f"calls{workers}", workers, proxy.endpoint) as fn, \
             fn.activated(), contextlib.redirect_stdout(io.StringIO()):
         service = fn.service()

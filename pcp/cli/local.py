@@ -34,14 +34,16 @@ def _replica() -> Any:
 
 @local.command("up")
 @click.option("--stack", default="tiny", show_default=True, help="the stack to replicate")
-def local_up(stack: str) -> None:
+@click.option("--no-gcs-limit", is_flag=True,
+              help="lift Cloud Storage's one-update-per-second-per-object limit (debugging)")
+def local_up(stack: str, no_gcs_limit: bool) -> None:
     """Start the local replica in the background; later commands find it by itself."""
     if stack not in STACKS:
         fail(f"unknown stack {stack!r}: use one of {', '.join(STACKS)}")
     replica = _replica()
     directory = local_dir(os.environ)
     try:
-        info = replica.up(stack, directory)
+        info = replica.up(stack, directory, **({"no_gcs_limit": True} if no_gcs_limit else {}))
     except (RuntimeError, OSError) as e:  # EmulatorMissing and friends say what to install
         fail(f"the local replica did not start: {one_line(e)}")
     path = local_state_file(directory, stack)

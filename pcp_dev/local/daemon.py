@@ -111,7 +111,11 @@ def up(stack: str, state_dir: Path | str, *, timeout: float = 120.0,
     argv = [sys.executable, "-m", "pcp_dev.local.daemon", "serve", "--stack", stack,
             "--state-dir", str(state_dir.resolve())]
     for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            argv.append(flag)
+        elif value is not False:
+            argv += [flag, str(value)]
     log_path = state_dir / "logs" / f"replica-{stack}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
@@ -175,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--keep-alive-hours", type=float, default=Options.keep_alive_hours)
     s.add_argument("--max-run-hours", type=float, default=Options.max_run_hours)
     s.add_argument("--grace", type=float, default=Options.grace)
+    s.add_argument("--no-gcs-limit", action="store_true",
+                   help="lift the one-update-per-second-per-object limit (debugging only)")
     args = p.parse_args(argv)
     return serve(Options(stack=args.stack, state_dir=args.state_dir,
                          sweep_interval=args.sweep_interval,
                          boot_timeout_minutes=args.boot_timeout_minutes,
                          keep_alive_hours=args.keep_alive_hours,
-                         max_run_hours=args.max_run_hours, grace=args.grace))
+                         max_run_hours=args.max_run_hours, grace=args.grace,
+                         gcs_mutation_interval=None if args.no_gcs_limit else 1.0))
 
 
 if __name__ == "__main__":

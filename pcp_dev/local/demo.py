@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="pause after each step, so the progress can be seen (default 0.3)")
     p.add_argument("--state-dir", type=Path, default=Path(".pcp-local"))
     p.add_argument("--timeout", type=float, default=300.0, metavar="S")
+    p.add_argument("--no-gcs-limit", action="store_true",
+                   help="lift Cloud Storage's per-object update limit (debugging only)")
     args = p.parse_args(argv)
     out = sys.stdout
     state_dir = args.state_dir.resolve()
@@ -177,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # The replica logs one JSON line per event to stdout: into its log file instead.
             with contextlib.redirect_stdout(replica_log), Replica(Options(
-                    stack=args.stack, state_dir=state_dir, sweep_interval=5.0)) as replica:
+                    stack=args.stack, state_dir=state_dir, sweep_interval=5.0,
+                    gcs_mutation_interval=None if args.no_gcs_limit else 1.0)) as replica:
                 say(f"[{time.monotonic() - started:5.1f}s] replica up: Pub/Sub emulator "
                     f"{replica.pubsub.host if replica.pubsub else '?'}, fake-gcs-server "
-                    f"{replica.gcs.endpoint if replica.gcs else '?'}, 4 functions, "
+                    f"{replica.gcs.endpoint if replica.gcs else '?'} ("
+                    f"{'no update limit' if args.no_gcs_limit else 'one update/s per object'}), "
+                    "4 functions, "
                     f"{len(replica.vms)} worker VM(s), the shepherd daemon")
                 return run_demo(replica, out, args, state_dir, started)
         except EmulatorMissing as e:

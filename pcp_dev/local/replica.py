@@ -34,7 +34,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pcp
-from pcp.core.names import Names
+from pcp.core.names import (
+    LABEL_NODE,
+    LABEL_ROLE,
+    LABEL_STACK,
+    META_BUCKET,
+    META_PROJECT,
+    META_STACK,
+    Names,
+)
 from pcp.core.policy import STACK_SIZES, Policy
 from pcp.logs import log
 from pcp.settings import Settings
@@ -54,6 +62,7 @@ from pcp_dev.local.emulators import (
     storage_client,
     subscriber,
 )
+from pcp_dev.local.gcs_proxy import GcsProxy
 from pcp_dev.local.metadata import MetadataServer
 from pcp_dev.local.processes import (
     TOKEN_ENV,
@@ -91,6 +100,9 @@ class Options:
     binary: str = REFERENCE_BINARY
     agent_interval: float = 1.0  # the agents' upload and poll intervals, seconds
     grace: float = 5.0  # SIGTERM -> SIGKILL, for agents and for the binary
+    # Cloud Storage's per-object mutation limit, held by a proxy in front of fake-gcs-server;
+    # None turns it off (for debugging only: the cloud has it).
+    gcs_mutation_interval: float | None = 1.0
     extra_env: Mapping[str, str] = field(default_factory=dict)  # for the functions
 
     @property
@@ -143,6 +155,7 @@ class Replica:
         self.hold_boot: set[str] = set()  # VMs that come up but whose agent never starts
         self.pubsub: PubSubEmulator | None = None
         self.gcs: FakeGcs | None = None
+        self.gcs_proxy: GcsProxy | None = None
         self.compute: LocalCompute | None = None
         self.metadata: dict[str, MetadataServer] = {}
         self.functions: dict[str, Child] = {}
@@ -191,14 +204,14 @@ class Replica:
                             self.topic("shepherd"))
         self.gcs = FakeGcs(notify_project=o.project, notify_topic=self.topic("markers"),
                            notify_prefix="markers/", pubsub_host=host).start()
-        storage_client(self.gcs.endpoint, o.project).create_bucket(o.bucket)
+        self.gcs_proxy = GcsProxy(self.gcs.endpoint, o.gcs_mutation_interval).start()
+        storage_client(self.storage_endpoint, o.project).create_bucket(o.bucket)
         self.compute = LocalCompute(o.project, o.zone, on_start=self._vm_started,
                                     on_stop=self._vm_stopping).start()
         for i, vm in enumerate(self.vms):
             self.compute.add_instance(
-                vm, labels={"pcp-stack": o.stack, "pcp-role": "worker", "pcp-node": str(i)},
-                metadata={"pcp-stack": o.stack, "pcp-bucket": o.bucket,
-                          "pcp-project": o.project})
+                vm, labels={LABEL_STACK: o.stack, LABEL_ROLE: "worker", LABEL_NODE: str(i)},
+                metadata={META_STACK: o.stack, META_BUCKET: o.bucket, META_PROJECT: o.project})
             self.metadata[vm] = MetadataServer(self._lookup(vm), vm).start()
         for kind in FUNCTIONS:
             self.start_function(kind, source, wait=False)
@@ -247,6 +260,8 @@ class Replica:
             steps.append(("compute", self.compute.stop))
         for server in self.metadata.values():
             steps.append(("metadata", server.stop))
+        if self.gcs_proxy is not None:
+            steps.append(("gcs-proxy", self.gcs_proxy.stop))
         if self.gcs is not None:
             steps.append(("fake-gcs-server", self.gcs.stop))
         if self.pubsub is not None:
@@ -277,6 +292,12 @@ class Replica:
     def topic(self, kind: str) -> str:
         return Names(self.options.stack).topic(kind)
 
+    @property
+    def storage_endpoint(self) -> str:
+        """Where every client reaches Cloud Storage: the limiting proxy's address."""
+        assert self.gcs_proxy is not None, "the replica is not started"
+        return self.gcs_proxy.endpoint
+
     def function_url(self, kind: str) -> str:
         return f"http://127.0.0.1:{self.function_ports[kind]}/"
 
@@ -297,7 +318,7 @@ class Replica:
         from pcp.adapters.gcs_store import GcsStore
 
         assert self.gcs is not None, "the replica is not started"
-        client = storage_client(self.gcs.endpoint, self.options.project)
+        client = storage_client(self.storage_endpoint, self.options.project)
         return GcsStore(self.options.bucket, client=client, project=self.options.project)
 
     def info(self) -> dict[str, Any]:
@@ -306,7 +327,7 @@ class Replica:
         return {
             "stack": o.stack, "project": o.project, "bucket": o.bucket, "zone": o.zone,
             "region": o.zone.rsplit("-", 1)[0],
-            "storage_endpoint": self.gcs.endpoint if self.gcs else None,
+            "storage_endpoint": self.storage_endpoint if self.gcs_proxy else None,
             "pubsub_host": self.pubsub.host if self.pubsub else None,
             "compute_endpoint": self.compute.endpoint if self.compute else None,
             "functions": {k: self.function_url(k) for k in FUNCTIONS},
@@ -332,7 +353,7 @@ class Replica:
         env.update(Settings(stack=o.stack, project=o.project, zone=o.zone, bucket=o.bucket,
                             policy=policy, compute_endpoint=self.compute.endpoint).to_env())
         env.update({
-            "STORAGE_EMULATOR_HOST": self.gcs.endpoint,
+            "STORAGE_EMULATOR_HOST": self.storage_endpoint,
             "PUBSUB_EMULATOR_HOST": self.pubsub.host,
             "GOOGLE_CLOUD_PROJECT": o.project,
         })
@@ -438,7 +459,7 @@ class Replica:
     def _agent_env(self, metadata_host: str | None = None) -> dict[str, str]:
         assert self.pubsub is not None and self.gcs is not None
         env = self._base_env()
-        env.update({"STORAGE_EMULATOR_HOST": self.gcs.endpoint,
+        env.update({"STORAGE_EMULATOR_HOST": self.storage_endpoint,
                     "PUBSUB_EMULATOR_HOST": self.pubsub.host,
                     "GOOGLE_CLOUD_PROJECT": self.options.project,
                     # the reference trainer listens on loopback only, never on every interface

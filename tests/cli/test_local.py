@@ -23,8 +23,8 @@ class FakeReplica(types.ModuleType):
         self.calls: list[tuple[Any, ...]] = []
         self.fail = fail
 
-    def up(self, stack: str, state_dir: Path) -> dict[str, Any]:
-        self.calls.append(("up", stack, Path(state_dir)))
+    def up(self, stack: str, state_dir: Path, **options: Any) -> dict[str, Any]:
+        self.calls.append(("up", stack, Path(state_dir), *sorted(options.items())))
         if self.fail is not None:
             raise self.fail
         return {"stack": stack, "project": "pcp-local", "bucket": f"pcp-{stack}-pcp-local",
@@ -59,6 +59,9 @@ def test_up_passes_stack_and_state_dir_and_records_the_state(replica, invoke,
     result = invoke(["local", "up", "--stack", "small"], env={"PCP_LOCAL_DIR": str(tmp_path)})
     assert result.exit_code == 0, result.output
     assert replica.calls == [("up", "small", tmp_path)]
+    invoke(["local", "up", "--stack", "tiny", "--no-gcs-limit"],
+           env={"PCP_LOCAL_DIR": str(tmp_path)})
+    assert replica.calls[-1] == ("up", "tiny", tmp_path, ("no_gcs_limit", True))
     state = json.loads((tmp_path / "small.json").read_text())
     assert state["pubsub_host"] == "127.0.0.1:2"
     assert "pcp run --stack small --wait" in result.stdout
