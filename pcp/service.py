@@ -24,13 +24,12 @@ from pcp.core.commands import (
     StopNodes,
 )
 from pcp.core.errors import CapacityError, Conflict, CorruptState, PermanentError
-from pcp.core.events import Event, Markers, Reconcile, Rejected, StartFailed
-from pcp.core.lifecycle import Transition, decide, marker_would_change
+from pcp.core.events import Event, Reconcile, Rejected, StartFailed
+from pcp.core.lifecycle import Transition, compact, decide
 from pcp.core.messages import NodeMarker, dump
 from pcp.core.names import (
     STACK_DOC,
     corrupt_stack_doc,
-    markers_prefix,
     run_doc,
     run_prefix,
     summary_doc,
@@ -40,6 +39,7 @@ from pcp.core.policy import Policy
 from pcp.core.ports import BlobStore, Bus, Fleet
 from pcp.core.state import Phase, Run, StackState
 from pcp.core.timefmt import iso
+from pcp.progress import observe
 
 
 class ConflictExhausted(Exception):
@@ -66,9 +66,10 @@ class Outcome:
 
 @dataclass
 class Loaded:
-    state: StackState
+    state: StackState  # the stack document, with the active run's node phases from its markers
     generation: int
     lost: bool  # the document was missing or unreadable
+    markers: tuple[NodeMarker, ...] = ()  # the active run's markers found in the bucket
 
 
 class Service:
@@ -96,22 +97,32 @@ class Service:
 
     # ------------------------------------------------------------ events
 
-    def handle(self, event: Event | Callable[[Loaded], Event], now: datetime) -> Outcome:
+    def handle(self, event: Event | Callable[[Loaded], Event], now: datetime, *,
+               unless_marker: str | None = None, fold: bool = True) -> Outcome:
         """Decide and save under a generation precondition, then execute the commands.
 
-        `event` may be a function of the loaded state (the sweep builds its observation from
-        it); it is called again after every lost race.
+        The active run's node phases come from its markers (one listing, `fold_markers`); the
+        stack document is written only when what it holds changes (`compact`): a marker that
+        only records a node's progress costs no write, so N nodes booting at once do not
+        contend on one object (Cloud Storage takes about one update per second per object).
+        `unless_marker` leaves the event's own marker out of the fold, so decide() sees it as
+        news; without `fold` the event brings the markers itself (the sweep, so that what it
+        finds is named in its audit). `event` may be a function of the loaded state (the sweep
+        builds its observation from it); it is called again after every lost race.
         """
         conflicts = 0
         for attempt in range(self.max_attempts):
             loaded = self.load()
+            if fold:
+                loaded = self._with_progress(loaded, unless_marker)
             ev = event(loaded) if callable(event) else event
             transition = decide(loaded.state, ev, now, self.policy)
-            if transition.state == loaded.state and not loaded.lost:
+            stored = compact(transition.state)
+            if stored == compact(loaded.state) and not loaded.lost:
                 return Outcome(transition, saved=False, conflicts=conflicts,
                                errors=self.execute(transition.commands, now))
             try:
-                self.store.put(STACK_DOC, transition.state.to_json(),
+                self.store.put(STACK_DOC, stored.to_json(),
                                if_generation_match=loaded.generation)
             except Conflict:
                 conflicts += 1
@@ -126,9 +137,9 @@ class Service:
         """A marker object was written: feed it to the lifecycle.
 
         The marker is read from the event's object metadata when the writer put it there,
-        else from the object. After a lost race, every other marker of the run already in the
-        bucket is folded into the same write (one listing, no reads), so N nodes finishing at
-        once cost a few writes of the stack document rather than N contended ones.
+        else from the object. The run's other markers come from one listing (`handle`), so
+        the last of N markers to arrive sees them all and makes the run's transition; the
+        others write nothing.
         """
         NodeMarker.parse_path(object_name)
         marker = NodeMarker.from_metadata(dict(metadata or {}), object_name)
@@ -137,17 +148,7 @@ class Service:
             if blob is None:
                 raise PermanentError(f"marker {object_name} does not exist (deleted?)")
             marker = NodeMarker.from_json(blob.data, object_name)
-        tries = 0
-
-        def event(loaded: Loaded) -> Event:
-            nonlocal tries
-            tries += 1
-            if tries == 1 or not marker_would_change(loaded.state, marker.run_id, marker.node,
-                                                     marker.kind, marker.attempt):
-                return marker  # first try, or a winner already folded this one in
-            return Markers(marker, self._markers(loaded.state, unapplied_only=True))
-
-        return self.handle(event, now)
+        return self.handle(marker, now, unless_marker=object_name)
 
     def reject(self, run_id: str, detail: str, now: datetime) -> Outcome:
         return self.handle(Rejected(run_id, detail), now)
@@ -157,13 +158,13 @@ class Service:
         vms = tuple(self.fleet.list())
         seen: dict[str, Any] = {}
 
-        def observe(loaded: Loaded) -> Reconcile:
-            markers = self._markers(loaded.state)
+        def observation(loaded: Loaded) -> Reconcile:
+            markers = observe(self.store, loaded.state)[1]
             seen.update(state_lost=loaded.lost, markers=len(markers))
             return Reconcile(vms=vms, markers=markers, state_lost=loaded.lost,
                              archived=self._archived(loaded.state))
 
-        outcome = self.handle(observe, now)
+        outcome = self.handle(observation, now, fold=False)
         record = {
             "at": iso(now),
             "stack": self.policy.stack,
@@ -188,30 +189,10 @@ class Service:
                 continue  # rewritten below, like a missing one
         return frozenset(written)
 
-    def _markers(self, state: StackState, unapplied_only: bool = False
-                 ) -> tuple[NodeMarker, ...]:
-        """The active run's markers in the bucket: one listing, plus a read for each marker
-        whose writer did not describe it in its metadata (skipped when `unapplied_only`,
-        where reads would cost more than the fold saves)."""
-        run = state.active
-        if run is None:
-            return ()
-        found: list[NodeMarker] = []
-        for item in self.store.scan(markers_prefix(run.run_id)):
-            try:
-                _, node_name, kind = NodeMarker.parse_path(item.name)
-                if unapplied_only and not marker_would_change(state, run.run_id, node_name,
-                                                              kind, None):
-                    continue
-                marker = NodeMarker.from_metadata(dict(item.metadata), item.name)
-                if marker is None and not unapplied_only:
-                    blob = self.store.get(item.name)
-                    marker = None if blob is None else NodeMarker.from_json(blob.data, item.name)
-            except PermanentError:
-                continue  # a malformed marker is ignored here as it was by its own event
-            if marker is not None:
-                found.append(marker)
-        return tuple(found)
+    def _with_progress(self, loaded: Loaded, unless: str | None = None) -> Loaded:
+        """`loaded` with the active run's node phases derived from its markers."""
+        state, markers = observe(self.store, loaded.state, unless)
+        return Loaded(state, loaded.generation, loaded.lost, markers)
 
     # ------------------------------------------------------------ commands
 

@@ -33,8 +33,8 @@ REQUIRED_ROOT_FILES = ("main.py", "requirements.txt")
 
 #: What each deployed artifact holds of the `pcp` package (paths under pcp/; a directory means
 #: all of it). docs/architecture.md says where each part runs; tests/infra checks the lists.
-FUNCTION_PARTS = ("__init__.py", "core", "adapters", "edge", "service.py", "settings.py",
-                  "logs.py")
+FUNCTION_PARTS = ("__init__.py", "core", "adapters", "edge", "service.py", "progress.py",
+                  "settings.py", "logs.py")
 AGENT_PARTS = ("__init__.py", "core", "adapters/__init__.py", "adapters/gcs_store.py", "agent",
                "logs.py")
 

@@ -18,14 +18,17 @@ from pcp.core.names import REJECTED, STACK_DOC, run_doc, run_prefix, summary_doc
 from pcp.core.ports import BlobStore
 from pcp.core.state import Lease, Phase, RecentRun, Run, StackState, Status
 from pcp.core.timefmt import iso, opt_iso
+from pcp.progress import observe
 
 FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.REJECTED})
 
 
 def load_state(store: BlobStore) -> StackState | None:
-    """The stack document, or None before the first request. A corrupt one raises."""
+    """The stack document with its active run's node phases from the markers (the one
+    derivation, `pcp.progress.observe`), or None before the first request. A corrupt one
+    raises."""
     blob = store.get(STACK_DOC)
-    return None if blob is None else StackState.from_json(blob.data)
+    return None if blob is None else observe(store, StackState.from_json(blob.data))[0]
 
 
 def load_json(store: BlobStore, name: str) -> dict[str, Any] | None:

@@ -61,18 +61,6 @@ class Reconcile:
 
 
 @dataclass(frozen=True)
-class Markers:
-    """A marker event, plus other markers of the same run already in the bucket.
-
-    The service folds them in after losing a race, so a storm of markers settles in a few
-    writes of the stack document instead of one write each.
-    """
-
-    marker: NodeMarker
-    others: tuple[NodeMarker, ...] = ()
-
-
-@dataclass(frozen=True)
 class StartFailed:
     """Compute refused to start a run's VMs for a reason retrying will not fix."""
 
@@ -89,4 +77,4 @@ class Rejected:
     detail: str
 
 
-Event = StartRequest | StopRequest | NodeMarker | Markers | Reconcile | StartFailed | Rejected
+Event = StartRequest | StopRequest | NodeMarker | Reconcile | StartFailed | Rejected

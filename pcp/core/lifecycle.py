@@ -7,6 +7,7 @@ generation precondition and only then executes the commands.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -19,9 +20,9 @@ from pcp.core.commands import (
     StartNodes,
     StopNodes,
 )
+from pcp.core.errors import PermanentError
 from pcp.core.events import (
     Event,
-    Markers,
     Reconcile,
     Rejected,
     StartFailed,
@@ -37,6 +38,7 @@ from pcp.core.messages import (
 )
 from pcp.core.names import LABEL_KEEP_ALIVE
 from pcp.core.policy import Policy
+from pcp.core.ports import Listed
 from pcp.core.state import (
     RESTARTABLE,
     Lease,
@@ -133,10 +135,7 @@ def decide(state: StackState, event: Event, now: datetime, policy: Policy) -> Tr
     elif isinstance(event, StopRequest):
         _on_stop(tx, event, now, policy)
     elif isinstance(event, NodeMarker):
-        _on_marker(tx, event, now, policy)
-    elif isinstance(event, Markers):
-        _on_marker(tx, event.marker, now, policy)
-        _apply_news(tx, event.others, now, policy)
+        _on_marker(tx, event)
     elif isinstance(event, Reconcile):
         _on_reconcile(tx, event, now, policy)
     elif isinstance(event, StartFailed):
@@ -145,9 +144,50 @@ def decide(state: StackState, event: Event, now: datetime, policy: Policy) -> Tr
         _reject(tx, event.run_id, event.detail, now, policy)
     else:  # pragma: no cover - the Event union is closed
         raise TypeError(f"unknown event {type(event).__name__}")
+    _progress(tx, now, policy)
     _expire(tx, now, policy)
     _advance(tx, now, policy)
     return Transition(tx.state, tuple(tx.commands), tuple(tx.notes))
+
+
+def fold_markers(state: StackState, markers: tuple[NodeMarker, ...]) -> StackState:
+    """The stack state with its active run's node phases derived from `markers` (those in the
+    bucket): the one definition of a node's phase. Node progress lives in the markers, never
+    in the stack document (`compact`), so every reader (the functions, the sweeper, the CLI)
+    derives it this way. Pure: no run-level transition happens here (decide() does those)."""
+    tx = _Tx(state)
+    _apply_news(tx, markers)
+    return tx.state
+
+
+def markers_in(listing: Iterable[Listed]) -> tuple[tuple[NodeMarker, ...], tuple[str, ...]]:
+    """The markers a listing of markers/<run>/ describes in its objects' metadata, and the
+    names of the marker objects that do not describe themselves (the caller may read them).
+    Objects that are no markers (a malformed name or body) are left out, as their events were."""
+    found: list[NodeMarker] = []
+    unread: list[str] = []
+    for item in listing:
+        try:
+            NodeMarker.parse_path(item.name)
+            marker = NodeMarker.from_metadata(dict(item.metadata), item.name)
+        except PermanentError:
+            continue
+        if marker is None:
+            unread.append(item.name)
+        else:
+            found.append(marker)
+    return tuple(found), tuple(unread)
+
+
+def compact(state: StackState) -> StackState:
+    """What the stack document holds: the state without the active run's node progress,
+    which lives in the markers. The document then changes only when the run does (queued,
+    starting, running, ended, restarted) or the queue or lease does."""
+    run = state.active
+    if run is None or run.phase not in LIVE or all(
+            n == NodeState(n.name) for n in run.nodes):
+        return state
+    return replace(state, active=replace(run, nodes=tuple(NodeState(n.name) for n in run.nodes)))
 
 
 # ---------------------------------------------------------------- requests
@@ -252,7 +292,7 @@ def _on_stop(tx: _Tx, req: StopRequest, now: datetime, policy: Policy) -> None:
 # ---------------------------------------------------------------- node markers
 
 
-def _on_marker(tx: _Tx, m: NodeMarker, now: datetime, policy: Policy) -> None:
+def _on_marker(tx: _Tx, m: NodeMarker) -> None:
     run = tx.state.active
     if run is None or run.run_id != m.run_id or run.phase not in LIVE:
         known = tx.state.find(m.run_id)
@@ -274,7 +314,7 @@ def _on_marker(tx: _Tx, m: NodeMarker, now: datetime, policy: Policy) -> None:
             tx.note(NoteKind.MARKER_DUPLICATE, m.run_id,
                     f"duplicate booted marker from {m.node}: no-op")
             return
-        _set_node(tx, replace(node, phase=NodePhase.BOOTED, booted_at=m.at), now,
+        _set_node(tx, replace(node, phase=NodePhase.BOOTED, booted_at=m.at),
                   NoteKind.NODE_BOOTED, f"{m.node} booted")
         return
     if node.phase is NodePhase.DONE:
@@ -282,13 +322,25 @@ def _on_marker(tx: _Tx, m: NodeMarker, now: datetime, policy: Policy) -> None:
         return
     done = replace(node, phase=NodePhase.DONE, booted_at=node.booted_at or m.at, done_at=m.at,
                    exit_code=m.exit_code, signal=m.signal, duration_s=m.duration_s)
-    _set_node(tx, done, now, NoteKind.NODE_EXITED, f"{m.node} exited {_exit_text(done)}")
+    _set_node(tx, done, NoteKind.NODE_EXITED, f"{m.node} exited {_exit_text(done)}")
+
+
+def _progress(tx: _Tx, now: datetime, policy: Policy) -> None:
+    """What the nodes' phases mean for the run: running once every node booted, failed at the
+    first non-zero exit (fail fast), succeeded once every node exited with code 0. Level-
+    triggered: it holds whatever event brought the phases (a marker, a sweep's listing)."""
     run = tx.state.active
-    assert run is not None
-    if done.failed:
-        _end(tx, Reason.FAILED, f"{m.node} exited {_exit_text(done)}", now, policy)
+    if run is None or run.phase not in LIVE:
         return
-    if all(n.phase is NodePhase.DONE for n in run.nodes):
+    if run.phase is Phase.STARTING and all(n.phase is not NodePhase.PENDING for n in run.nodes):
+        run = run.moved(now, Phase.RUNNING, "every node booted")
+        tx.state = replace(tx.state, active=run)
+        tx.note(NoteKind.RUN_RUNNING, run.run_id, "every node booted, run is running")
+    failed = sorted((n for n in run.nodes if n.phase is NodePhase.DONE and n.failed),
+                    key=lambda n: (n.done_at or now, n.name))
+    if failed:
+        _end(tx, Reason.FAILED, f"{failed[0].name} exited {_exit_text(failed[0])}", now, policy)
+    elif run.nodes and all(n.phase is NodePhase.DONE for n in run.nodes):
         _end(tx, Reason.SUCCEEDED, f"all {len(run.nodes)} nodes exited with code 0", now, policy)
 
 
@@ -298,15 +350,11 @@ def _exit_text(node: NodeState) -> str:
     return f"with code {node.exit_code}"
 
 
-def _set_node(tx: _Tx, node: NodeState, now: datetime, kind: NoteKind, text: str) -> None:
+def _set_node(tx: _Tx, node: NodeState, kind: NoteKind, text: str) -> None:
     run = tx.state.active
     assert run is not None
-    run = run.with_node(node)
+    tx.state = replace(tx.state, active=run.with_node(node))
     tx.note(kind, run.run_id, text)
-    if run.phase is Phase.STARTING and all(n.phase is not NodePhase.PENDING for n in run.nodes):
-        run = run.moved(now, Phase.RUNNING, "every node booted")
-        tx.note(NoteKind.RUN_RUNNING, run.run_id, "every node booted, run is running")
-    tx.state = replace(tx.state, active=run)
 
 
 # ---------------------------------------------------------------- reconcile
@@ -314,7 +362,8 @@ def _set_node(tx: _Tx, node: NodeState, now: datetime, kind: NoteKind, text: str
 
 def _on_reconcile(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None:
     _heal_archive(tx, ev.archived)
-    _apply_news(tx, ev.markers, now, policy)
+    _apply_news(tx, ev.markers)
+    _progress(tx, now, policy)
     _expire(tx, now, policy)
     views = {v.name: v for v in ev.vms}
     run = tx.state.active
@@ -323,12 +372,11 @@ def _on_reconcile(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None
     _stop_orphans(tx, ev, now, policy)
 
 
-def _apply_news(tx: _Tx, markers: tuple[NodeMarker, ...], now: datetime,
-                policy: Policy) -> None:
+def _apply_news(tx: _Tx, markers: tuple[NodeMarker, ...]) -> None:
     """Apply the markers that change something, boots first, each in the order written."""
     for marker in sorted(markers, key=lambda m: (m.kind != "booted", m.at)):
         if _marker_is_news(tx.state, marker):
-            _on_marker(tx, marker, now, policy)
+            _on_marker(tx, marker)
 
 
 def _marker_is_news(state: StackState, m: NodeMarker) -> bool:

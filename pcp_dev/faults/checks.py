@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 TERMINAL = ("succeeded", "failed", "cancelled", "rejected")
 
 # Note kinds of a sweep that mean the sweeper, not an event, did something (lifecycle.py).
+# A sweep reads the markers itself (Reconcile.markers), so the nodes it finds booted or done
+# are those whose marker events were lost or are still late.
 HEALS = {
     NoteKind.START_REISSUED: "sweeper: VM starts re-issued",
     NoteKind.SHEPHERD_RESENT: "sweeper: shepherd start re-sent",

@@ -35,6 +35,7 @@ from pcp.core.messages import NodeMarker, StartRequest, StopRequest
 from pcp.core.names import STACK_DOC
 from pcp.core.policy import Policy
 from pcp.core.state import StackState
+from pcp.progress import observe
 from pcp.service import Outcome
 from pcp_dev.faults.agents import Agents
 from pcp_dev.faults.checks import Checks
@@ -179,8 +180,10 @@ class World:
         self.report.trace.append(f"{minutes:8.2f} min  {text}")
 
     def state(self) -> StackState:
+        """The stack state as every reader sees it: the document, node phases from markers."""
         blob = self.store.get(STACK_DOC)
-        return StackState() if blob is None else StackState.from_json(blob.data)
+        return StackState() if blob is None else observe(
+            self.store, StackState.from_json(blob.data))[0]
 
     # ------------------------------------------------------------ the trigger
 

@@ -21,14 +21,15 @@ REPO = Path(__file__).resolve().parents[2]
 RULES: dict[str, tuple[str, ...]] = {
     "pcp/core": ("pcp.core",),
     "pcp/adapters": ("pcp.core", "pcp.logs"),
-    "pcp/service.py": ("pcp.core",),
+    "pcp/service.py": ("pcp.core", "pcp.progress"),
+    "pcp/progress.py": ("pcp.core",),
     "pcp/settings.py": ("pcp.core",),
     "pcp/logs.py": (),
     "pcp/edge": ("pcp.core", "pcp.adapters", "pcp.service", "pcp.settings", "pcp.logs",
                  "pcp.edge"),
     "functions": ("pcp.core", "pcp.edge", "pcp.settings"),
     "pcp/agent": ("pcp", "pcp.core", "pcp.adapters.gcs_store", "pcp.logs", "pcp.agent"),
-    "pcp/cli": ("pcp", "pcp.core", "pcp.adapters", "pcp.cli", "pcp_dev.local"),
+    "pcp/cli": ("pcp", "pcp.core", "pcp.adapters", "pcp.progress", "pcp.cli", "pcp_dev.local"),
     "pcp_dev": ("pcp", "pcp_dev"),
 }
 
@@ -36,6 +37,7 @@ RULES: dict[str, tuple[str, ...]] = {
 THIRD_PARTY: dict[str, frozenset[str]] = {
     "pcp/core": frozenset(),
     "pcp/service.py": frozenset(),
+    "pcp/progress.py": frozenset(),
     "pcp/settings.py": frozenset(),
     "pcp/logs.py": frozenset(),
     "pcp/adapters": frozenset({"google", "requests"}),

@@ -21,8 +21,10 @@ import functions_framework
 import pytest
 
 from pcp.core.messages import NodeMarker, ShepherdCommand
-from pcp.core.names import LABEL_STACK, marker_path
+from pcp.core.names import LABEL_STACK, STACK_DOC, marker_path
+from pcp.core.state import StackState
 from pcp.edge.services import build_service
+from pcp.progress import observe
 from pcp.service import Service
 from pcp.settings import Settings
 from pcp_dev.local.compute import LocalCompute, VmRecord
@@ -117,9 +119,12 @@ class FnStack:
                                                                     prefix=prefix))
 
     def state(self) -> dict[str, Any]:
-        doc = self.read("control/stack.json")
+        """The stack state as every reader sees it: control/stack.json, with the active run's
+        node phases derived from its markers (pcp.progress.observe)."""
+        doc = self.read(STACK_DOC)
         assert doc is not None, "control/stack.json was never written"
-        return doc
+        state, _ = observe(self.service().store, StackState.from_json(json.dumps(doc)))
+        return json.loads(state.to_json())
 
     @property
     def vm_names(self) -> list[str]:
