@@ -74,13 +74,18 @@ class Loaded:
 
 class Service:
     def __init__(self, store: BlobStore, fleet: Fleet, bus: Bus, policy: Policy, *,
-                 max_attempts: int = 100, sleep: Callable[[float], None] = time.sleep) -> None:
+                 max_attempts: int = 100, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], datetime] | None = None) -> None:
         self.store = store
         self.fleet = fleet
         self.bus = bus
         self.policy = policy
         self.max_attempts = max_attempts
         self.sleep = sleep
+        # Read again before each retry after a lost race: a decision is stamped with the time
+        # it is made, not the time the invocation began (a write may wait out Cloud Storage's
+        # per-object limit first). None: every attempt uses the `now` it was given (tests).
+        self.clock = clock
 
     # ------------------------------------------------------------ state
 
@@ -112,6 +117,8 @@ class Service:
         """
         conflicts = 0
         for attempt in range(self.max_attempts):
+            if attempt and self.clock is not None:
+                now = max(now, self.clock())
             loaded = self.load()
             if fold:
                 loaded = self._with_progress(loaded, unless_marker)

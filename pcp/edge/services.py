@@ -42,6 +42,7 @@ def build_service(settings: Settings) -> Service:
                              margin_seconds=settings.policy.hard_cap_margin_seconds),
                 PubSubBus(settings.project, settings.stack),
                 settings.policy,
+                clock=now,
             )
             _services[key] = service
         return service

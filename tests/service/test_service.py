@@ -294,3 +294,41 @@ def test_the_current_run_is_read_when_each_vm_is_stopped_not_before() -> None:
     svc.handle(StopRequest("r1"), at(1))
     assert stack(store).active is not None and stack(store).active.run_id == "r2"  # type: ignore[union-attr]
     assert fleet.running() == {"pcp-tiny-worker-0"}
+
+
+def test_a_retry_after_a_lost_race_is_stamped_with_a_fresh_clock() -> None:
+    svc, store, _, _ = make()
+    svc.clock = lambda: at(7)
+    original_put, lost = store.put, {"once": False}
+
+    def lose_first_race(name: str, data: bytes, **kw: object) -> int:
+        if name == STACK_DOC and not lost["once"]:
+            lost["once"] = True
+            raise Conflict(name)
+        return original_put(name, data, **kw)  # type: ignore[arg-type]
+
+    store.put = lose_first_race  # type: ignore[method-assign]
+    out = svc.handle(req("r1"), at(0))
+    assert out.conflicts == 1
+    active = stack(store).active
+    assert active is not None and active.accepted_at == at(7) and active.started_at == at(7)
+
+
+def test_progress_alone_writes_nothing_and_the_document_changes_with_the_run() -> None:
+    p = policy(workers=3)
+    svc, store, _, _ = make(p)
+    svc.handle(req("r1"), at(0))
+    writes = store.writes
+    for node in p.node_names[:-1]:
+        m = marker("r1", node, "booted", 1)
+        store.put(m.path, m.to_json(), metadata=m.to_metadata())
+        assert not svc.handle_marker(m.path, at(1)).saved
+    assert store.writes == writes + len(p.node_names) - 1  # only the markers themselves
+    last = marker("r1", p.node_names[-1], "booted", 1)
+    store.put(last.path, last.to_json(), metadata=last.to_metadata())
+    out = svc.handle_marker(last.path, at(1))
+    assert out.saved and "run is running" in out.reason
+    doc = stack(store)
+    assert doc.active is not None and doc.active.status.value == "running"
+    # the document holds no node progress: that lives in the markers
+    assert all(n.phase.value == "pending" for n in doc.active.nodes)
