@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from pcp.core.names import LABEL_KEEP_ALIVE
 from pcp_dev.local.replica import Replica
 from tests.e2e.helpers import (
     archived,
@@ -142,8 +143,11 @@ def test_keep_vm_alive_leaves_the_vm_up_until_the_lease_ends(tiny: Replica) -> N
     done = wait_final(tiny, run_id)
     assert done.status.value == "succeeded", done.detail
     assert tiny.compute is not None
-    until = tiny.compute.vm(VM).labels.get("pcp-keep-alive-until")
-    assert until is not None and until.isdigit()
+    compute = tiny.compute
+    # The label is set by a command the ending decision emits, right after it is saved.
+    wait_for("the keep-alive label", lambda: LABEL_KEEP_ALIVE in compute.vm(VM).labels, 10)
+    until = compute.vm(VM).labels[LABEL_KEEP_ALIVE]
+    assert until.isdigit()
     assert vm_states(tiny)[VM] == "RUNNING"
     time.sleep(3)  # more than one sweep tick: the lease holds, nothing stops the VM early
     assert vm_states(tiny)[VM] == "RUNNING"
