@@ -461,7 +461,8 @@ def test_an_agent_failure_still_powers_the_vm_off(harness: Harness, head: int,
 
 
 def fake_nix(tmp_path: Path, binary: Path) -> tuple[Path, Path]:
-    """`nix` and `nix-store` stand-ins: record their argv, print a store path we made."""
+    """`nix` and `nix-store` stand-ins: record their argv, print a store path we made (as
+    `nix build --json` prints it when asked for JSON). tests/agent/test_nix.py runs real Nix."""
     out = tmp_path / "store" / "abc123-trainer"
     (out / "bin").mkdir(parents=True)
     (out / "bin" / "trainer").symlink_to(binary)
@@ -469,7 +470,9 @@ def fake_nix(tmp_path: Path, binary: Path) -> tuple[Path, Path]:
     bindir.mkdir()
     body = (f"import json, sys\nwith open({str(calls)!r}, 'a') as f:\n"
             f"    f.write(json.dumps(sys.argv) + '\\n')\n"
-            f"print('building...', file=sys.stderr)\nprint({str(out)!r})\n")
+            f"print('building...', file=sys.stderr)\n"
+            f"outs = {{'out': {str(out)!r}}}\n"
+            f"print(json.dumps([{{'outputs': outs}}]) if '--json' in sys.argv else outs['out'])\n")
     script(bindir / "nix", body)
     script(bindir / "nix-store", body)
     return bindir, calls
@@ -487,7 +490,7 @@ def test_a_flake_reference_is_built_with_nix_and_its_program_run(
     assert harness.marker(run_id, "worker-0", "done")["exit_code"] == 0  # type: ignore[index]
     argv = json.loads(calls.read_text().splitlines()[0])
     assert argv[1:] == ["--extra-experimental-features", "nix-command flakes", "build",
-                        "--no-link", "--print-out-paths", "github:example/trainer#trainer"]
+                        "--no-link", "--json", "github:example/trainer#trainer"]
     seen = json.loads(harness.get(f"runs/{run_id}/worker-0/argv.json") or b"{}")
     assert seen["argv"] == ["worker", f"--head-node=127.0.0.1:{head}", "--steps", "3"]
     assert b"building..." in (harness.get(f"runs/{run_id}/worker-0/stderr.log") or b"")
