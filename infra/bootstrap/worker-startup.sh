@@ -107,7 +107,7 @@ nix_settings() {
   echo 'narinfo-cache-negative-ttl = 0'
   # The worker never builds: a binary missing from the cache, or refused because its
   # signature does not match, fails the run at once with Nix's reason in stderr.log instead of
-  # a silent local build on a GPU VM. always-allow-substitutes (Nix 2.13 and later; 2.8 warns
+  # a silent local build on a GPU VM. always-allow-substitutes (later Nix releases; 2.8 warns
   # and ignores it) lets wrappers marked allowSubstitutes = false come from the cache too.
   echo 'max-jobs = 0'
   echo 'always-allow-substitutes = true'

@@ -42,9 +42,11 @@ import pytest
 from pcp.agent.binary import BinaryError, Realiser, host_platform
 from pcp.core.names import META_CACHIX_KEY, META_NIX_SUBSTITUTER
 from pcp_dev.local.metadata import MetadataServer
+from tests.agent.test_agent import Harness, assignments, harness, head, new_run, wait_for
 from tests.conftest import require_emulator
 
 pytestmark = [pytest.mark.agent]
+__all__ = ["harness", "head"]  # fixtures of the agent tests, used here
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP = REPO / "infra" / "bootstrap" / "worker-startup.sh"
@@ -407,6 +409,15 @@ def builders(token: str) -> list[int]:
     return found
 
 
+def kill_builders(token: str) -> None:
+    """Cleanup after a failure: each builder leads its own session, `sleep` included."""
+    for pid in builders(token):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_stopping_a_node_stops_its_nix_build(
         world: NixWorld, monkeypatch: pytest.MonkeyPatch) -> None:
     """A build (the shepherd host builds what is not cached) is stopped with its builder."""
@@ -430,5 +441,42 @@ def test_stopping_a_node_stops_its_nix_build(
         assert time.monotonic() - started < 10, "Nix needed SIGKILL: SIGTERM did not stop it"
         assert "interrupted by the user" in world.nix_said()
     finally:
-        for pid in builders(world.token):
-            os.kill(pid, signal.SIGKILL)
+        kill_builders(world.token)
+
+
+# ---------------------------------------------------------------- the agent as a process
+
+
+def test_a_worker_agent_runs_a_flake_from_the_signed_cache(
+        world: NixWorld, monkeypatch: pytest.MonkeyPatch, harness: Harness, head: int) -> None:
+    cache = world.cache()
+    src, out = published(world, "agent", cache)
+    monkeypatch.setenv("NIX_CONF_DIR", str(world.worker_conf(cache.url, cache.public)))
+    run_id = new_run()
+    a = assignments(run_id, harness.stack, 1, head, ("--steps", "3"),
+                    binary={host_platform(): f"path:{src}#trainer"})[1]
+    agent = harness.worker(a)
+    assert agent.wait() == 0, agent.text()
+    assert harness.marker(run_id, "worker-0", "done")["exit_code"] == 0  # type: ignore[index]
+    stdout = (harness.get(f"runs/{run_id}/worker-0/stdout.log") or b"").decode()
+    assert stdout.startswith(f"trained {world.token} agent worker --head-node=127.0.0.1:")
+    stderr = (harness.get(f"runs/{run_id}/worker-0/stderr.log") or b"").decode()
+    assert f"copying path '{out}' from 'http://127.0.0.1" in stderr
+
+
+def test_sigterm_to_an_agent_during_a_nix_build_stops_the_build(
+        world: NixWorld, monkeypatch: pytest.MonkeyPatch, harness: Harness, head: int) -> None:
+    src = world.flake("agent-slow", sleep=True)
+    monkeypatch.setenv("NIX_CONF_DIR", str(world.build_conf))  # a host that builds
+    run_id = new_run()
+    a = assignments(run_id, harness.stack, 1, head, binary=f"path:{src}#trainer")[1]
+    agent = harness.worker(a)
+    try:
+        wait_for(lambda: builders(world.token), "the Nix build to start", timeout=30)
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.wait() == 0, agent.text()
+        assert builders(world.token) == [], "the builder outlived the agent"
+        assert harness.marker(run_id, "worker-0", "done") is None  # stopped before it ran
+        assert not agent.poweroff.exists()  # whoever sent SIGTERM owns the VM's fate
+    finally:
+        kill_builders(world.token)
