@@ -100,6 +100,13 @@ def ok(done: subprocess.CompletedProcess[str]) -> str:
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
+    def do_GET(self) -> None:
+        stall: threading.Event | None = self.server.stall  # type: ignore[attr-defined]
+        if stall is not None and self.path.startswith("/nar/"):
+            self.server.requests.append(self.path)  # type: ignore[attr-defined]
+            stall.wait(30)  # a download that hangs, until the test lets it go
+        super().do_GET()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         self.server.requests.append(self.path)  # type: ignore[attr-defined]
 
@@ -113,6 +120,7 @@ class Cache:
     signed: bool = True
     server: ThreadingHTTPServer | None = None
     requests: list[str] = field(default_factory=list)
+    stall: threading.Event | None = None  # set: NAR downloads hang until it is set
 
     @property
     def secret(self) -> Path:
@@ -141,6 +149,7 @@ class Cache:
         handler = functools.partial(QuietHandler, directory=str(self.dir))
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.requests = self.requests  # type: ignore[attr-defined]
+        self.server.stall = self.stall  # type: ignore[attr-defined]
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         return self
@@ -153,6 +162,8 @@ class Cache:
         ok(run(["nix", *FEATURES, "copy", "--to", url, path], conf_dir))
 
     def stop(self) -> None:
+        if self.stall is not None:
+            self.stall.set()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -175,8 +186,10 @@ class NixWorld:
         self.build_conf.mkdir()
         (self.build_conf / "nix.conf").write_text(BASE_CONF + "max-jobs = 1\n")
 
-    def cache(self, name: str = "pcp-test-cache-1", signed: bool = True) -> Cache:
-        cache = Cache(self.tmp / f"cache-{len(self.caches)}", name, signed)
+    def cache(self, name: str = "pcp-test-cache-1", signed: bool = True,
+              stall: bool = False) -> Cache:
+        cache = Cache(self.tmp / f"cache-{len(self.caches)}", name, signed,
+                      stall=threading.Event() if stall else None)
         self.caches.append(cache)
         return cache.start(self.build_conf)
 
@@ -445,6 +458,23 @@ def test_stopping_a_node_stops_its_nix_build(
 
 
 # ---------------------------------------------------------------- the agent as a process
+
+
+def test_stopping_a_node_stops_a_hanging_download(
+        world: NixWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a worker (which never builds) the long part is the download from the cache."""
+    cache = world.cache(stall=True)
+    _, out = published(world, "download", cache)
+    conf = world.worker_conf(cache.url, cache.public)
+
+    def cancelled() -> bool:
+        return any(r.startswith("/nar/") for r in cache.requests)
+
+    started = time.monotonic()
+    with pytest.raises(BinaryError, match="told to stop"):
+        world.realiser(conf, monkeypatch, cancelled=cancelled, grace=10.0).realise(out)
+    assert time.monotonic() - started < 10, "Nix needed SIGKILL: SIGTERM did not stop it"
+    assert not Path(out).exists()
 
 
 def test_a_worker_agent_runs_a_flake_from_the_signed_cache(
