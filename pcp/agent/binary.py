@@ -151,6 +151,8 @@ def build_outputs(stdout: str) -> list[Path]:
     """The output paths in `nix build --json`'s answer: `[{"outputs": {"out": PATH}}, ...]`."""
     try:
         results = json.loads(stdout)
+        if not isinstance(results, list):
+            raise TypeError(type(results).__name__)
         return [Path(path) for result in results
                 for _, path in sorted(result["outputs"].items(), key=lambda kv: kv[0] != "out")
                 if isinstance(path, str) and path.startswith("/")]

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from pcp.adapters.gcs_store import GcsStore
-from pcp.agent.binary import BinaryError, Realiser, host_platform, plan
+from pcp.agent.binary import BinaryError, Realiser, build_outputs, host_platform, plan
 from pcp.agent.config import AgentConfig
 from pcp.agent.deadman import power_off_at
 from pcp.agent.log import Log
@@ -568,6 +568,55 @@ def test_platform_names_match_nix() -> None:
     assert host_platform("x86_64", "linux") == "x86_64-linux"
     assert plan({"aarch64-darwin": "/nix/store/mac", "x86_64-linux": "/nix/store/lin"},
                 "aarch64-darwin").target == "/nix/store/mac"
+
+
+def test_build_outputs_are_read_from_nix_build_json() -> None:
+    answer = ('[{"drvPath": "/nix/store/d.drv", '
+              '"outputs": {"bin": "/nix/store/b", "out": "/nix/store/o"}}]')
+    assert build_outputs(answer) == [Path("/nix/store/o"), Path("/nix/store/b")]  # out first
+    for bad in ("/nix/store/o\n", "{}", '[{"outputs": 1}]', ""):
+        with pytest.raises(BinaryError, match="no JSON list of outputs"):
+            build_outputs(bad)
+
+
+# A stand-in for `nix build` with a builder in its process group. For a ref that says `ignore`
+# both ignore SIGTERM (an ignored signal stays ignored across exec), so only SIGKILL ends them.
+NIX_WITH_BUILDER = """import signal, subprocess, sys, time
+if "ignore" in sys.argv[-1]:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen(["sleep", "300"])
+with open(PIDFILE, "w") as f:
+    f.write(str(child.pid))
+time.sleep(300)
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize(("mode", "grace", "at_least", "at_most"), [
+    ("obey", 5.0, 0.0, 3.0), ("ignore", 1.0, 1.0, 4.0)])
+def test_a_stop_sigterms_nix_and_its_group_then_sigkills_after_the_grace(
+        tmp_path: Path, mode: str, grace: float, at_least: float, at_most: float) -> None:
+    bindir, pidfile = tmp_path / "nixbin", tmp_path / "builder.pid"
+    bindir.mkdir()
+    script(bindir / "nix", f"PIDFILE = {str(pidfile)!r}\n" + NIX_WITH_BUILDER)
+    realiser = Realiser(str(bindir), cancelled=pidfile.exists, grace=grace)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BinaryError, match="told to stop"):
+            realiser.realise(f"path:/src/{mode}#trainer")
+        took = time.monotonic() - started
+        assert at_least <= took <= at_most, took
+        wait_for(lambda: gone(int(pidfile.read_text())), "the builder stand-in to be gone",
+                 timeout=5)
+    finally:
+        if pidfile.exists() and not gone(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 def test_store_paths_are_realised_with_nix_store(tmp_path: Path) -> None:
