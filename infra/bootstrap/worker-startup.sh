@@ -17,8 +17,8 @@ readonly VENV=$PCP/venv
 readonly NIX_BIN=/nix/var/nix/profiles/default/bin
 readonly TOOLS=/nix/var/nix/profiles/pcp-tools
 readonly UNIT=/etc/systemd/system/pcp-agent.service
-readonly NIX_CONF=/etc/nix/nix.conf
-readonly PCP_NIX_CONF=/etc/nix/pcp.conf
+readonly ETC_NIX=/etc/nix
+readonly NIX_CONF=$ETC_NIX/nix.conf
 readonly AGENT_OBJECT=agent%2Fpcp-agent.tar.gz  # gs://<bucket>/agent/pcp-agent.tar.gz, URL-encoded
 
 log() { printf 'pcp-bootstrap: %s\n' "$*" >&2; }
@@ -88,6 +88,56 @@ install_tools() {
     profile install --profile "$TOOLS" nixpkgs#cachix nixpkgs#uv
 }
 
+# The Nix settings of a worker, as pcp.conf (docs/agent.md, "Nix on a worker"). Plain numbers
+# only: Nix 2.8 refuses size suffixes such as 15G. Metadata is checked before it gets here.
+#   $1 substituter URL (may be empty), $2 its public key (may be empty)
+nix_settings() {
+  local substituter=$1 key=$2
+  echo '# Written by the pcp worker startup script at every boot; edits are lost.'
+  # extra-: adds to what the installer or the image enabled instead of replacing it.
+  echo 'extra-experimental-features = nix-command flakes'
+  if [[ -n $substituter ]]; then
+    echo "extra-substituters = $substituter"
+  fi
+  if [[ -n $key ]]; then
+    echo "extra-trusted-public-keys = $key"
+  fi
+  # A miss is not remembered: the agent asks once per run, and a binary pushed after a first
+  # miss must be found by the next run, not an hour later (the default is 3600 s).
+  echo 'narinfo-cache-negative-ttl = 0'
+  # The worker never builds: a binary missing from the cache, or refused because its
+  # signature does not match, fails the run at once with Nix's reason in stderr.log instead of
+  # a silent local build on a GPU VM. always-allow-substitutes (later Nix releases; 2.8 warns
+  # and ignores it) lets wrappers marked allowSubstitutes = false come from the cache too.
+  echo 'max-jobs = 0'
+  echo 'always-allow-substitutes = true'
+  # Garbage collection on the 100 GB boot disk: when free space falls below 15 GiB while Nix
+  # substitutes, it deletes unreferenced store paths (older binaries) until 30 GiB are free.
+  echo 'min-free = 16106127360'
+  echo 'max-free = 32212254720'
+}
+
+# Write $1/pcp.conf from the metadata and include it from $1/nix.conf: /etc/nix on the VM; the
+# tests render it into a directory of their own (Nix reads $NIX_CONF_DIR/nix.conf).
+write_nix_config() {
+  local dir=$1 cache substituter key
+  cache=$(checked_attr pcp-cachix-cache '^[a-z0-9][a-z0-9-]{0,62}$')
+  substituter=$(checked_attr pcp-nix-substituter '^https?://[A-Za-z0-9.:/_~+-]+$')
+  key=$(checked_attr pcp-cachix-public-key '^[A-Za-z0-9._-]+:[A-Za-z0-9+/]+={0,2}$')
+  if [[ -z $substituter && -n $cache ]]; then
+    substituter=https://$cache.cachix.org
+  fi
+  if [[ -n $substituter && -z $key && -z $cache ]]; then
+    log "pcp-nix-substituter is set without pcp-cachix-public-key: Nix will refuse its paths"
+  fi
+  nix_settings "$substituter" "$key" >"$dir/pcp.conf.new"
+  mv "$dir/pcp.conf.new" "$dir/pcp.conf"
+  touch "$dir/nix.conf"
+  if ! grep -qxF "!include $dir/pcp.conf" "$dir/nix.conf"; then
+    printf '!include %s\n' "$dir/pcp.conf" >>"$dir/nix.conf"
+  fi
+}
+
 configure_nix() {
   local cache key
   cache=$(checked_attr pcp-cachix-cache '^[a-z0-9][a-z0-9-]{0,62}$')
@@ -96,20 +146,7 @@ configure_nix() {
     log "asking Cachix for the public key of cache $cache"
     "$TOOLS/bin/cachix" use "$cache" --mode root-nixconf
   fi
-  {
-    echo '# Written by the pcp worker startup script at every boot; edits are lost.'
-    echo 'experimental-features = nix-command flakes'
-    if [[ -n $cache ]]; then
-      echo "extra-substituters = https://$cache.cachix.org"
-    fi
-    if [[ -n $cache && -n $key ]]; then
-      echo "extra-trusted-public-keys = $key"
-    fi
-  } >"$PCP_NIX_CONF.new"
-  mv "$PCP_NIX_CONF.new" "$PCP_NIX_CONF"
-  if ! grep -qxF "!include $PCP_NIX_CONF" "$NIX_CONF"; then
-    printf '!include %s\n' "$PCP_NIX_CONF" >>"$NIX_CONF"
-  fi
+  write_nix_config "$ETC_NIX"
   systemctl restart nix-daemon.service
 }
 

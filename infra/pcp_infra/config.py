@@ -14,7 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pcp.core.names import META_CACHIX_CACHE, META_CACHIX_KEY, META_NIX_INSTALLER, STACK_RE
+from pcp.core.names import (
+    META_CACHIX_CACHE,
+    META_CACHIX_KEY,
+    META_NIX_INSTALLER,
+    META_NIX_SUBSTITUTER,
+    STACK_RE,
+)
 from pcp.core.policy import Policy
 from pcp.settings import Settings
 
@@ -53,6 +59,7 @@ DEFAULTS: Mapping[str, Any] = {
     "cachix_cache": "",
     "cachix_public_key": "",
     "nix_installer_url": "",
+    "nix_substituter": "",
 }
 
 #: Stack sizes are bounded by the design (1..15 workers); larger needs a deliberate change here.
@@ -74,6 +81,8 @@ _PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _CACHIX_CACHE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _CACHIX_KEY_RE = re.compile(r"^[A-Za-z0-9._-]+:[A-Za-z0-9+/]+={0,2}$")
 _INSTALLER_URL_RE = re.compile(r"^https://[A-Za-z0-9./_~+-]+$")
+# Plain http is allowed: Nix checks every path against the trusted keys, not the transport.
+_SUBSTITUTER_RE = re.compile(r"^https?://[A-Za-z0-9.:/_~+-]+$")
 
 
 class ConfigError(ValueError):
@@ -181,6 +190,7 @@ class StackConfig:
     cachix_cache: str
     cachix_public_key: str
     nix_installer_url: str
+    nix_substituter: str
 
     # ------------------------------------------------------------------ construction
 
@@ -248,6 +258,10 @@ class StackConfig:
 
         ssh_ranges = _parse_cidrs("worker_ssh_source_ranges", v["worker_ssh_source_ranges"])
         shepherd_from = _parse_cidrs("allow_shepherd_from", v["allow_shepherd_from"])
+        has_key = bool(str(v["cachix_public_key"] or "").strip())
+        if str(v["nix_substituter"] or "").strip() and not has_key:
+            raise ConfigError("pcp:nix_substituter needs pcp:cachix_public_key, the key that "
+                              "signs its paths (Nix refuses unsigned ones)")
 
         return cls(
             stack=stack,
@@ -290,6 +304,9 @@ class StackConfig:
             nix_installer_url=_parse_optional(
                 "nix_installer_url", v["nix_installer_url"], _INSTALLER_URL_RE
             ),
+            nix_substituter=_parse_optional(
+                "nix_substituter", v["nix_substituter"], _SUBSTITUTER_RE
+            ),
         )
 
     # ------------------------------------------------------------------ derived values
@@ -314,6 +331,7 @@ class StackConfig:
             META_CACHIX_CACHE: self.cachix_cache,
             META_CACHIX_KEY: self.cachix_public_key,
             META_NIX_INSTALLER: self.nix_installer_url,
+            META_NIX_SUBSTITUTER: self.nix_substituter,
         }
         return {key: value for key, value in optional.items() if value}
 

@@ -1,9 +1,10 @@
 """Turn the assignment's `binary` into an argument-list prefix: realise it via Nix if needed.
 
 Accepted forms (docs/agent.md):
-- a flake reference (`github:org/repo#trainer`, `.#trainer`; anything with `#` or a URL-like
-  `scheme:`): `nix build --no-link --print-out-paths REF`, then the single executable in
-  `<out>/bin` (or `REF!program` to name it);
+- a flake reference (`github:org/repo#trainer`, `path:/src#trainer`, `git+file:///src#trainer`;
+  anything with `#` or a URL-like `scheme:`): `nix build --no-link --json REF` (the output paths
+  are read from its JSON, which Nix 2.8 and later print alike; `--print-out-paths` came only in
+  2.9), then the single executable in `<out>/bin` (or `REF!program` to name it);
 - a Nix store path (`/nix/store/...`, optionally ending in `/bin/<program>`, or `PATH!program`):
   `nix-store --realise PATH`, then the same lookup;
 - a map platform -> one of the above (`x86_64-linux` on workers, `aarch64-darwin` on the Mac);
@@ -12,17 +13,20 @@ Accepted forms (docs/agent.md):
   interpreter (local replica and tests only; the reference trainer is
   `examples/reference-trainer/reference_trainer.py`).
 
-Nix is always invoked with an argument list, never through a shell. Where Nix lives is
-configurable (`--nix-bin-dir`), which is also how the tests stand in a fake `nix` for the
-real one, which cannot be installed there.
+Nix is always invoked with an argument list, never through a shell, in its own process group.
+A stop while Nix runs sends SIGTERM to that group, waits `grace` seconds, then SIGKILLs it: as
+root Nix builds in the caller's process tree, and only SIGTERM makes it stop its builder (a
+SIGKILLed `nix` leaves the builder running). Where Nix lives is configurable (`--nix-bin-dir`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -143,6 +147,38 @@ def pick_program(out: Path, program: str | None) -> str:
                       "name one with REF!program")
 
 
+def build_outputs(stdout: str) -> list[Path]:
+    """The output paths in `nix build --json`'s answer: `[{"outputs": {"out": PATH}}, ...]`."""
+    try:
+        results = json.loads(stdout)
+        if not isinstance(results, list):
+            raise TypeError(type(results).__name__)
+        return [Path(path) for result in results
+                for _, path in sorted(result["outputs"].items(), key=lambda kv: kv[0] != "out")
+                if isinstance(path, str) and path.startswith("/")]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise BinaryError(f"nix build printed no JSON list of outputs: {stdout[:200]!r}") from None
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the process group led by `proc`, wait up to `grace` s, then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass  # the whole group has exited
+        try:
+            proc.communicate(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig is signal.SIGTERM:
+            try:  # Nix has exited; anything it left in its group (git, curl) goes too
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
+
+
 @dataclass
 class Realiser:
     """Runs Nix for a plan. `cancelled` is polled so a stop or deadline aborts a long build."""
@@ -151,6 +187,7 @@ class Realiser:
     host: str = ""
     log_to: IO[bytes] | None = None  # where Nix's progress goes (the node's stderr.log)
     cancelled: Callable[[], bool] = lambda: False
+    grace: float = 20.0  # after SIGTERM, how long Nix has to stop its build before SIGKILL
 
     def realise(self, spec: str | dict[str, str] | None) -> list[str]:
         p = plan(spec, self.host or host_platform())
@@ -167,10 +204,11 @@ class Realiser:
         if p.kind == "flake":
             nix = find_nix("nix", self.nix_bin_dir)
             argv = [nix, "--extra-experimental-features", "nix-command flakes", "build",
-                    "--no-link", "--print-out-paths", p.target]
+                    "--no-link", "--json", p.target]
+            outs = build_outputs(self._run(argv))
         else:
             argv = [find_nix("nix-store", self.nix_bin_dir), "--realise", p.target]
-        outs = [Path(line) for line in self._run(argv).splitlines() if line.startswith("/")]
+            outs = [Path(line) for line in self._run(argv).splitlines() if line.startswith("/")]
         if not outs:
             raise BinaryError(f"{argv[0]} printed no store path for {p.target}")
         if p.subpath:
@@ -198,8 +236,7 @@ class Realiser:
                 break
             except subprocess.TimeoutExpired:
                 if self.cancelled():
-                    proc.kill()
-                    proc.wait()
+                    stop_group(proc, self.grace)
                     raise BinaryError(f"{Path(argv[0]).name} stopped: the node was told "
                                       "to stop before the binary was realised") from None
         if proc.returncode != 0:

@@ -87,7 +87,8 @@ class Session:
         try:
             with open(self.stderr, "ab") as nix_log:
                 realiser = Realiser(self.cfg.nix_bin_dir, log_to=nix_log,
-                                    cancelled=lambda: self.stopping() is not None)
+                                    cancelled=lambda: self.stopping() is not None,
+                                    grace=self.cfg.grace)
                 prefix = realiser.realise(self.a.binary)
         except BinaryError as e:
             if self.stopping() is not None:

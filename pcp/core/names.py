@@ -127,6 +127,7 @@ META_NODE = "pcp-node"
 META_CACHIX_CACHE = "pcp-cachix-cache"
 META_CACHIX_KEY = "pcp-cachix-public-key"
 META_NIX_INSTALLER = "pcp-nix-installer-url"
+META_NIX_SUBSTITUTER = "pcp-nix-substituter"
 #: Object metadata on a marker: the marker describes itself, so the function need not read it.
 MARKER_METADATA_KEY = "pcp-marker"
 #: Pub/Sub message attributes.

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from pcp.adapters.gcs_store import GcsStore
-from pcp.agent.binary import BinaryError, Realiser, host_platform, plan
+from pcp.agent.binary import BinaryError, Realiser, build_outputs, host_platform, plan
 from pcp.agent.config import AgentConfig
 from pcp.agent.deadman import power_off_at
 from pcp.agent.log import Log
@@ -461,7 +461,8 @@ def test_an_agent_failure_still_powers_the_vm_off(harness: Harness, head: int,
 
 
 def fake_nix(tmp_path: Path, binary: Path) -> tuple[Path, Path]:
-    """`nix` and `nix-store` stand-ins: record their argv, print a store path we made."""
+    """`nix` and `nix-store` stand-ins: record their argv, print a store path we made (as
+    `nix build --json` prints it when asked for JSON). tests/agent/test_nix.py runs real Nix."""
     out = tmp_path / "store" / "abc123-trainer"
     (out / "bin").mkdir(parents=True)
     (out / "bin" / "trainer").symlink_to(binary)
@@ -469,7 +470,9 @@ def fake_nix(tmp_path: Path, binary: Path) -> tuple[Path, Path]:
     bindir.mkdir()
     body = (f"import json, sys\nwith open({str(calls)!r}, 'a') as f:\n"
             f"    f.write(json.dumps(sys.argv) + '\\n')\n"
-            f"print('building...', file=sys.stderr)\nprint({str(out)!r})\n")
+            f"print('building...', file=sys.stderr)\n"
+            f"outs = {{'out': {str(out)!r}}}\n"
+            f"print(json.dumps([{{'outputs': outs}}]) if '--json' in sys.argv else outs['out'])\n")
     script(bindir / "nix", body)
     script(bindir / "nix-store", body)
     return bindir, calls
@@ -487,7 +490,7 @@ def test_a_flake_reference_is_built_with_nix_and_its_program_run(
     assert harness.marker(run_id, "worker-0", "done")["exit_code"] == 0  # type: ignore[index]
     argv = json.loads(calls.read_text().splitlines()[0])
     assert argv[1:] == ["--extra-experimental-features", "nix-command flakes", "build",
-                        "--no-link", "--print-out-paths", "github:example/trainer#trainer"]
+                        "--no-link", "--json", "github:example/trainer#trainer"]
     seen = json.loads(harness.get(f"runs/{run_id}/worker-0/argv.json") or b"{}")
     assert seen["argv"] == ["worker", f"--head-node=127.0.0.1:{head}", "--steps", "3"]
     assert b"building..." in (harness.get(f"runs/{run_id}/worker-0/stderr.log") or b"")
@@ -565,6 +568,55 @@ def test_platform_names_match_nix() -> None:
     assert host_platform("x86_64", "linux") == "x86_64-linux"
     assert plan({"aarch64-darwin": "/nix/store/mac", "x86_64-linux": "/nix/store/lin"},
                 "aarch64-darwin").target == "/nix/store/mac"
+
+
+def test_build_outputs_are_read_from_nix_build_json() -> None:
+    answer = ('[{"drvPath": "/nix/store/d.drv", '
+              '"outputs": {"bin": "/nix/store/b", "out": "/nix/store/o"}}]')
+    assert build_outputs(answer) == [Path("/nix/store/o"), Path("/nix/store/b")]  # out first
+    for bad in ("/nix/store/o\n", "{}", '[{"outputs": 1}]', ""):
+        with pytest.raises(BinaryError, match="no JSON list of outputs"):
+            build_outputs(bad)
+
+
+# A stand-in for `nix build` with a builder in its process group. For a ref that says `ignore`
+# both ignore SIGTERM (an ignored signal stays ignored across exec), so only SIGKILL ends them.
+NIX_WITH_BUILDER = """import signal, subprocess, sys, time
+if "ignore" in sys.argv[-1]:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen(["sleep", "300"])
+with open(PIDFILE, "w") as f:
+    f.write(str(child.pid))
+time.sleep(300)
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize(("mode", "grace", "at_least", "at_most"), [
+    ("obey", 5.0, 0.0, 3.0), ("ignore", 1.0, 1.0, 4.0)])
+def test_a_stop_sigterms_nix_and_its_group_then_sigkills_after_the_grace(
+        tmp_path: Path, mode: str, grace: float, at_least: float, at_most: float) -> None:
+    bindir, pidfile = tmp_path / "nixbin", tmp_path / "builder.pid"
+    bindir.mkdir()
+    script(bindir / "nix", f"PIDFILE = {str(pidfile)!r}\n" + NIX_WITH_BUILDER)
+    realiser = Realiser(str(bindir), cancelled=pidfile.exists, grace=grace)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BinaryError, match="told to stop"):
+            realiser.realise(f"path:/src/{mode}#trainer")
+        took = time.monotonic() - started
+        assert at_least <= took <= at_most, took
+        wait_for(lambda: gone(int(pidfile.read_text())), "the builder stand-in to be gone",
+                 timeout=5)
+    finally:
+        if pidfile.exists() and not gone(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 def test_store_paths_are_realised_with_nix_store(tmp_path: Path) -> None:

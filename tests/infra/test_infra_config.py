@@ -181,6 +181,14 @@ def test_bootstrap_metadata_values_match_the_startup_script_patterns():
         parse(nix_installer_url="http://insecure.example/install")
     with pytest.raises(ConfigError, match="cachix_public_key"):
         parse(cachix_public_key="no-colon")
+    url, key = "http://10.0.0.5:8080/cache", "pcp-cache-1:AbCdEf0123456789+/AbCdEf0123456789="
+    assert parse(nix_substituter=url, cachix_public_key=key).worker_bootstrap_metadata() == {
+        "pcp-nix-substituter": url, "pcp-cachix-public-key": key}
+    with pytest.raises(ConfigError, match="nix_substituter needs pcp:cachix_public_key"):
+        parse(nix_substituter=url)
+    for bad in ("https://a.example b.example", "file:///nix/cache", "https://a.example/?x=1"):
+        with pytest.raises(ConfigError, match="nix_substituter"):
+            parse(nix_substituter=bad, cachix_public_key=key)
 
 
 #: Keyword arguments whose value is a free-form string map, where a dict literal is right.
