@@ -376,7 +376,7 @@ class LocalCompute:
                 raise _invalid(f"Invalid value for field 'resource.name': '{name}'")
             check_labels(dict(labels or {}), "resource.labels")
             check_metadata(dict(metadata or {}))
-            self.schema.check_request("Scheduling", sched)
+            sched = self.schema.check_request("Scheduling", sched)
             check_scheduling(sched)
         except (_HttpError, RequestInvalid) as e:
             raise ValueError(f"{name}: {e}") from None
@@ -484,6 +484,7 @@ class LocalCompute:
                 return None
             if action == "join":
                 return lambda: self._until_down(vm)
+            guest = vm.status in UP  # a suspended or repairing VM has no guest to shut down
             vm.status, boot = "STOPPING", vm.starts
 
         def finish() -> None:
@@ -494,7 +495,7 @@ class LocalCompute:
                     return
             if self.on_stop is not None:
                 self._hook(self.on_stop, vm, "stop")
-            elif not vm.scheduling.get("skipGuestOsShutdown"):
+            elif guest and not vm.scheduling.get("skipGuestOsShutdown"):
                 model = vm.scheduling.get("provisioningModel", "STANDARD")
                 window = SOFT_OFF_SECONDS.get(model, SOFT_OFF_SECONDS["STANDARD"])
                 if not self._sleep(min(self.guest_shutdown_seconds, window)):
@@ -650,7 +651,7 @@ class LocalCompute:
         if method != spec["httpMethod"]:
             raise _HttpError(404, f"The resource '{path}' was not found: {method} is not "
                                   f"served for {resource}.{method_name}")
-        self._validate_request(resource, method_name, spec, m, query, body)
+        body = self._validate_request(resource, method_name, spec, m, query, body)
         if delay := self.faults.delay(kind):
             time.sleep(delay)
         code, payload = self._answer(kind, coll, name, query, body)
@@ -664,17 +665,22 @@ class LocalCompute:
 
     def _validate_request(self, resource: str, method_name: str, spec: dict[str, Any],
                           m: re.Match[str], query: dict[str, list[str]],
-                          body: dict[str, Any]) -> None:
+                          body: Any) -> dict[str, Any]:
+        """The body in its canonical form (GCE stores and echoes that), or 400 invalid."""
         path_params = {"project": m["project"], "zone": m["zone"]}
         if m["name"] is not None:
             path_params["operation" if resource == "zoneOperations" else "instance"] = m["name"]
         try:
             self.schema.check_parameters(resource, method_name, path_params, query)
             if "request" in spec:
-                self.schema.check_request(spec["request"]["$ref"], body)
-            elif body:
+                canonical: dict[str, Any] = self.schema.check_request(spec["request"]["$ref"],
+                                                                      body)
+                return canonical
+            if body:
+                first = next(iter(body)) if isinstance(body, dict) else body
                 raise RequestInvalid(f"Invalid JSON payload received. Unknown name "
-                                     f"\"{next(iter(body))}\": Cannot find field.")
+                                     f"\"{first}\": Cannot find field.")
+            return {}
         except RequestInvalid as e:
             raise _invalid(str(e)) from None
 

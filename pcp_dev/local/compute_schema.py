@@ -88,8 +88,9 @@ class ComputeSchema:
 
     # ------------------------------------------------------------ bodies
 
-    def check_request(self, ref: str, body: Any) -> None:
-        self._check(body, {"$ref": ref}, "", request=True)
+    def check_request(self, ref: str, body: Any) -> Any:
+        """The body in its canonical form (64-bit integers as strings), or RequestInvalid."""
+        return self._check(body, {"$ref": ref}, "", request=True)
 
     def check_response(self, ref: str, body: Any) -> None:
         try:
@@ -98,7 +99,7 @@ class ComputeSchema:
             raise ResponseInvalid(f"the local endpoint wrote a {ref} that compute v1 "
                                   f"(revision {self.revision}) does not allow: {e}") from None
 
-    def _check(self, value: Any, schema: dict[str, Any], at: str, request: bool) -> None:
+    def _check(self, value: Any, schema: dict[str, Any], at: str, request: bool) -> Any:
         if "$ref" in schema:
             schema = self.schemas[schema["$ref"]]
         kind = schema.get("type")
@@ -109,25 +110,28 @@ class ComputeSchema:
                                      f"{where}, got {json.dumps(value)[:60]}.")
             props = schema.get("properties")
             extra = schema.get("additionalProperties")
+            out: dict[str, Any] = {}
             for key, item in value.items():
                 sub = f"{at}.{key}" if at else key
                 if props is not None and key in props:
-                    self._check(item, props[key], sub, request)
+                    out[key] = self._check(item, props[key], sub, request)
                 elif extra is not None:
-                    self._check(item, extra, f"{at}[{key!r}]" if at else key, request)
+                    out[key] = self._check(item, extra, f"{at}[{key!r}]" if at else key,
+                                           request)
                 else:
                     raise RequestInvalid(f"Invalid JSON payload received. Unknown name "
                                          f"\"{key}\"{where}: Cannot find field.")
+            return out
         elif kind == "array":
             if not isinstance(value, list):
                 raise RequestInvalid(f"Invalid JSON payload received. Expected a list{where}.")
-            for i, item in enumerate(value):
-                self._check(item, schema.get("items", {}), f"{at}[{i}]", request)
-        elif kind == "string":
-            self._string(value, schema, at, request)
-        elif kind == "integer":
-            self._integer(value, schema, at, request)
-        elif kind == "boolean":
+            return [self._check(item, schema.get("items", {}), f"{at}[{i}]", request)
+                    for i, item in enumerate(value)]
+        if kind == "string":
+            return self._string(value, schema, at, request)
+        if kind == "integer":
+            return self._integer(value, schema, at, request)
+        if kind == "boolean":
             if not isinstance(value, bool):
                 raise RequestInvalid(f"Invalid value{where} (TYPE_BOOL), {json.dumps(value)}")
         elif kind == "number":
@@ -136,8 +140,9 @@ class ComputeSchema:
                                      f"{json.dumps(value)}")
         elif kind not in (None, "any"):
             raise ResponseInvalid(f"schema type {kind!r}{where} is not understood")
+        return value
 
-    def _string(self, value: Any, schema: dict[str, Any], at: str, request: bool) -> None:
+    def _string(self, value: Any, schema: dict[str, Any], at: str, request: bool) -> Any:
         where = f" at '{at}'" if at else ""
         fmt = schema.get("format")
         if fmt in ("int64", "uint64"):
@@ -148,7 +153,7 @@ class ComputeSchema:
                                                   ).fullmatch(value):
                 raise RequestInvalid(f"Invalid value{where} (TYPE_{fmt.upper()}), "
                                      f"{json.dumps(value)}")
-            return
+            return value
         if not isinstance(value, str):
             raise RequestInvalid(f"Invalid value{where} (TYPE_STRING), {json.dumps(value)}")
         if fmt == "byte":
@@ -164,8 +169,9 @@ class ComputeSchema:
         if pattern and request and not re.fullmatch(pattern, value):
             raise RequestInvalid(f"Invalid value for field '{at}': '{value[:80]}'. Must be a "
                                  f"match of regex '{pattern}'")
+        return value
 
-    def _integer(self, value: Any, schema: dict[str, Any], at: str, request: bool) -> None:
+    def _integer(self, value: Any, schema: dict[str, Any], at: str, request: bool) -> int:
         where = f" at '{at}'" if at else ""
         fmt = schema.get("format", "int32")
         if request and isinstance(value, str) and _INT64.fullmatch(value):
@@ -176,6 +182,7 @@ class ComputeSchema:
         low, high = _RANGES.get(fmt, (-(2**31), 2**31 - 1))
         if not low <= value <= high:
             raise RequestInvalid(f"Invalid value{where} (TYPE_{fmt.upper()}), {value}")
+        return value
 
 
 @cache

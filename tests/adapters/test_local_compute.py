@@ -59,6 +59,7 @@ def compute(hooks: Hooks) -> Iterator[LocalCompute]:
             endpoint.add_instance(name, {"pcp-stack": STACK, "pcp-node": f"worker-{i}"},
                                   {"pcp-bucket": "b"})
         yield endpoint
+        assert endpoint.invalid_responses == []  # every answer fitted the compute v1 schema
 
 
 def fleet_for(compute: LocalCompute, **kwargs: float) -> ComputeFleet:
