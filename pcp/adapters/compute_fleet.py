@@ -10,6 +10,9 @@ Errors: an operation or HTTP error naming an exhausted zone or GPU quota becomes
 429 (API rate limits, even when they say "quota") and timeouts are retried with exponential
 backoff within the operation deadline; anything else propagates so the trigger redelivers.
 
+A start arms the hard cap (setScheduling), which Compute Engine takes only on a TERMINATED
+VM: a VM found in any other status is brought down first (`_bring_down`).
+
 `google.cloud.compute_v1` takes ~1.5 s to import, so it is imported on first use, never when
 this module is imported (the functions import it on cold start).
 """
