@@ -190,7 +190,7 @@ class ComputeFleet:
             log("INFO", "fleet.start", stack=self.stack, run_id=a.run_id,
                 reason=f"{vm.name} is {inst.status} under run {labels.get(LABEL_RUN)!r} "
                        f"attempt {labels.get(LABEL_ATTEMPT)!r}; stopping it first")
-            inst = self._bring_down(vm)
+            inst = self._bring_down(vm, inst)
         self._merge_metadata(vm, {ASSIGNMENT_KEY: a.to_json().decode()}, inst)
         self._merge_labels(vm, {LABEL_RUN: a.run_id, LABEL_ATTEMPT: str(a.attempt),
                                 LABEL_DEADLINE: str(int(deadline.timestamp()))},
@@ -217,7 +217,12 @@ class ComputeFleet:
                         reason=f"{vm.name} now runs {current[0]} attempt {current[1]}; "
                                "a late stop leaves it alone")
                     return
-            self._mutate(vm, "stop", vm.clients.instances.stop_unary)
+            try:
+                self._mutate(vm, "stop", vm.clients.instances.stop_unary)
+            except gexc.BadRequest as e:
+                if not _not_ready(e):
+                    raise
+                self._bring_down(vm)  # SUSPENDING: a stop is taken once it is SUSPENDED
         except gexc.NotFound:
             log("INFO", "fleet.stop", stack=self.stack, reason=f"{vm.name} does not exist")
 
@@ -282,7 +287,8 @@ class ComputeFleet:
         raise RuntimeError(f"{vm.name}: label fingerprint kept changing "
                            f"({FINGERPRINT_TRIES} tries)")
 
-    def _bring_down(self, vm: _Vm) -> compute_v1.Instance:
+    def _bring_down(self, vm: _Vm,
+                    inst: compute_v1.Instance | None = None) -> compute_v1.Instance:
         """Stop a VM in any status and wait until it is TERMINATED, then return it.
 
         setScheduling is refused on anything but a TERMINATED VM, so a VM that is up,
@@ -294,18 +300,19 @@ class ComputeFleet:
         """
         delay = 0.2
         while True:
-            inst = self._get(vm)
-            if inst.status == "TERMINATED":
-                return inst
-            if inst.status in STOPPABLE:
+            current, inst = inst or self._get(vm), None  # after the first pass, read it back
+            if current.status == "TERMINATED":
+                return current
+            status = current.status
+            if status in STOPPABLE:
                 try:
                     self._mutate(vm, "stop", vm.clients.instances.stop_unary)
-                    continue  # read back what the stop left
+                    continue
                 except gexc.BadRequest as e:
                     if not _not_ready(e):
                         raise
             if time.monotonic() + delay > vm.until:
-                raise TimeoutError(f"{vm.name} still {inst.status} after {self.op_timeout}s")
+                raise TimeoutError(f"{vm.name} still {status} after {self.op_timeout}s")
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 

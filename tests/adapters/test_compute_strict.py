@@ -329,18 +329,19 @@ def test_stopping_takes_the_guest_shutdown_and_refuses_a_start() -> None:
 
 @pytest.mark.parametrize("model,window", [("STANDARD", 120.0), ("SPOT", 30.0)])
 def test_the_soft_off_window_caps_a_slow_guest(model: str, window: float) -> None:
-    scale = 0.004
+    scale = 0.01  # the windows become 1.2 s and 0.3 s; the guest alone would take 10 s
     with LocalCompute(PROJECT, ZONE, time_scale=scale) as compute:
         compute.guest_shutdown_seconds = 1000.0  # a guest that never finishes by itself
         compute.add_instance(VM, {"pcp-stack": STACK}, status="RUNNING", scheduling={
             "provisioningModel": model, "automaticRestart": False,
             "onHostMaintenance": "TERMINATE"})
         fleet = ComputeFleet(PROJECT, ZONE, STACK, compute.endpoint, op_timeout=30.0)
+        fleet.list()  # warm up: the client library's import is not part of the stop
         t0 = time.monotonic()
         fleet.stop([VM])
         took = time.monotonic() - t0
         assert compute.vm(VM).status == "TERMINATED"
-        assert window * scale <= took < window * scale + 0.4, took
+        assert window * scale <= took < window * scale + 0.6, took
 
 
 def test_a_boot_passes_through_provisioning_and_staging() -> None:
@@ -363,9 +364,11 @@ def test_a_boot_passes_through_provisioning_and_staging() -> None:
         t0 = time.monotonic()
         fleet.start([a], a.deadline)
         took = time.monotonic() - t0
+        final = compute.vm(VM).status  # the watcher may not have looked since
         stop.set()
         watcher.join()
-    assert seen == ["TERMINATED", "PROVISIONING", "STAGING", "RUNNING"]
+    assert final == "RUNNING"
+    assert [*seen, final][:4] == ["TERMINATED", "PROVISIONING", "STAGING", "RUNNING"]
     assert took >= 0.3  # the start operation ends when the VM is RUNNING
 
 
@@ -401,3 +404,13 @@ def test_the_fleet_waits_out_a_suspending_vm(compute: LocalCompute) -> None:
     fleet.start([a], a.deadline)
     assert compute.vm(VM).status == "RUNNING"
     assert compute.count("stop", VM) == 1  # only once it was SUSPENDED
+
+
+def test_a_stop_of_a_suspending_vm_waits_until_it_can_be_stopped(compute: LocalCompute) -> None:
+    compute.set_status(VM, "SUSPENDING")
+    threading.Timer(0.3, compute.set_status, args=(VM, "SUSPENDED")).start()
+    fleet = ComputeFleet(PROJECT, ZONE, STACK, compute.endpoint, op_timeout=30.0,
+                         backoff_seconds=0.05)
+    fleet.stop([VM])
+    assert compute.vm(VM).status == "TERMINATED"
+    assert compute.count("stop", VM) == 2  # refused while SUSPENDING, taken when SUSPENDED
