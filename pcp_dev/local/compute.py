@@ -577,8 +577,9 @@ class LocalCompute:
                 op.update(status="DONE", progress=100, endTime=_now_rfc3339())
                 self._lock.notify_all()
 
-        if delay <= 0 and not (timed and apply is not None and error is None):
-            complete()
+        if delay <= 0 and not (timed and apply is not None and error is None
+                               and self.time_scale > 0):
+            complete()  # time_scale 0: the statuses pass at once, the operation answers DONE
         else:
             def later() -> None:
                 if not self._stopping.wait(delay):  # an endpoint being stopped drops it
