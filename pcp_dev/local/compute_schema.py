@@ -77,7 +77,8 @@ class ComputeSchema:
                 if key in self.system_parameters or key.startswith("$"):
                     continue
                 raise RequestInvalid(f"Invalid JSON payload received. Unknown name \"{key}\": "
-                                     "Cannot find field.")
+                                     f"Cannot bind query parameter. Field '{key}' could not "
+                                     "be found in request message.")
             for value in values:
                 if spec.get("type") == "boolean" and value not in ("true", "false"):
                     raise RequestInvalid(f"Invalid value for field '{key}': '{value}'. "
