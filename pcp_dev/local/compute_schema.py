@@ -1,10 +1,11 @@
 """The Compute v1 discovery document as a validator for the local endpoint.
 
-The document is the one google-api-python-client ships (a development dependency), read as
-JSON: the client library itself is never imported. Every request body the endpoint accepts and
-every response it writes is checked against the schema of its method: unknown fields, types,
-enums, `$ref`s, patterns, and the proto3 JSON encoding (64-bit integers travel as strings; a
-request may also send them as numbers, as the real API's JSON parser accepts).
+The document is the one google-api-python-client ships (in the demo's and the tests'
+requirements), read as JSON: the client library itself is never imported. Every request body
+the endpoint accepts and every response it writes is checked against the schema of its method:
+unknown fields, types, enums, `$ref`s, patterns, and the proto3 JSON encoding (64-bit integers
+travel as strings; a request may also send them as numbers, as the real API's JSON parser
+accepts).
 
 A request that does not fit is refused with the real API's wording ("Invalid JSON payload
 received. Unknown name ...", reason `invalid`); a response that does not fit is a bug in the
@@ -42,7 +43,7 @@ def document_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("google-api-python-client is not installed: the local Compute "
                            "endpoint validates against the compute v1 discovery document it "
-                           "ships (pip install -r requirements-dev.txt)")
+                           "ships (pip install -r requirements-demo.txt)")
     return (Path(next(iter(spec.submodule_search_locations))) / "discovery_cache" / "documents"
             / "compute.v1.json")
 
