@@ -577,9 +577,8 @@ class LocalCompute:
                 op.update(status="DONE", progress=100, endTime=_now_rfc3339())
                 self._lock.notify_all()
 
-        if delay <= 0 and not (timed and apply is not None and error is None
-                               and self.time_scale > 0):
-            complete()  # time_scale 0: the statuses pass at once, the operation answers DONE
+        if delay <= 0 and not (timed and apply is not None and error is None):
+            complete()
         else:
             def later() -> None:
                 if not self._stopping.wait(delay):  # an endpoint being stopped drops it
@@ -710,11 +709,13 @@ class LocalCompute:
                 query: dict[str, list[str]], injected: str | int | None) -> dict[str, Any]:
         error = injected if isinstance(injected, str) and injected != DROPPED else None
         apply: Callable[[], None] | None = None
-        timed = kind in ("start", "stop")
         if kind in ("setMetadata", "setLabels"):
             self._check_fingerprint(kind, vm, body, stale=injected == 412)
         with self._lock:
-            self._refuse(kind, vm)  # a refused state is refused before any fault applies
+            action = self._refuse(kind, vm)  # refused before any fault applies
+        # A start or stop takes time (none with time_scale 0: the operation answers DONE); a
+        # stop of a VM already stopping ends when it is down, however long that takes.
+        timed = (kind in ("start", "stop") and self.time_scale > 0) or action == "join"
         if kind == "setScheduling":
             check_scheduling(body)
         elif kind == "setLabels":

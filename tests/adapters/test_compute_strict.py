@@ -414,3 +414,18 @@ def test_a_stop_of_a_suspending_vm_waits_until_it_can_be_stopped(compute: LocalC
     fleet.stop([VM])
     assert compute.vm(VM).status == "TERMINATED"
     assert compute.count("stop", VM) == 2  # refused while SUSPENDING, taken when SUSPENDED
+
+
+def test_a_stop_of_a_stopping_vm_ends_when_the_vm_is_down(compute: LocalCompute) -> None:
+    from google.cloud import compute_v1 as cv1
+
+    instances, operations = clients(compute.endpoint)
+    compute.set_status(VM, "STOPPING")  # someone else's stop, with time_scale 0 even
+    threading.Timer(0.5, compute.power_off, args=(VM,)).start()
+    t0 = time.monotonic()
+    op = instances.stop_unary(**ref())
+    assert time.monotonic() - t0 < 0.4  # answered at once, not held open
+    assert op.status != cv1.Operation.Status.DONE
+    assert operations.wait(project=PROJECT, zone=ZONE,
+                           operation=op.name).status == cv1.Operation.Status.DONE
+    assert compute.vm(VM).status == "TERMINATED"
