@@ -10,6 +10,9 @@ Errors: an operation or HTTP error naming an exhausted zone or GPU quota becomes
 429 (API rate limits, even when they say "quota") and timeouts are retried with exponential
 backoff within the operation deadline; anything else propagates so the trigger redelivers.
 
+A start arms the hard cap (setScheduling), which Compute Engine takes only on a TERMINATED
+VM: a VM found in any other status is brought down first (`_bring_down`).
+
 `google.cloud.compute_v1` takes ~1.5 s to import, so it is imported on first use, never when
 this module is imported (the functions import it on cold start).
 """
@@ -54,8 +57,10 @@ CAPACITY_CODES = ("ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS", "ZONE_RESOURCE_PO
                   "QUOTA_EXCEEDED")
 TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
 RATE_LIMIT_REASONS = ("rateLimitExceeded", "userRateLimitExceeded", "RATE_LIMIT_EXCEEDED")
-MAX_RUN_SECONDS = 120 * 24 * 3600  # GCE accepts 30 s .. 120 days
+MIN_RUN_SECONDS, MAX_RUN_SECONDS = 30, 120 * 24 * 3600  # GCE accepts 30 s .. 120 days
 FINGERPRINT_TRIES = 5
+# Statuses a stop is accepted in; STOPPING and SUSPENDING must be waited out.
+STOPPABLE = frozenset({*RUNNING_STATES, "SUSPENDED", "REPAIRING"})
 
 
 class _TransientOp(Exception):
@@ -95,6 +100,10 @@ def _capacity_code(codes: Sequence[str], text: str) -> str | None:
     return "QUOTA_EXCEEDED" if any("quota" in c.lower() for c in codes) else None
 
 
+def _not_ready(exc: gexc.GoogleAPICallError) -> bool:
+    return any(isinstance(e, dict) and e.get("reason") == "resourceNotReady" for e in exc.errors)
+
+
 def _rate_limited(exc: gexc.GoogleAPICallError) -> bool:
     reasons = " ".join(str(e.get("reason", "")) for e in exc.errors if isinstance(e, dict))
     return exc.code == 429 or any(r in reasons or r in str(exc) for r in RATE_LIMIT_REASONS)
@@ -110,6 +119,9 @@ class ComputeFleet:
                  credentials: Any = None, clock: Callable[[], float] = time.time) -> None:
         if not STACK_RE.match(stack):
             raise ValueError(f"stack {stack!r} is not a valid stack name")
+        if not MIN_RUN_SECONDS <= min_run_seconds <= MAX_RUN_SECONDS:
+            raise ValueError(f"min_run_seconds {min_run_seconds} is outside what GCE accepts "
+                             f"for maxRunDuration ({MIN_RUN_SECONDS}..{MAX_RUN_SECONDS} s)")
         self.project, self.zone, self.stack = project, zone, stack
         self.endpoint = endpoint
         self.op_timeout = op_timeout
@@ -174,13 +186,11 @@ class ComputeFleet:
             log("INFO", "fleet.start", stack=self.stack, run_id=a.run_id,
                 reason=f"{vm.name} already {inst.status} for attempt {a.attempt}; left alone")
             return
-        if inst.status in RUNNING_STATES or inst.status == "STOPPING":
+        if inst.status != "TERMINATED":
             log("INFO", "fleet.start", stack=self.stack, run_id=a.run_id,
                 reason=f"{vm.name} is {inst.status} under run {labels.get(LABEL_RUN)!r} "
                        f"attempt {labels.get(LABEL_ATTEMPT)!r}; stopping it first")
-            if inst.status != "STOPPING":
-                self._mutate(vm, "stop", vm.clients.instances.stop_unary)
-            inst = self._until_terminated(vm)
+            inst = self._bring_down(vm, inst)
         self._merge_metadata(vm, {ASSIGNMENT_KEY: a.to_json().decode()}, inst)
         self._merge_labels(vm, {LABEL_RUN: a.run_id, LABEL_ATTEMPT: str(a.attempt),
                                 LABEL_DEADLINE: str(int(deadline.timestamp()))},
@@ -204,7 +214,12 @@ class ComputeFleet:
                         reason=f"{vm.name} now runs {labels.get(LABEL_RUN)} attempt "
                                f"{labels.get(LABEL_ATTEMPT)}; a late stop leaves it alone")
                     return
-            self._mutate(vm, "stop", vm.clients.instances.stop_unary)
+            try:
+                self._mutate(vm, "stop", vm.clients.instances.stop_unary)
+            except gexc.BadRequest as e:
+                if not _not_ready(e):
+                    raise
+                self._bring_down(vm)  # SUSPENDING: a stop is taken once it is SUSPENDED
         except gexc.NotFound:
             log("INFO", "fleet.stop", stack=self.stack, reason=f"{vm.name} does not exist")
 
@@ -269,15 +284,32 @@ class ComputeFleet:
         raise RuntimeError(f"{vm.name}: label fingerprint kept changing "
                            f"({FINGERPRINT_TRIES} tries)")
 
-    def _until_terminated(self, vm: _Vm) -> compute_v1.Instance:
-        """A stop operation ends when the VM is down; a stop by someone else is polled."""
+    def _bring_down(self, vm: _Vm,
+                    inst: compute_v1.Instance | None = None) -> compute_v1.Instance:
+        """Stop a VM in any status and wait until it is TERMINATED, then return it.
+
+        setScheduling is refused on anything but a TERMINATED VM, so a VM that is up,
+        SUSPENDED or REPAIRING is stopped first. A SUSPENDED VM is stopped, not resumed:
+        resuming would bring back the memory of its previous assignment only for it to be
+        stopped again before the hard cap can be set, and a stop discards the suspended state.
+        A VM that is STOPPING (or SUSPENDING) cannot take a stop (400 resourceNotReady): it is
+        polled until it settles.
+        """
         delay = 0.2
         while True:
-            inst = self._get(vm)
-            if inst.status == "TERMINATED":
-                return inst
+            current, inst = inst or self._get(vm), None  # after the first pass, read it back
+            if current.status == "TERMINATED":
+                return current
+            status = current.status
+            if status in STOPPABLE:
+                try:
+                    self._mutate(vm, "stop", vm.clients.instances.stop_unary)
+                    continue
+                except gexc.BadRequest as e:
+                    if not _not_ready(e):
+                        raise
             if time.monotonic() + delay > vm.until:
-                raise TimeoutError(f"{vm.name} still {inst.status} after {self.op_timeout}s")
+                raise TimeoutError(f"{vm.name} still {status} after {self.op_timeout}s")
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 

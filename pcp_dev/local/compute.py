@@ -6,12 +6,22 @@ replica exercise the real request and response shapes, the real exception mappin
 fleet's own operation waiting. Served: instances get, list (label filter), start, stop,
 setMetadata, setLabels, setScheduling, and zoneOperations get and wait.
 
-What makes it more than a stub: fingerprints are checked (a stale one gets GCE's 412
-`conditionNotMet`), VMs follow GCE's status machine (TERMINATED -> STAGING -> RUNNING ->
-STOPPING -> TERMINATED), `scheduling.maxRunDuration` is enforced by a background thread
-(termination action STOP or DELETE), and `faults` makes calls slow, operations long-running,
-or calls fail on demand. The local replica turns a VM into a process through `on_start` /
-`on_stop`, and calls `power_off` when that process shuts its "VM" down itself.
+Strict by construction, so that what passes here does not fail on Compute Engine:
+- every request (path and query parameters, body) and every response is checked against the
+  compute v1 discovery document shipped with google-api-python-client (`compute_schema`);
+- the documented rules a schema cannot say are encoded in `check_labels`, `check_metadata` and
+  `check_scheduling`, and each method is allowed only in the statuses `ALLOWED` lists (a
+  start during STOPPING is `resourceNotReady`, setScheduling needs TERMINATED);
+- fingerprints are checked (a stale one gets 412 `conditionNotMet`);
+- VMs pass through GCE's statuses in time: TERMINATED -> PROVISIONING -> STAGING -> RUNNING ->
+  STOPPING -> TERMINATED, the start and stop operations finishing when the VM is RUNNING or
+  TERMINATED; the durations are the real ones (`BOOT_SECONDS`, the guest shutdown capped at the
+  120 s / 30 s soft-off window) times `time_scale`, which tests and the replica set small;
+- `scheduling.maxRunDuration` is enforced by a background thread (termination action STOP or
+  DELETE), its clock scaled by `run_clock_scale` (1 by default: a one-hour cap is an hour).
+`faults` makes calls slow, operations long-running, or calls fail on demand. The local replica
+turns a VM into a process through `on_start` / `on_stop`, and calls `power_off` when that process
+shuts its "VM" down itself.
 """
 
 from __future__ import annotations
@@ -33,9 +43,47 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from pcp.logs import log
+from pcp_dev.local.compute_schema import ComputeSchema, RequestInvalid, ResponseInvalid, compute_v1
 
 UP = frozenset({"PROVISIONING", "STAGING", "RUNNING"})
 MUTATIONS = ("start", "stop", "setMetadata", "setLabels", "setScheduling")
+# Which statuses each mutation may be called in; any other status is 400 resourceNotReady
+# (setScheduling: 400 invalid, quoting the discovery document). "noop" answers DONE and changes
+# nothing, as GCE does for a start of a running VM or a stop of a stopped one; "join" is a stop
+# of a VM already stopping: its operation ends when the VM is TERMINATED.
+ALLOWED: dict[str, dict[str, str]] = {
+    "start": {"TERMINATED": "run", "PROVISIONING": "noop", "STAGING": "noop",
+              "RUNNING": "noop"},
+    "stop": {"PROVISIONING": "run", "STAGING": "run", "RUNNING": "run", "SUSPENDED": "run",
+             "REPAIRING": "run", "STOPPING": "join", "TERMINATED": "noop"},
+    "setScheduling": {"TERMINATED": "run"},
+    "setMetadata": {s: "run" for s in ("PROVISIONING", "STAGING", "RUNNING", "STOPPING",
+                                       "SUSPENDING", "SUSPENDED", "REPAIRING", "TERMINATED")},
+}
+ALLOWED["setLabels"] = ALLOWED["setMetadata"]
+STATUSES = frozenset(ALLOWED["setMetadata"])
+# Real durations, in seconds, before `time_scale`. A boot's PROVISIONING and STAGING take tens
+# of seconds on GCE (typical, not a documented bound); a guest's soft-off is capped at 120 s for
+# standard VMs and 30 s for Spot (discovery document, Scheduling.skipGuestOsShutdown).
+BOOT_SECONDS = {"PROVISIONING": 10.0, "STAGING": 20.0}
+GUEST_SHUTDOWN_SECONDS = 10.0
+SOFT_OFF_SECONDS = {"STANDARD": 120.0, "SPOT": 30.0}
+MAX_RUN_RANGE = (30, 120 * 24 * 3600)  # cloud.google.com/compute/docs/instances/limit-vm-runtime
+METADATA_TOTAL_BYTES = 512 * 1024
+METADATA_VALUE_BYTES = 256 * 1024
+MAX_LABELS = 64
+_LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
+_METADATA_KEY = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
+# The discovery methods behind each kind of call, with the schema of their body.
+METHODS = {"get": ("instances", "get"), "list": ("instances", "list"),
+           "operations.get": ("zoneOperations", "get"),
+           "operations.wait": ("zoneOperations", "wait"),
+           **{m: ("instances", m) for m in MUTATIONS}}
+STATUS_NAMES = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                412: "FAILED_PRECONDITION", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+                503: "UNAVAILABLE"}
 # Operation errors as GCE reports them: the HTTP status it puts on the finished operation.
 OP_ERROR_STATUS = {"ZONE_RESOURCE_POOL_EXHAUSTED": (503, "SERVICE UNAVAILABLE"),
                    "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS": (503, "SERVICE UNAVAILABLE"),
@@ -95,8 +143,91 @@ class _HttpError(Exception):
         self.reason = reason or HTTP_REASON.get(code, "error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "errors": [
-            {"message": self.message, "domain": "global", "reason": self.reason}]}}
+        error: dict[str, Any] = {"code": self.code, "message": self.message, "errors": [
+            {"message": self.message, "domain": "global", "reason": self.reason}]}
+        if self.code in STATUS_NAMES:
+            error["status"] = STATUS_NAMES[self.code]
+        return {"error": error}
+
+
+def _invalid(message: str) -> _HttpError:
+    return _HttpError(400, message, "invalid")
+
+
+def _not_ready(what: str) -> _HttpError:
+    return _HttpError(400, f"The resource '{what}' is not ready", "resourceNotReady")
+
+
+def _label_text(kind: str, text: str) -> str:
+    if kind == "key":
+        return (f"Label key '{text}' violates format constraints. The key must start with a "
+                "lowercase character, can only contain lowercase letters, numeric characters, "
+                "underscores and dashes. The key can be at most 63 characters long. "
+                "International characters are allowed.")
+    return (f"Label value '{text}' violates format constraints. The value can only contain "
+            "lowercase letters, numeric characters, underscores and dashes. The value can be "
+            "at most 63 characters long. International characters are allowed.")
+
+
+def _label_ok(pattern: re.Pattern[str], text: str) -> bool:
+    # International lowercase letters are allowed too: fold them to 'a' before matching.
+    folded = "".join("a" if ord(c) > 127 and c.islower() else c for c in text)
+    return pattern.fullmatch(folded) is not None
+
+
+def check_labels(labels: Mapping[str, str], field_name: str = "labels") -> None:
+    """GCE's label rules (cloud.google.com/compute/docs/labeling-resources)."""
+    if len(labels) > MAX_LABELS:
+        raise _invalid(f"Invalid value for field '{field_name}': ''. Resource cannot have "
+                       f"more than {MAX_LABELS} labels.")
+    for key, value in labels.items():
+        if not _label_ok(_LABEL_KEY, key):
+            raise _invalid(f"Invalid value for field '{field_name}': ''. "
+                           f"{_label_text('key', key)}")
+        if not _label_ok(_LABEL_VALUE, value):
+            raise _invalid(f"Invalid value for field '{field_name}': ''. "
+                           f"{_label_text('value', value)}")
+
+
+def check_metadata(items: Mapping[str, str]) -> None:
+    """GCE's metadata limits (discovery document, Metadata.items; metadata docs page)."""
+    total = 0
+    for key, value in items.items():
+        if not _METADATA_KEY.fullmatch(key):
+            raise _invalid(f"Invalid value for field 'metadata.items.key': '{key[:80]}'. Must "
+                           "be a match of regex '[a-zA-Z0-9-_]{1,128}'")
+        size = len(value.encode())
+        if size > METADATA_VALUE_BYTES:
+            raise _invalid(f"Invalid value for field 'metadata.items.value': the value of "
+                           f"'{key}' is {size} bytes; at most {METADATA_VALUE_BYTES} are allowed.")
+        total += size + len(key.encode())
+    if total > METADATA_TOTAL_BYTES:
+        raise _invalid(f"Invalid value for field 'metadata': the metadata is {total} bytes; "
+                       f"at most {METADATA_TOTAL_BYTES} are allowed in all.")
+
+
+def check_scheduling(scheduling: Mapping[str, Any]) -> None:
+    """The rules between Scheduling fields (limit-vm-runtime docs page)."""
+    action = scheduling.get("instanceTerminationAction")
+    duration = scheduling.get("maxRunDuration")
+    termination = scheduling.get("terminationTime")
+    if action not in (None, "INSTANCE_TERMINATION_ACTION_UNSPECIFIED") and not (
+            duration or termination):
+        raise _invalid("Invalid value for field 'scheduling.instanceTerminationAction': "
+                       f"'{action}'. instanceTerminationAction can only be set together with "
+                       "maxRunDuration or terminationTime.")
+    if duration:
+        seconds = int(duration.get("seconds", 0))
+        if not MAX_RUN_RANGE[0] <= seconds <= MAX_RUN_RANGE[1]:
+            raise _invalid("Invalid value for field 'scheduling.maxRunDuration.seconds': "
+                           f"'{seconds}'. Must be between {MAX_RUN_RANGE[0]} and "
+                           f"{MAX_RUN_RANGE[1]} seconds.")
+    if termination is not None and not _RFC3339.fullmatch(termination):
+        raise _invalid("Invalid value for field 'scheduling.terminationTime': "
+                       f"'{termination}'. Must be an RFC3339 timestamp.")
+    if duration and termination:
+        raise _invalid("Invalid value for field 'scheduling': maxRunDuration and "
+                       "terminationTime cannot both be set.")
 
 
 class Faults:
@@ -151,13 +282,18 @@ class LocalCompute:
     """One project and zone of Compute Engine on 127.0.0.1, with hooks for the local replica.
 
     `on_start(vm)` runs when a VM becomes RUNNING, `on_stop(vm)` when it is being stopped
-    (by a stop call or by maxRunDuration); both run outside the endpoint's lock, and the stop
-    operation finishes only when `on_stop` returns, like a guest's ACPI shutdown.
+    (by a stop call or by maxRunDuration); both run outside the endpoint's lock, and the VM
+    stays STOPPING until `on_stop` returns, like a guest's ACPI shutdown. Without an `on_stop`
+    the guest takes `guest_shutdown_seconds`, never more than its soft-off window.
+
+    `time_scale` multiplies every timed transition (1.0: as long as on GCE; 0: at once, the
+    statuses still passed through); `run_clock_scale` multiplies the maxRunDuration clock.
     """
 
     def __init__(self, project: str, zone: str, on_start: Hook | None = None,
                  on_stop: Hook | None = None, *, enforce_interval: float = 0.05,
-                 wait_cap_seconds: float = 10.0) -> None:
+                 wait_cap_seconds: float = 10.0, time_scale: float = 0.01,
+                 run_clock_scale: float = 1.0) -> None:
         self.project, self.zone = project, zone
         self.on_start, self.on_stop = on_start, on_stop
         self.faults = Faults()
@@ -165,6 +301,11 @@ class LocalCompute:
         self.call_counts: Counter[tuple[str, str | None]] = Counter()
         # Operation waits are capped like GCE's (2 minutes there), shorter so shutdown is quick.
         self.wait_cap_seconds = wait_cap_seconds
+        self.time_scale = time_scale
+        self.run_clock_scale = run_clock_scale
+        self.guest_shutdown_seconds = GUEST_SHUTDOWN_SECONDS
+        self.schema: ComputeSchema = compute_v1()
+        self.invalid_responses: list[str] = []  # responses the schema refused: endpoint bugs
         self._enforce_interval = enforce_interval
         self._vms: dict[str, VmRecord] = {}
         self._ops: dict[str, dict[str, Any]] = {}
@@ -199,6 +340,8 @@ class LocalCompute:
 
     def stop(self) -> None:
         self._stopping.set()
+        with self._lock:
+            self._lock.notify_all()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -220,12 +363,26 @@ class LocalCompute:
                      scheduling: Mapping[str, Any] | None = None,
                      machine_type: str = "n1-standard-4",
                      accelerator: tuple[str, int] | None = ("nvidia-tesla-t4", 1)) -> VmRecord:
-        """Create a VM as the Pulumi program would (no hooks run, even if RUNNING)."""
+        """Create a VM as the Pulumi program would (no hooks run, even if RUNNING).
+
+        The same rules as the API's apply: a VM the real insert would refuse is a ValueError.
+        """
+        sched = dict(scheduling or {"onHostMaintenance": "TERMINATE", "automaticRestart": False})
+        try:
+            if status not in STATUSES:
+                raise _invalid(f"status {status!r} is not one of {sorted(STATUSES)}")
+            if not re.fullmatch(self.schema.method("instances", "get")["parameters"]
+                                ["instance"]["pattern"], name):
+                raise _invalid(f"Invalid value for field 'resource.name': '{name}'")
+            check_labels(dict(labels or {}), "resource.labels")
+            check_metadata(dict(metadata or {}))
+            sched = self.schema.check_request("Scheduling", sched)
+            check_scheduling(sched)
+        except (_HttpError, RequestInvalid) as e:
+            raise ValueError(f"{name}: {e}") from None
         with self._lock:
             vm = VmRecord(name, next(self._ids), status, dict(labels or {}),
-                          metadata=dict(metadata or {}),
-                          scheduling=dict(scheduling or {"onHostMaintenance": "TERMINATE",
-                                                         "automaticRestart": False}),
+                          metadata=dict(metadata or {}), scheduling=sched,
                           machine_type=machine_type, accelerator=accelerator)
             if status == "RUNNING":
                 vm.started_at = time.monotonic()
@@ -235,6 +392,16 @@ class LocalCompute:
     def vm(self, name: str) -> VmRecord:
         with self._lock:
             return self._vms[name]
+
+    def set_status(self, name: str, status: str) -> None:
+        """What Compute Engine does on its own: a host error (REPAIRING), a suspend, a reset."""
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {sorted(STATUSES)}")
+        with self._lock:
+            vm = self._vms[name]
+            vm.status = status
+            vm.started_at = time.monotonic() if status == "RUNNING" else None
+            self._lock.notify_all()
 
     def metadata_of(self, name: str) -> dict[str, str]:
         """A copy of a VM's live metadata: what the metadata server serves."""
@@ -260,6 +427,10 @@ class LocalCompute:
 
     # ------------------------------------------------------------ state machine
 
+    def _sleep(self, seconds: float) -> bool:
+        """Wait a scaled real duration; False if the endpoint is being stopped."""
+        return not self._stopping.wait(seconds * self.time_scale) if seconds > 0 else True
+
     def _terminated(self, vm: VmRecord) -> None:
         """Under the lock: the VM is down now."""
         if vm.status != "TERMINATED":
@@ -275,30 +446,45 @@ class LocalCompute:
         except Exception as e:  # noqa: BLE001 - a guest failing to boot or stop is not ours
             log("ERROR", f"local_compute.{what}_hook", stack="", reason=f"{vm.name}: {e!r}")
 
+    def _refuse(self, kind: str, vm: VmRecord) -> str:
+        """Under the lock: what `kind` does in the VM's status, or the error GCE answers."""
+        action = ALLOWED[kind].get(vm.status)
+        if action is not None:
+            return action
+        if kind == "setScheduling":
+            raise _invalid(f"Invalid resource usage: setScheduling can only be called on a "
+                           f"stopped instance (TERMINATED); '{vm.name}' is {vm.status}.")
+        raise _not_ready(f"projects/{self.project}/zones/{self.zone}/instances/{vm.name}")
+
     def _begin_start(self, vm: VmRecord) -> Callable[[], None] | None:
         with self._lock:
-            if vm.status in UP:
+            if self._refuse("start", vm) == "noop":
                 return None
-            if vm.status != "TERMINATED":
-                raise _HttpError(400, f"The resource '{vm.name}' is not ready "
-                                 f"(status {vm.status})", "resourceNotReady")
-            vm.status = "STAGING"
+            vm.status, boot = "PROVISIONING", vm.stops
 
         def finish() -> None:
+            for status, then in (("PROVISIONING", "STAGING"), ("STAGING", "RUNNING")):
+                if not self._sleep(BOOT_SECONDS[status]):
+                    return
+                with self._lock:
+                    if vm.status != status or vm.stops != boot:
+                        return  # stopped or powered off while booting
+                    vm.status = then
+                    self._lock.notify_all()
             with self._lock:
-                if vm.status != "STAGING":
-                    return  # stopped or powered off while staging
-                vm.status, vm.started_at, vm.last_start = "RUNNING", time.monotonic(), \
-                    _now_rfc3339()
+                vm.started_at, vm.last_start = time.monotonic(), _now_rfc3339()
                 vm.starts += 1
-                self._lock.notify_all()
             self._hook(self.on_start, vm, "start")
         return finish
 
     def _begin_stop(self, vm: VmRecord, delete: bool = False) -> Callable[[], None] | None:
         with self._lock:
-            if vm.status not in UP:
-                return None  # TERMINATED already, or another stop is finishing it
+            action = self._refuse("stop", vm)
+            if action == "noop":
+                return None
+            if action == "join":
+                return lambda: self._until_down(vm)
+            guest = vm.status in UP  # a suspended or repairing VM has no guest to shut down
             vm.status, boot = "STOPPING", vm.starts
 
         def finish() -> None:
@@ -307,13 +493,24 @@ class LocalCompute:
             with self._lock:
                 if vm.status != "STOPPING" or vm.starts != boot:
                     return
-            self._hook(self.on_stop, vm, "stop")
+            if self.on_stop is not None:
+                self._hook(self.on_stop, vm, "stop")
+            elif guest and not vm.scheduling.get("skipGuestOsShutdown"):
+                model = vm.scheduling.get("provisioningModel", "STANDARD")
+                window = SOFT_OFF_SECONDS.get(model, SOFT_OFF_SECONDS["STANDARD"])
+                if not self._sleep(min(self.guest_shutdown_seconds, window)):
+                    return
             with self._lock:
                 if vm.starts == boot:
                     self._terminated(vm)
                 if delete:
                     self._vms.pop(vm.name, None)
         return finish
+
+    def _until_down(self, vm: VmRecord) -> None:
+        with self._lock:
+            while vm.status == "STOPPING" and not self._stopping.is_set():
+                self._lock.wait(timeout=0.1)
 
     def _enforce(self) -> None:
         """GCE's hard cap: a VM RUNNING longer than its maxRunDuration is terminated."""
@@ -324,24 +521,40 @@ class LocalCompute:
                 for vm in self._vms.values():
                     limit = vm.max_run_seconds()
                     if (vm.status == "RUNNING" and limit is not None
-                            and vm.started_at is not None and now - vm.started_at >= limit):
+                            and vm.started_at is not None
+                            and now - vm.started_at >= limit * self.run_clock_scale):
                         action = vm.scheduling.get("instanceTerminationAction", "STOP")
                         due.append((vm, action == "DELETE"))
             for vm, delete in due:
                 log("NOTICE", "local_compute.max_run_duration", stack="",
                     reason=f"{vm.name} ran past maxRunDuration; "
                            f"{'deleting' if delete else 'stopping'} it")
-                finish = self._begin_stop(vm, delete)
+                try:
+                    finish = self._begin_stop(vm, delete)
+                except _HttpError:
+                    continue
                 if finish is not None:
-                    finish()
+                    self._in_background(finish, f"local-compute-maxrun-{vm.name}")
+
+    def _in_background(self, fn: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=fn, daemon=True, name=name)
+        with self._lock:
+            self._timers = [t for t in self._timers if t.is_alive()] + [thread]
+        thread.start()
 
     # ------------------------------------------------------------ operations
 
     def _operation(self, kind: str, vm: VmRecord, apply: Callable[[], None] | None,
-                   error: str | None) -> dict[str, Any]:
-        """Record an operation; run `apply` now (DONE) or after `slow_seconds` (RUNNING)."""
+                   error: str | None, timed: bool = False) -> dict[str, Any]:
+        """Record an operation; it is DONE when `apply` has run (after `slow_seconds`).
+
+        A timed `apply` (a VM changing status) or a slow operation runs in the background and
+        the call answers with a RUNNING operation, as GCE's start and stop do.
+        """
         with self._lock:
-            name = f"operation-{next(self._ids)}-{kind}-{vm.name}"
+            # GCE's operation names are lowercase and at most 63 characters (the discovery
+            # document's pattern for zoneOperations' `operation`).
+            name = f"operation-{next(self._ids)}-{kind.lower()}-{os.urandom(6).hex()}"
             op: dict[str, Any] = {
                 "kind": "compute#operation", "id": str(next(self._ids)), "name": name,
                 "zone": self._zone_url(), "operationType": kind, "targetId": str(vm.id),
@@ -364,16 +577,13 @@ class LocalCompute:
                 op.update(status="DONE", progress=100, endTime=_now_rfc3339())
                 self._lock.notify_all()
 
-        if delay <= 0:
+        if delay <= 0 and not (timed and apply is not None and error is None):
             complete()
         else:
             def later() -> None:
                 if not self._stopping.wait(delay):  # an endpoint being stopped drops it
                     complete()
-            timer = threading.Thread(target=later, daemon=True, name=f"local-compute-{name}")
-            with self._lock:
-                self._timers = [t for t in self._timers if t.is_alive()] + [timer]
-            timer.start()
+            self._in_background(later, f"local-compute-{name}")
         with self._lock:
             return dict(op)
 
@@ -433,15 +643,54 @@ class LocalCompute:
         with self._lock:
             self.calls.append((method, path))
             self.call_counts[(kind, target)] += 1
+        if kind not in METHODS or (coll == "operations" and (name is None or (
+                verb not in (None, "wait")))):
+            raise _HttpError(404, f"The resource '{path}' was not found")
+        resource, method_name = METHODS[kind]
+        spec = self.schema.method(resource, method_name)
+        if method != spec["httpMethod"]:
+            raise _HttpError(404, f"The resource '{path}' was not found: {method} is not "
+                                  f"served for {resource}.{method_name}")
+        body = self._validate_request(resource, method_name, spec, m, query, body)
         if delay := self.faults.delay(kind):
             time.sleep(delay)
+        code, payload = self._answer(kind, coll, name, query, body)
+        try:
+            self.schema.check_response(spec["response"]["$ref"], payload)
+        except ResponseInvalid as e:
+            with self._lock:
+                self.invalid_responses.append(str(e))
+            raise _HttpError(500, str(e)) from None
+        return code, payload
+
+    def _validate_request(self, resource: str, method_name: str, spec: dict[str, Any],
+                          m: re.Match[str], query: dict[str, list[str]],
+                          body: Any) -> dict[str, Any]:
+        """The body in its canonical form (GCE stores and echoes that), or 400 invalid."""
+        path_params = {"project": m["project"], "zone": m["zone"]}
+        if m["name"] is not None:
+            path_params["operation" if resource == "zoneOperations" else "instance"] = m["name"]
+        try:
+            self.schema.check_parameters(resource, method_name, path_params, query)
+            if "request" in spec:
+                canonical: dict[str, Any] = self.schema.check_request(spec["request"]["$ref"],
+                                                                      body)
+                return canonical
+            if body:
+                first = next(iter(body)) if isinstance(body, dict) else body
+                raise RequestInvalid(f"Invalid JSON payload received. Unknown name "
+                                     f"\"{first}\": Cannot find field.")
+            return {}
+        except RequestInvalid as e:
+            raise _invalid(str(e)) from None
+
+    def _answer(self, kind: str, coll: str, name: str | None, query: dict[str, list[str]],
+                body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if coll == "operations" and name is not None:
-            return 200, self._op_call(kind, name, method)
-        if kind == "list" and method == "GET":
+            return 200, self._op_call(kind, name)
+        if kind == "list":
             return 200, self._list(query.get("filter", [""])[0])
-        if name is None or (verb is None) != (method == "GET") or (
-                verb is not None and verb not in MUTATIONS):
-            raise _HttpError(400, f"{method} {path} is not served by the local endpoint")
+        assert name is not None
         with self._lock:
             vm = self._vms.get(name)
         if vm is None:
@@ -454,12 +703,26 @@ class LocalCompute:
         if kind == "get":
             with self._lock:
                 return 200, self._instance_json(vm)
-        return 200, self._mutate(kind, vm, body, injected)
+        return 200, self._mutate(kind, vm, body, query, injected)
 
     def _mutate(self, kind: str, vm: VmRecord, body: dict[str, Any],
-                injected: str | int | None) -> dict[str, Any]:
+                query: dict[str, list[str]], injected: str | int | None) -> dict[str, Any]:
         error = injected if isinstance(injected, str) and injected != DROPPED else None
         apply: Callable[[], None] | None = None
+        if kind in ("setMetadata", "setLabels"):
+            self._check_fingerprint(kind, vm, body, stale=injected == 412)
+        with self._lock:
+            action = self._refuse(kind, vm)  # refused before any fault applies
+        # A start or stop takes time (none with time_scale 0: the operation answers DONE); a
+        # stop of a VM already stopping ends when it is down, however long that takes.
+        timed = (kind in ("start", "stop") and self.time_scale > 0) or action == "join"
+        if kind == "setScheduling":
+            check_scheduling(body)
+        elif kind == "setLabels":
+            check_labels(body.get("labels") or {})
+        elif kind == "setMetadata":
+            check_metadata({str(i.get("key")): str(i.get("value", ""))
+                            for i in body.get("items", [])})
         if error is not None or injected == DROPPED:
             pass  # a refused or dropped call changes nothing
         elif kind == "start":
@@ -467,12 +730,11 @@ class LocalCompute:
         elif kind == "stop":
             apply = self._begin_stop(vm)
         elif kind in ("setMetadata", "setLabels"):
-            self._check_fingerprint(kind, vm, body, stale=injected == 412)
             apply = self._setter(kind, vm, body)
         elif kind == "setScheduling":
-            scheduling = {k: v for k, v in body.items() if v not in ([], {}, None)}
-            apply = self._assign(vm, "scheduling", scheduling)
-        return self._operation(kind, vm, apply, error)
+            apply = self._assign(vm, "scheduling", {k: v for k, v in body.items()
+                                                    if v not in ([], {}, None)})
+        return self._operation(kind, vm, apply, error, timed)
 
     def _check_fingerprint(self, kind: str, vm: VmRecord, body: dict[str, Any],
                            stale: bool) -> None:
@@ -512,9 +774,7 @@ class LocalCompute:
                 f"{self.zone}/instances", "items": items,
                 "selfLink": f"{self._zone_url()}/instances"}
 
-    def _op_call(self, kind: str, name: str, method: str) -> dict[str, Any]:
-        if (kind == "operations.wait") != (method == "POST"):
-            raise _HttpError(400, f"{method} is not served for {kind}")
+    def _op_call(self, kind: str, name: str) -> dict[str, Any]:
         injected = self.faults.take(kind, None)
         if isinstance(injected, int):
             raise _injected_http(kind, injected)
@@ -522,7 +782,8 @@ class LocalCompute:
         with self._lock:
             op = self._ops.get(name)
             if op is None:
-                raise _HttpError(404, f"The resource 'operations/{name}' was not found")
+                raise _HttpError(404, f"The resource 'projects/{self.project}/zones/"
+                                      f"{self.zone}/operations/{name}' was not found")
             while (kind == "operations.wait" and op["status"] != "DONE"
                    and not self._stopping.is_set() and time.monotonic() < cap):
                 self._lock.wait(timeout=min(0.1, max(0.0, cap - time.monotonic())))

@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--keep-alive-hours", type=float, default=Options.keep_alive_hours)
     s.add_argument("--max-run-hours", type=float, default=Options.max_run_hours)
     s.add_argument("--grace", type=float, default=Options.grace)
+    s.add_argument("--compute-time-scale", type=float, default=Options.compute_time_scale,
+                   help="fraction of Compute Engine's real boot and stop times (1: real)")
     s.add_argument("--no-gcs-limit", action="store_true",
                    help="lift the one-update-per-second-per-object limit (debugging only)")
     args = p.parse_args(argv)
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                          boot_timeout_minutes=args.boot_timeout_minutes,
                          keep_alive_hours=args.keep_alive_hours,
                          max_run_hours=args.max_run_hours, grace=args.grace,
-                         gcs_mutation_interval=None if args.no_gcs_limit else 1.0))
+                         gcs_mutation_interval=None if args.no_gcs_limit else 1.0,
+                         compute_time_scale=args.compute_time_scale))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ class ComputeHarness(Harness):
 def compute_harness() -> Iterator[ComputeHarness]:
     with LocalCompute(PROJECT, ZONE) as compute:
         yield ComputeHarness(compute)
+        assert compute.invalid_responses == []  # every answer fitted the compute v1 schema
 
 
 @pytest.fixture(params=["memory", "compute"])

@@ -59,6 +59,7 @@ def compute(hooks: Hooks) -> Iterator[LocalCompute]:
             endpoint.add_instance(name, {"pcp-stack": STACK, "pcp-node": f"worker-{i}"},
                                   {"pcp-bucket": "b"})
         yield endpoint
+        assert endpoint.invalid_responses == []  # every answer fitted the compute v1 schema
 
 
 def fleet_for(compute: LocalCompute, **kwargs: float) -> ComputeFleet:
@@ -208,18 +209,24 @@ def test_stale_metadata_fingerprint_is_retried(compute: LocalCompute) -> None:
 
 
 def test_max_run_duration_stops_the_vm(compute: LocalCompute, hooks: Hooks) -> None:
-    fleet = fleet_for(compute, margin_seconds=0, min_run_seconds=1)
+    compute.run_clock_scale = 1 / 30  # GCE's shortest cap, 30 s, passes in 1 s
+    fleet = fleet_for(compute, margin_seconds=0)
     a = assignment(0)
     deadline = datetime.now(UTC) + timedelta(seconds=1)
     fleet.start([a], deadline)
     assert compute.vm(NAMES[0]).status == "RUNNING"
-    assert compute.vm(NAMES[0]).max_run_seconds() in (1, 2)
+    assert compute.vm(NAMES[0]).max_run_seconds() == 30  # the floor, not the 1 s wanted
     stop_by = time.monotonic() + 5
     while compute.vm(NAMES[0]).status != "TERMINATED" and time.monotonic() < stop_by:
         time.sleep(0.05)
     assert compute.vm(NAMES[0]).status == "TERMINATED"
     assert hooks.stopped == [NAMES[0]]
     assert compute.count("stop") == 0  # the endpoint did it, not a client
+
+
+def test_a_cap_shorter_than_gce_allows_is_refused_by_the_fleet(compute: LocalCompute) -> None:
+    with pytest.raises(ValueError, match="min_run_seconds 1 is outside"):
+        fleet_for(compute, min_run_seconds=1)
 
 
 def test_list_uses_the_stack_label_filter(compute: LocalCompute) -> None:
@@ -272,7 +279,7 @@ def test_status_machine_through_the_real_client(compute: LocalCompute) -> None:
     compute.faults.slow_seconds["start"] = 0.3
     op = ic.start_unary(**ref)
     assert op.status != done
-    assert ic.get(**ref).status == "STAGING"
+    assert ic.get(**ref).status == "PROVISIONING"
     assert ops.wait(project=PROJECT, zone=ZONE, operation=op.name).status == done
     assert ic.get(**ref).status == "RUNNING"
     compute.faults.slow_seconds.clear()
@@ -282,7 +289,7 @@ def test_status_machine_through_the_real_client(compute: LocalCompute) -> None:
         ic.get(project=PROJECT, zone=ZONE, instance="pcp-tiny-worker-99")
     with pytest.raises(gexc.PreconditionFailed):
         ic.set_metadata_unary(**ref, metadata_resource=compute_v1.Metadata(
-            fingerprint="stale", items=[]))
+            fingerprint="c3RhbGU=", items=[]))  # well-formed base64, not the current one
     with pytest.raises(gexc.BadRequest):
         list(ic.list(request=compute_v1.ListInstancesRequest(
             project=PROJECT, zone=ZONE, filter="name = x")))
