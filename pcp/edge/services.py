@@ -39,6 +39,7 @@ def build_service(settings: Settings) -> Service:
                 GcsStore(settings.bucket, project=settings.project),
                 ComputeFleet(settings.project, settings.zone, settings.stack,
                              endpoint=settings.compute_endpoint,
+                             op_timeout=settings.operation_timeout_seconds,
                              margin_seconds=settings.policy.hard_cap_margin_seconds),
                 PubSubBus(settings.project, settings.stack),
                 settings.policy,
