@@ -171,7 +171,7 @@ Environment=PYTHONUNBUFFERED=1
 # The agent powers the VM off itself when its work is done; systemd must not bring it back.
 Restart=no
 # On stop (a VM stop, or systemctl stop) SIGTERM goes to the agent alone; it forwards it to
-# the binary's process group, waits its grace (20 s), uploads the logs and writes done. Only
+# the binary's process group, waits its grace (10 s), uploads the logs and writes done. Only
 # what is left after TimeoutStopSec is killed, the binary's group included.
 KillMode=mixed
 KillSignal=SIGTERM

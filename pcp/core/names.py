@@ -127,6 +127,8 @@ META_NODE = "pcp-node"
 META_CACHIX_CACHE = "pcp-cachix-cache"
 META_CACHIX_KEY = "pcp-cachix-public-key"
 META_NIX_INSTALLER = "pcp-nix-installer-url"
+#: GPUs per worker on a GPU stack (absent or 0: none). The agent checks them before a run.
+META_GPU_COUNT = "pcp-gpu-count"
 #: Object metadata on a marker: the marker describes itself, so the function need not read it.
 MARKER_METADATA_KEY = "pcp-marker"
 #: Pub/Sub message attributes.

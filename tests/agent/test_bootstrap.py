@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pcp.agent.__main__ import build_parser
+from pcp.agent.__main__ import DEFAULT_GRACE, DEFAULT_STOP_UPLOAD, build_parser
 from pcp_dev.local.metadata import MetadataServer
 
 pytestmark = [pytest.mark.agent]
@@ -31,7 +31,6 @@ PLIST = BOOT / "shepherd" / "dev.pcp.shepherd.plist"
 INSTALL = BOOT / "shepherd" / "install.sh"
 SKIP_DIRS = {".venv", ".git", "node_modules", ".build", "__pycache__"}
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
-DEFAULT_GRACE = 20.0
 
 
 def shell_scripts() -> list[Path]:
@@ -55,11 +54,15 @@ def test_shellcheck(script: Path) -> None:
 
 
 def test_scripts_are_strict_and_executable() -> None:
+    # The worker's startup script runs on Linux under bash; what runs on the Mac is POSIX sh
+    # (tests/agent/test_shepherd_install.py runs it under dash).
+    startup = STARTUP.read_text()
+    assert startup.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in startup and "inherit_errexit" in startup
+    install = INSTALL.read_text()
+    assert install.startswith("#!/bin/sh\n") and "\nset -eu\n" in install
     for script in (STARTUP, INSTALL):
-        text = script.read_text()
-        assert text.startswith("#!/usr/bin/env bash\n"), script
-        assert "set -euo pipefail" in text and "inherit_errexit" in text, script
-        assert "eval" not in re.sub(r"#.*", "", text), script
+        assert "eval" not in re.sub(r"#.*", "", script.read_text()), script
         assert script.stat().st_mode & 0o111, f"{script} is not executable"
 
 
@@ -82,7 +85,8 @@ def test_systemd_unit_runs_the_worker_agent_and_lets_it_finish() -> None:
     assert build_parser().parse_args(argv[3:]).role == "worker"
     assert service["Restart"] == "no"  # the agent powers the VM off; nothing restarts it
     assert service["KillMode"] == "mixed" and service["KillSignal"] == "SIGTERM"
-    assert float(service["TimeoutStopSec"]) > DEFAULT_GRACE + 30  # grace, then uploads
+    # grace, then uploads (a Spot VM is cut off after 30 s anyway; a standard one after 120)
+    assert float(service["TimeoutStopSec"]) > DEFAULT_GRACE + DEFAULT_STOP_UPLOAD + 10
     assert "network-online.target" in unit["Unit"]["After"].split()
     assert "network-online.target" in unit["Unit"]["Wants"].split()
     assert not unit.has_section("Install")  # started by the startup script only
@@ -111,37 +115,14 @@ def test_plist_runs_the_agent_in_shepherd_mode() -> None:
     key = plist["EnvironmentVariables"]["GOOGLE_APPLICATION_CREDENTIALS"]
     assert key == "/etc/pcp/shepherd-key.json"
     assert key in (REPO / "docs" / "agent.md").read_text()
-    assert key in INSTALL.read_text()
+    assert "KEY_DIR=$ROOT/etc/pcp\nKEY=$KEY_DIR/shepherd-key.json\n" in INSTALL.read_text()
     assert plist["StandardOutPath"].startswith("/var/log/pcp/")
     assert plist["StandardErrorPath"].startswith("/var/log/pcp/")
-    assert plist["ExitTimeOut"] > DEFAULT_GRACE + 30
-
-
-def render(stack: str, project: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """install.sh's render_plist, run by sourcing the script (which then only defines)."""
-    return subprocess.run(
-        ["bash", "-c", 'source "$1"; render_plist "$2" "$3" "$4"', "render",
-         str(INSTALL), str(PLIST), stack, project],
-        capture_output=True, text=True, timeout=30, cwd=cwd, check=False)
-
-
-def test_install_renders_a_valid_plist(tmp_path: Path) -> None:
-    done = render("tiny", "my-project-1", tmp_path)
-    assert done.returncode == 0, done.stderr
-    argv = plistlib.loads(done.stdout.encode())["ProgramArguments"]
-    assert argv[4:8] == ["--stack", "tiny", "--project", "my-project-1"]
-
-
-@pytest.mark.parametrize(("stack", "project"), [
-    ("tiny</string><string>--bucket", "my-project-1"),
-    ("tiny", "my-project-1$(touch pwned)"),
-    ("tiny/g;s/x/y", "my-project-1"),
-    ("Tiny", "my-project-1"),
-])
-def test_install_refuses_unsafe_names(tmp_path: Path, stack: str, project: str) -> None:
-    done = render(stack, project, tmp_path)
-    assert done.returncode != 0 and "must match" in done.stderr
-    assert done.stdout == "" and not (tmp_path / "pwned").exists()
+    assert plist["ExitTimeOut"] > DEFAULT_GRACE + DEFAULT_STOP_UPLOAD + 10
+    # The agent writes and rotates its own log; launchd's capture is only for what comes
+    # before (newsyslog may rotate that one: launchd reopens it at every spawn).
+    assert str(args.log_file) == "/var/log/pcp/shepherd.log"
+    assert plist["StandardOutPath"] == plist["StandardErrorPath"] == "/var/log/pcp/launchd.log"
 
 
 # ---------------------------------------------------------------- metadata in the startup script
