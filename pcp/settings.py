@@ -87,6 +87,7 @@ class Settings:
             boot_timeout_minutes=number("PCP_BOOT_TIMEOUT_MINUTES", 15),
             keep_alive_hours=number("PCP_KEEP_ALIVE_HOURS", 2),
             sweep_interval_minutes=number("PCP_SWEEP_INTERVAL_MINUTES", 5),
+            first_boot_grace_minutes=number("PCP_FIRST_BOOT_GRACE_MINUTES", 30),
             default_binary=env.get("PCP_BINARY") or None,
             worker_hourly_usd=number("PCP_WORKER_HOURLY_USD", 0),
             shepherd_hourly_usd=number("PCP_SHEPHERD_HOURLY_USD", 0),

@@ -20,6 +20,8 @@ readonly UNIT=/etc/systemd/system/pcp-agent.service
 readonly NIX_CONF=/etc/nix/nix.conf
 readonly PCP_NIX_CONF=/etc/nix/pcp.conf
 readonly AGENT_OBJECT=agent%2Fpcp-agent.tar.gz  # gs://<bucket>/agent/pcp-agent.tar.gz, URL-encoded
+# Written once a bootstrap has run to the end; until then every boot is the first boot.
+readonly BOOTSTRAPPED=$PCP/bootstrap.done
 
 log() { printf 'pcp-bootstrap: %s\n' "$*" >&2; }
 die() { log "$*"; return 1; }
@@ -184,6 +186,23 @@ UNIT
   systemctl daemon-reload
 }
 
+# After a complete bootstrap: record it in $1 and print what to do now. The first boot of a
+# VM (created RUNNING by `pulumi up`, or an earlier first boot that was interrupted) with no
+# run waiting ends with a power-off: nothing needs the VM, and the sweeper leaves a VM in its
+# first boot alone for a while (pcp:first_boot_grace_minutes) so the bootstrap is not cut
+# short. Prints "poweroff" then, "start" otherwise (the agent checks the assignment itself).
+after_bootstrap() {
+  local marker=$1 first=0
+  [[ -f $marker ]] || first=1
+  date -u +%Y-%m-%dT%H:%M:%SZ >"$marker.new"
+  mv "$marker.new" "$marker"
+  if ((first)) && [[ -z $(attr pcp-assignment) ]]; then
+    echo poweroff
+  else
+    echo start
+  fi
+}
+
 start_agent() {
   # A running agent is never restarted: that would kill the binary of a run in progress.
   if systemctl is-active --quiet pcp-agent.service; then
@@ -210,6 +229,13 @@ main() {
   install_python
   install_agent "$bucket"
   install_unit
+  local next
+  next=$(after_bootstrap "$BOOTSTRAPPED")
+  if [[ $next == poweroff ]]; then
+    log "first boot: the bootstrap is complete and no run is waiting: powering off"
+    shutdown -h now
+    return 0
+  fi
   start_agent
 }
 

@@ -58,6 +58,16 @@ MAX_RUN_SECONDS = 120 * 24 * 3600  # GCE accepts 30 s .. 120 days
 FINGERPRINT_TRIES = 5
 
 
+def created_epoch(instance: Any) -> int | None:
+    """The instance's `creationTimestamp` (RFC 3339, e.g. 2026-12-01T10:00:00.123-08:00) as
+    epoch seconds; None when it is missing or unreadable (the sweeper then grants no grace)."""
+    raw = getattr(instance, "creation_timestamp", "") or ""
+    try:
+        return int(datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return None
+
+
 class _TransientOp(Exception):
     """An operation finished with a retryable error (5xx, 429)."""
 
@@ -133,7 +143,8 @@ class ComputeFleet:
             vm = _Vm("", c, time.monotonic() + self.op_timeout)
             instances = self._retry(vm, "list", lambda: list(self._api(
                 "list", c.instances.list, request=req, timeout=self._timeout(vm))))
-        return [VmView(i.name, i.status, dict(i.labels)) for i in instances]
+        return [VmView(i.name, i.status, dict(i.labels), created=created_epoch(i))
+                for i in instances]
 
     def start(self, assignments: Sequence[Assignment], deadline: datetime) -> None:
         until = time.monotonic() + self.op_timeout

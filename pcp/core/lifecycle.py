@@ -325,6 +325,15 @@ def _stop_orphans(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None
         epoch = int(now.timestamp())
         allowed.update(v.name for v in ev.vms if (v.label_epoch(LABEL_KEEP_ALIVE) or 0) > epoch)
     stopping = {vm for c in tx.commands if isinstance(c, StopNodes) for vm in c.vms}
+    young = now.timestamp() - policy.first_boot_grace_minutes * 60
+    first_boot = tuple(sorted(v.name for v in ev.vms
+                              if v.up and v.name not in allowed and v.name not in stopping
+                              and LABEL_RUN not in v.labels and v.created is not None
+                              and v.created > young))
+    if first_boot:
+        allowed.update(first_boot)
+        tx.note(f"left {', '.join(first_boot)} running: never given a run and created less "
+                f"than {policy.first_boot_grace_minutes:g} min ago (first boot)")
     orphans = tuple(sorted(v.name for v in ev.vms
                            if v.up and v.name not in allowed and v.name not in stopping))
     if orphans:

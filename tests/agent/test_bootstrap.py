@@ -156,3 +156,49 @@ def test_startup_script_checks_metadata_and_never_evaluates_it(tmp_path: Path) -
         injected = checked_attr(server.host, "pcp-cachix-public-key", key_re, tmp_path)
         assert injected.returncode != 0 and injected.stdout == ""
     assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------- the first boot
+
+
+def after_bootstrap(host: str, marker: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", 'source "$1"; set -euo pipefail; after_bootstrap "$2"', "boot",
+         str(STARTUP), str(marker)],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={"PATH": "/usr/bin:/bin", "GCE_METADATA_HOST": host})
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_a_completed_first_boot_with_no_run_powers_off(tmp_path: Path) -> None:
+    """The VM `pulumi up` created: the bootstrap runs to the end, then the VM powers off."""
+    marker = tmp_path / "bootstrap.done"
+    with MetadataServer(lambda: {"pcp-bucket": "pcp-tiny-p"}, "pcp-tiny-worker-0") as server:
+        first = after_bootstrap(server.host, marker)
+        assert first.returncode == 0 and first.stdout == "poweroff\n", first.stderr
+        assert marker.is_file()  # the next boot is not a first boot
+        again = after_bootstrap(server.host, marker)
+        assert again.stdout == "start\n"  # the agent's own boot grace and power-off apply
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_an_interrupted_first_boot_finishes_at_the_next_boot(tmp_path: Path) -> None:
+    """Stopped half-way through its first bootstrap (no marker written): the next boot is still
+    a first boot. With a run waiting by then, the agent starts; without one, it powers off."""
+    marker = tmp_path / "bootstrap.done"
+    attrs = {"pcp-bucket": "pcp-tiny-p", "pcp-assignment": '{"run_id": "r1"}'}
+    with MetadataServer(lambda: attrs, "pcp-tiny-worker-0") as server:
+        resumed = after_bootstrap(server.host, marker)
+        assert resumed.returncode == 0 and resumed.stdout == "start\n", resumed.stderr
+    assert marker.is_file()
+    marker.unlink()
+    with MetadataServer(lambda: {"pcp-bucket": "pcp-tiny-p"}, "pcp-tiny-worker-0") as server:
+        assert after_bootstrap(server.host, marker).stdout == "poweroff\n"
+
+
+def test_the_startup_script_powers_off_after_the_first_boot() -> None:
+    text = STARTUP.read_text()
+    main = text[text.index("main() {"):]
+    assert main.index('next=$(after_bootstrap "$BOOTSTRAPPED")') < main.index("start_agent\n")
+    assert "shutdown -h now\n    return 0" in main
+    assert "readonly BOOTSTRAPPED=$PCP/bootstrap.done" in text

@@ -51,3 +51,9 @@ def test_the_fleet_waits_no_longer_than_the_function_may_run() -> None:
     settings = Settings.from_env({**ENV, "PCP_FUNCTION_TIMEOUT_SECONDS": "120"})
     fleet = build_service(settings).fleet
     assert fleet.op_timeout == 90.0  # type: ignore[attr-defined]
+
+
+def test_the_first_boot_grace() -> None:
+    assert Settings.from_env(ENV).policy.first_boot_grace_minutes == 30
+    settings = Settings.from_env({**ENV, "PCP_FIRST_BOOT_GRACE_MINUTES": "45"})
+    assert settings.policy.first_boot_grace_minutes == 45
