@@ -137,6 +137,19 @@ ATTR_STACK = "pcp-stack"
 ATTR_SOURCE = "pcp-source"
 
 
+# ---------------------------------------------------------------- the shepherd Mac
+
+#: Where install.sh puts the shepherd's credential file (a service account key or a workload
+#: identity federation configuration); the launchd plist points GOOGLE_APPLICATION_CREDENTIALS
+#: at it.
+SHEPHERD_CREDENTIALS_FILE = "/etc/pcp/shepherd-key.json"
+
+
+def github_environment(stack: str) -> str:
+    """The GitHub environment the stack's workflows run in (variables, secrets, reviewers)."""
+    return f"training-{stack}"
+
+
 # ---------------------------------------------------------------- cloud resources
 
 
