@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pcp.agent.__main__ import DEFAULT_GRACE, DEFAULT_STOP_UPLOAD, build_parser
+from pcp.core.names import SHEPHERD_CREDENTIALS_FILE
 from pcp_dev.local.metadata import MetadataServer
 
 pytestmark = [pytest.mark.agent]
@@ -113,7 +114,11 @@ def test_plist_runs_the_agent_in_shepherd_mode() -> None:
     assert (args.role, args.stack, args.project) == ("shepherd", "@STACK@", "@PROJECT@")
     assert plist["KeepAlive"] is True and plist["RunAtLoad"] is True
     key = plist["EnvironmentVariables"]["GOOGLE_APPLICATION_CREDENTIALS"]
-    assert key == "/etc/pcp/shepherd-key.json"
+    assert key == "/etc/pcp/shepherd-key.json" == SHEPHERD_CREDENTIALS_FILE
+    # X.509 workload identity federation: where google-auth finds the certificate's paths.
+    certificate_config = plist["EnvironmentVariables"]["GOOGLE_API_CERTIFICATE_CONFIG"]
+    assert certificate_config == "/etc/pcp/certificate_config.json"
+    assert certificate_config in (REPO / "docs" / "agent.md").read_text()
     assert key in (REPO / "docs" / "agent.md").read_text()
     assert "KEY_DIR=$ROOT/etc/pcp\nKEY=$KEY_DIR/shepherd-key.json\n" in INSTALL.read_text()
     assert plist["StandardOutPath"].startswith("/var/log/pcp/")
