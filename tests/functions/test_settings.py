@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pcp.edge.services import build_service
@@ -57,3 +59,22 @@ def test_the_first_boot_grace() -> None:
     assert Settings.from_env(ENV).policy.first_boot_grace_minutes == 30
     settings = Settings.from_env({**ENV, "PCP_FIRST_BOOT_GRACE_MINUTES": "45"})
     assert settings.policy.first_boot_grace_minutes == 45
+
+
+def test_each_invocation_gets_the_operation_budget_once() -> None:
+    """functions/main.py wraps every service call in `invocation`: the Compute Engine calls
+    of one invocation share the budget (a sweep may list, stop and start)."""
+    import time
+
+    from pcp.edge.services import invocation
+
+    settings = Settings.from_env({**ENV, "PCP_FUNCTION_TIMEOUT_SECONDS": "120"})
+    service = build_service(settings)
+    fleet = service.fleet
+    with invocation(service, settings):
+        time.sleep(0.2)
+        left = fleet._until() - time.monotonic()  # type: ignore[attr-defined]
+        assert 80.0 < left < 90.0 - 0.1
+    assert fleet._until() - time.monotonic() > 89.9  # type: ignore[attr-defined]
+    main = (Path(__file__).resolve().parents[2] / "functions" / "main.py").read_text()
+    assert main.count("invocation(service, SETTINGS)") == 4
