@@ -19,7 +19,7 @@ from pcp.core.messages import StartRequest, StopRequest, SweepTick
 from pcp.edge import events
 from pcp.edge.logline import log_ignored, log_outcome, transient
 from pcp.edge.rejections import reject_event, reject_start
-from pcp.edge.services import build_service, now
+from pcp.edge.services import build_service, invocation, now
 from pcp.settings import Settings
 
 # Read at cold start: a missing variable fails the deployment's first request, naming it.
@@ -37,7 +37,7 @@ def on_start(cloud_event: Any) -> None:
     except PermanentError as e:
         reject_start(service, SETTINGS, data, message_id, str(e), at)
         return
-    with transient(SETTINGS, "start", request.run_id):
+    with transient(SETTINGS, "start", request.run_id), invocation(service, SETTINGS):
         outcome = service.handle(request, at)
     log_outcome(SETTINGS, "start", outcome, request.run_id, message_id=message_id)
 
@@ -53,7 +53,7 @@ def on_stop(cloud_event: Any) -> None:
     except PermanentError as e:
         reject_event(service, SETTINGS, "stop", message_id, str(e), at)
         return
-    with transient(SETTINGS, "stop", request.run_id):
+    with transient(SETTINGS, "stop", request.run_id), invocation(service, SETTINGS):
         outcome = service.handle(request, at)
     log_outcome(SETTINGS, "stop", outcome, request.run_id, message_id=message_id)
 
@@ -65,7 +65,7 @@ def on_marker(cloud_event: Any) -> None:
     service = build_service(SETTINGS)
     try:
         marker = events.marker_object(cloud_event, SETTINGS.bucket)
-        with transient(SETTINGS, "marker", marker.run_id):
+        with transient(SETTINGS, "marker", marker.run_id), invocation(service, SETTINGS):
             outcome = service.handle_marker(marker.name, at, marker.metadata)
     except events.Ignored as e:
         log_ignored(SETTINGS, "marker", str(e), message_id=message_id)
@@ -88,7 +88,7 @@ def on_sweep(cloud_event: Any) -> None:
     except PermanentError as e:
         reject_event(service, SETTINGS, "sweep", message_id, str(e), at)
         return
-    with transient(SETTINGS, "sweep", None):
+    with transient(SETTINGS, "sweep", None), invocation(service, SETTINGS):
         outcome = service.sweep(at)
     active = outcome.transition.state.active
     log_outcome(SETTINGS, "sweep", outcome, active.run_id if active else None)

@@ -11,6 +11,13 @@ from pcp.core.policy import Policy
 
 REQUIRED = ("PCP_STACK", "PCP_PROJECT", "PCP_ZONE", "PCP_BUCKET", "PCP_WORKER_COUNT",
             "PCP_SHEPHERD_HOST")
+#: The longest an event-driven function may run (2nd gen), and the default when the deploy
+#: does not say: the Pulumi program passes each function's own timeout.
+DEFAULT_FUNCTION_TIMEOUT_SECONDS = 540.0
+#: What an invocation keeps for itself after the last Compute Engine wait: saving the stack
+#: document, publishing, logging. The fleet's operation timeout is the function's timeout
+#: minus this, so a slow operation fails inside the invocation instead of being cut off.
+FUNCTION_TIMEOUT_MARGIN_SECONDS = 30.0
 
 
 class SettingsError(RuntimeError):
@@ -25,6 +32,13 @@ class Settings:
     bucket: str
     policy: Policy
     compute_endpoint: str | None = None  # the local replica's Compute endpoint
+    function_timeout_seconds: float = DEFAULT_FUNCTION_TIMEOUT_SECONDS
+
+    @property
+    def operation_timeout_seconds(self) -> float:
+        """How long the fleet may wait for Compute Engine: the function's timeout less the
+        margin, never more (from_env refuses a timeout that leaves nothing)."""
+        return self.function_timeout_seconds - FUNCTION_TIMEOUT_MARGIN_SECONDS
 
     def topic(self, kind: str) -> str:
         """Topic names are fixed by the Pulumi program: pcp-<stack>-<kind>."""
@@ -57,6 +71,12 @@ class Settings:
         if count < 1 or count != int(count):
             raise SettingsError(f"PCP_WORKER_COUNT must be a whole number >= 1, got "
                                 f"{env['PCP_WORKER_COUNT']!r}")
+        timeout = number("PCP_FUNCTION_TIMEOUT_SECONDS", DEFAULT_FUNCTION_TIMEOUT_SECONDS)
+        if timeout <= FUNCTION_TIMEOUT_MARGIN_SECONDS:
+            raw = env["PCP_FUNCTION_TIMEOUT_SECONDS"]
+            raise SettingsError(f"PCP_FUNCTION_TIMEOUT_SECONDS must be more than "
+                                f"{FUNCTION_TIMEOUT_MARGIN_SECONDS:g} (the margin kept after "
+                                f"Compute Engine waits), got {raw!r}")
         stack = env["PCP_STACK"]
         policy = Policy(
             stack=stack,
@@ -67,13 +87,15 @@ class Settings:
             boot_timeout_minutes=number("PCP_BOOT_TIMEOUT_MINUTES", 15),
             keep_alive_hours=number("PCP_KEEP_ALIVE_HOURS", 2),
             sweep_interval_minutes=number("PCP_SWEEP_INTERVAL_MINUTES", 5),
+            first_boot_grace_minutes=number("PCP_FIRST_BOOT_GRACE_MINUTES", 30),
             default_binary=env.get("PCP_BINARY") or None,
             worker_hourly_usd=number("PCP_WORKER_HOURLY_USD", 0),
             shepherd_hourly_usd=number("PCP_SHEPHERD_HOURLY_USD", 0),
         )
         return cls(stack=stack, project=env["PCP_PROJECT"], zone=env["PCP_ZONE"],
                    bucket=env["PCP_BUCKET"], policy=policy,
-                   compute_endpoint=env.get("PCP_COMPUTE_ENDPOINT") or None)
+                   compute_endpoint=env.get("PCP_COMPUTE_ENDPOINT") or None,
+                   function_timeout_seconds=timeout)
 
     def to_env(self) -> dict[str, str]:
         """The environment `from_env` reads back into these settings: the one writer of the
@@ -94,6 +116,8 @@ class Settings:
             "PCP_BINARY": p.default_binary or "",
             "PCP_WORKER_HOURLY_USD": _num(p.worker_hourly_usd),
             "PCP_SHEPHERD_HOURLY_USD": _num(p.shepherd_hourly_usd),
+            "PCP_FIRST_BOOT_GRACE_MINUTES": _num(p.first_boot_grace_minutes),
+            "PCP_FUNCTION_TIMEOUT_SECONDS": _num(self.function_timeout_seconds),
         }
         if self.compute_endpoint:
             env["PCP_COMPUTE_ENDPOINT"] = self.compute_endpoint

@@ -20,6 +20,8 @@ readonly UNIT=/etc/systemd/system/pcp-agent.service
 readonly ETC_NIX=/etc/nix
 readonly NIX_CONF=$ETC_NIX/nix.conf
 readonly AGENT_OBJECT=agent%2Fpcp-agent.tar.gz  # gs://<bucket>/agent/pcp-agent.tar.gz, URL-encoded
+# Written once a bootstrap has run to the end; until then every boot is the first boot.
+readonly BOOTSTRAPPED=$PCP/bootstrap.done
 
 log() { printf 'pcp-bootstrap: %s\n' "$*" >&2; }
 die() { log "$*"; return 1; }
@@ -208,7 +210,7 @@ Environment=PYTHONUNBUFFERED=1
 # The agent powers the VM off itself when its work is done; systemd must not bring it back.
 Restart=no
 # On stop (a VM stop, or systemctl stop) SIGTERM goes to the agent alone; it forwards it to
-# the binary's process group, waits its grace (20 s), uploads the logs and writes done. Only
+# the binary's process group, waits its grace (10 s), uploads the logs and writes done. Only
 # what is left after TimeoutStopSec is killed, the binary's group included.
 KillMode=mixed
 KillSignal=SIGTERM
@@ -219,6 +221,23 @@ SyslogIdentifier=pcp-agent
 UNIT
   mv "$UNIT.new" "$UNIT"
   systemctl daemon-reload
+}
+
+# After a complete bootstrap: record it in $1 and print what to do now. The first boot of a
+# VM (created RUNNING by `pulumi up`, or an earlier first boot that was interrupted) with no
+# run waiting ends with a power-off: nothing needs the VM, and the sweeper leaves a VM in its
+# first boot alone for a while (pcp:first_boot_grace_minutes) so the bootstrap is not cut
+# short. Prints "poweroff" then, "start" otherwise (the agent checks the assignment itself).
+after_bootstrap() {
+  local marker=$1 first=0
+  [[ -f $marker ]] || first=1
+  date -u +%Y-%m-%dT%H:%M:%SZ >"$marker.new"
+  mv "$marker.new" "$marker"
+  if ((first)) && [[ -z $(attr pcp-assignment) ]]; then
+    echo poweroff
+  else
+    echo start
+  fi
 }
 
 start_agent() {
@@ -247,6 +266,13 @@ main() {
   install_python
   install_agent "$bucket"
   install_unit
+  local next
+  next=$(after_bootstrap "$BOOTSTRAPPED")
+  if [[ $next == poweroff ]]; then
+    log "first boot: the bootstrap is complete and no run is waiting: powering off"
+    shutdown -h now
+    return 0
+  fi
   start_agent
 }
 

@@ -63,6 +63,16 @@ FINGERPRINT_TRIES = 5
 STOPPABLE = frozenset({*RUNNING_STATES, "SUSPENDED", "REPAIRING"})
 
 
+def created_epoch(instance: Any) -> int | None:
+    """The instance's `creationTimestamp` (RFC 3339, e.g. 2026-12-01T10:00:00.123-08:00) as
+    epoch seconds; None when it is missing or unreadable (the sweeper then grants no grace)."""
+    raw = getattr(instance, "creation_timestamp", "") or ""
+    try:
+        return int(datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return None
+
+
 class _TransientOp(Exception):
     """An operation finished with a retryable error (5xx, 429)."""
 
@@ -134,6 +144,7 @@ class ComputeFleet:
         self._credentials = credentials
         self._clock = clock
         self._pool: queue.SimpleQueue[_Clients] = queue.SimpleQueue()
+        self._invocation = threading.local()  # the calling thread's invocation deadline
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ the port
@@ -142,13 +153,14 @@ class ComputeFleet:
         req = self._cv1().ListInstancesRequest(
             project=self.project, zone=self.zone, filter=f'labels.{LABEL_STACK} = "{self.stack}"')
         with self._client() as c:
-            vm = _Vm("", c, time.monotonic() + self.op_timeout)
+            vm = _Vm("", c, self._until())
             instances = self._retry(vm, "list", lambda: list(self._api(
                 "list", c.instances.list, request=req, timeout=self._timeout(vm))))
-        return [VmView(i.name, i.status, dict(i.labels)) for i in instances]
+        return [VmView(i.name, i.status, dict(i.labels), created=created_epoch(i))
+                for i in instances]
 
     def start(self, assignments: Sequence[Assignment], deadline: datetime) -> None:
-        until = time.monotonic() + self.op_timeout
+        until = self._until()
         by_vm = {a.vm: a for a in assignments}
         self._each(list(by_vm), lambda vm: self._start_one(vm, by_vm[vm.name], deadline), until)
 
@@ -156,7 +168,7 @@ class ComputeFleet:
              spare: Callable[[], tuple[str, int] | None] | None = None,
              owner: str | None = None) -> None:
         self._each(list(vms), lambda vm: self._stop_one(vm, spare, owner),
-                   time.monotonic() + self.op_timeout)
+                   self._until())
 
     def set_labels(self, vms: Sequence[str], labels: Mapping[str, str]) -> None:
         def one(vm: _Vm) -> None:
@@ -165,7 +177,7 @@ class ComputeFleet:
             except gexc.NotFound:
                 log("INFO", "fleet.set_labels", stack=self.stack,
                     reason=f"{vm.name} does not exist; skipped")
-        self._each(list(vms), one, time.monotonic() + self.op_timeout)
+        self._each(list(vms), one, self._until())
 
     # ------------------------------------------------------------ one VM
 
@@ -365,6 +377,24 @@ class ComputeFleet:
         with self._lock:
             self.calls[kind] += 1
         return call(retry=None, **kwargs)
+
+    @contextmanager
+    def invocation(self, seconds: float) -> Iterator[None]:
+        """Inside the block, everything this thread asks of Compute Engine ends within
+        `seconds` of entering it, however many calls the invocation makes (a sweep may list,
+        stop and start). Each call still gets at most `op_timeout`."""
+        previous = getattr(self._invocation, "until", None)
+        self._invocation.until = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._invocation.until = previous
+
+    def _until(self) -> float:
+        """The deadline of a call made now: op_timeout, within the invocation's deadline."""
+        until = time.monotonic() + self.op_timeout
+        cap = getattr(self._invocation, "until", None)
+        return until if cap is None else min(until, cap)
 
     def _timeout(self, vm: _Vm) -> float:
         return max(1.0, min(130.0, vm.until - time.monotonic()))  # GCE holds a wait <= 2 min

@@ -15,10 +15,15 @@ from types import FrameType
 
 from pcp.agent.config import AgentConfig
 from pcp.agent.deadman import DEFAULT_POWEROFF, parse_command
-from pcp.agent.log import Log
+from pcp.agent.log import Log, LogFile, use_log_file
 from pcp.core.ports import BlobStore
 
 DEFAULT_WORK_DIR = "/opt/pcp/work"
+_DEFAULTS = AgentConfig(role="worker", work_dir=Path(DEFAULT_WORK_DIR))
+DEFAULT_GRACE = _DEFAULTS.grace
+DEFAULT_STOP_UPLOAD = _DEFAULTS.stop_upload_budget
+DEFAULT_LOG_MAX_BYTES = _DEFAULTS.log_max_bytes
+DEFAULT_LOG_BACKUPS = _DEFAULTS.log_backups
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"per-run working directories (default {DEFAULT_WORK_DIR})")
     p.add_argument("--once", action="store_true",
                    help="shepherd: exit after one run, with the binary's exit code")
-    p.add_argument("--grace", type=float, default=20.0, metavar="S",
-                   help="SIGTERM to SIGKILL for the binary (default 20)")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="S",
+                   help=f"SIGTERM to SIGKILL for the binary (default {DEFAULT_GRACE:g}; "
+                   "sized for a Spot VM's 30 s shutdown, docs/agent.md)")
+    p.add_argument("--stop-upload-budget", type=float, default=DEFAULT_STOP_UPLOAD, metavar="S",
+                   help="after the agent's own SIGTERM, upload outputs for at most this long "
+                   f"before writing done (default {DEFAULT_STOP_UPLOAD:g})")
     p.add_argument("--upload-interval", type=float, default=5.0, metavar="S",
                    help="log and heartbeat uploads (default 5)")
     p.add_argument("--poll-interval", type=float, default=5.0, metavar="S",
@@ -47,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-grace", type=float, default=60.0, metavar="S",
                    help="worker: wait this long for an assignment before powering off "
                    "(default 60)")
+    p.add_argument("--log-file", type=Path, metavar="FILE",
+                   help="write the agent's output to FILE and rotate it there (the shepherd "
+                   "Mac); default: stdout")
+    p.add_argument("--log-max-bytes", type=int, default=DEFAULT_LOG_MAX_BYTES, metavar="N",
+                   help=f"rotate --log-file at this size (default {DEFAULT_LOG_MAX_BYTES})")
+    p.add_argument("--log-backups", type=int, default=DEFAULT_LOG_BACKUPS, metavar="N",
+                   help=f"rotated files kept (default {DEFAULT_LOG_BACKUPS})")
     p.add_argument("--nix-bin-dir", metavar="DIR",
                    help="directory holding nix and nix-store (default: PATH, then the "
                    "multi-user profile)")
@@ -62,15 +78,23 @@ def make_store(bucket: str, project: str | None) -> BlobStore:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("grace", "upload_interval", "poll_interval", "output_interval", "boot_grace"):
+    for name in ("grace", "upload_interval", "poll_interval", "output_interval", "boot_grace",
+                 "stop_upload_budget"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
+    for name in ("log_max_bytes", "log_backups"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     cfg = AgentConfig(
         role=args.role, work_dir=args.work_dir, bucket=args.bucket, project=args.project,
         stack=args.stack, poweroff=tuple(parse_command(args.poweroff_command)), once=args.once,
         grace=args.grace, upload_interval=args.upload_interval,
         poll_interval=args.poll_interval, output_interval=args.output_interval,
-        boot_grace=args.boot_grace, nix_bin_dir=args.nix_bin_dir)
+        boot_grace=args.boot_grace, nix_bin_dir=args.nix_bin_dir,
+        stop_upload_budget=args.stop_upload_budget, log_file=args.log_file,
+        log_max_bytes=args.log_max_bytes, log_backups=args.log_backups)
+    if cfg.log_file is not None:
+        use_log_file(LogFile(cfg.log_file, cfg.log_max_bytes, cfg.log_backups))
     log = Log(stack=cfg.stack or "", role=cfg.role)
     stop = threading.Event()
 

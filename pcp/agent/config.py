@@ -17,7 +17,8 @@ class AgentConfig:
     stack: str | None = None
     poweroff: tuple[str, ...] = ("shutdown", "-h", "now")
     once: bool = False
-    grace: float = 20.0  # SIGTERM -> SIGKILL for the binary
+    grace: float = 10.0  # SIGTERM -> SIGKILL for the binary (fits a Spot VM's 30 s, docs/agent.md)
+    stop_upload_budget: float = 10.0  # after the agent's own SIGTERM: time for output uploads
     upload_interval: float = 5.0  # logs and heartbeat
     poll_interval: float = 5.0  # run record, and the metadata while waiting for an assignment
     output_interval: float = 60.0  # PCP_OUTPUT_DIR while running (always at exit); 0 = off
@@ -25,6 +26,9 @@ class AgentConfig:
     progress_interval: float = 5.0  # "waiting for the shepherd" lines
     nix_bin_dir: str | None = None
     keep_runs: int = 3  # local work directories of older runs are deleted
+    log_file: Path | None = None  # the agent's own rotated log (shepherd Mac); None: stdout
+    log_max_bytes: int = 50 * 1024 * 1024
+    log_backups: int = 7
 
     def default_bucket(self) -> str | None:
         """The stack bucket's name as the Pulumi program makes it: pcp-<stack>-<project>."""

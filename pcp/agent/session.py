@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pcp.agent import gpu
 from pcp.agent.binary import NOT_REALISED, BinaryError, Realiser
 from pcp.agent.config import AgentConfig
 from pcp.agent.log import Log
@@ -41,8 +42,9 @@ class Result:
 
 class Session:
     def __init__(self, a: Assignment, store: BlobStore, cfg: AgentConfig, log: Log,
-                 agent_stop: threading.Event) -> None:
+                 agent_stop: threading.Event, gpus: str | None = None) -> None:
         self.a = a
+        self.gpus = gpus  # the worker's pcp-gpu-count metadata, checked before anything runs
         self.store = store
         self.cfg = cfg
         self.log = log.bind(run_id=a.run_id, node=a.node, attempt=a.attempt)
@@ -84,6 +86,10 @@ class Session:
         self.log.info("session_start", f"{self.a.role} {self.a.node} of run {self.a.run_id} "
                       f"attempt {self.a.attempt}", binary=self.a.binary)
         started = time.monotonic()
+        problem = self.gpu_problem()
+        if problem is not None:
+            self.log.error("gpu_unavailable", problem)
+            return self._fail(gpu.GPU_UNAVAILABLE, f"the GPU is not usable: {problem}", started)
         try:
             with open(self.stderr, "ab") as nix_log:
                 realiser = Realiser(self.cfg.nix_bin_dir, log_to=nix_log,
@@ -103,6 +109,19 @@ class Session:
             self.log.info("not_started", why)
             return Result(False, None, why)
         return self.launch(prefix)
+
+    def gpu_problem(self) -> str | None:
+        """Why this worker's GPUs cannot be used, or None (also when it has none)."""
+        try:
+            expected = gpu.parse_count(self.gpus)
+        except ValueError as e:
+            return str(e)
+        if expected:
+            problem = gpu.check(expected)
+            if problem is None:
+                self.log.info("gpu_ok", f"{expected} GPU(s) answer nvidia-smi")
+            return problem
+        return None
 
     def wait_for_head(self) -> bool:
         """Until the shepherd's port accepts a connection, or the boot deadline passes."""
@@ -181,10 +200,15 @@ class Session:
         return Result(False, result, None)
 
     def _finish(self, result: Exit, heartbeat: bool) -> None:
-        """Upload what there is, then write done; an upload failure never loses done."""
+        """Upload what there is, then write done; an upload failure never loses done.
+
+        When the agent itself was told to stop (a VM stop: 30 s in all on a Spot VM), the
+        output uploads get `stop_upload_budget` seconds, so done is still written in time."""
+        until = (time.monotonic() + self.cfg.stop_upload_budget
+                 if self.agent_stop.is_set() else None)
         steps: list[tuple[str, Callable[[], object]]] = [
             ("upload_logs", lambda: self.uploader.logs(self.stdout, self.stderr, True)),
-            ("upload_output", lambda: self.uploader.output(self.output))]
+            ("upload_output", lambda: self.uploader.output(self.output, until))]
         if heartbeat:
             steps.append(("heartbeat", lambda: self.uploader.heartbeat("exited", None)))
         for name, step in steps:

@@ -64,15 +64,21 @@ class Uploader:
         self.file(stdout, self.prefix + "stdout.log", force)
         self.file(stderr, self.prefix + "stderr.log", force)
 
-    def output(self, directory: Path) -> int:
-        """Upload every regular file under `directory`, keeping relative paths. Returns count."""
+    def output(self, directory: Path, until: float | None = None) -> int:
+        """Upload every changed regular file under `directory`, keeping relative paths.
+        Returns the count. With `until` (a time.monotonic() deadline) no upload starts after
+        it; what is left is named in a warning (one file already under way may run past)."""
         sent = 0
         if not directory.is_dir():
             return 0
+        left: list[str] = []
         for root, dirs, files in os.walk(directory):  # does not follow symlinked directories
             dirs.sort()
             for fname in sorted(files):
                 path = Path(root) / fname
+                if until is not None and time.monotonic() >= until:
+                    left.append(path.relative_to(directory).as_posix())
+                    continue
                 rel = path.relative_to(directory).as_posix()
                 if path.is_symlink() or not path.is_file():
                     continue
@@ -81,6 +87,9 @@ class Uploader:
                                      "agent's own object of that name; not uploaded")
                     continue
                 sent += self.file(path, self.prefix + rel)
+        if left:
+            self.log.warning("output_cut_short", f"no time left to upload {len(left)} output "
+                             f"file(s) before done: {', '.join(left[:10])}", files=len(left))
         return sent
 
     def heartbeat(self, phase: str, pid: int | None, now: datetime | None = None) -> None:

@@ -24,7 +24,7 @@ from pcp.agent.record import done_attempt, read_run
 from pcp.agent.session import Session
 from pcp.core.errors import PermanentError
 from pcp.core.messages import Assignment
-from pcp.core.names import ASSIGNMENT_KEY, META_BUCKET, META_PROJECT, META_STACK
+from pcp.core.names import ASSIGNMENT_KEY, META_BUCKET, META_GPU_COUNT, META_PROJECT, META_STACK
 from pcp.core.ports import BlobStore
 
 StoreFactory = Callable[[str, str | None], BlobStore]
@@ -88,7 +88,8 @@ class Worker:
         elif over is not None:
             log.info("run_over", f"not starting: {over}")
         else:
-            Session(a, store, self.cfg, log, self.agent_stop).run()
+            Session(a, store, self.cfg, log, self.agent_stop,
+                    gpus=self._meta(META_GPU_COUNT)).run()
         if self.agent_stop.is_set():
             log.info("agent_exit", "SIGTERM: leaving the VM to whoever stops it")
             return 0

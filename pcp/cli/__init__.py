@@ -16,6 +16,7 @@ from pcp.cli.doctor import doctor
 from pcp.cli.errors import PcpGroup
 from pcp.cli.inspect import logs, queue, results, runs, status
 from pcp.cli.local import local
+from pcp.cli.shepherd import shepherd
 from pcp.cli.submit import run
 
 
@@ -29,7 +30,7 @@ def cli() -> None:
     """
 
 
-for command in (run, status, runs, queue, logs, results, stop, sweep, doctor, local):
+for command in (run, status, runs, queue, logs, results, stop, sweep, doctor, local, shepherd):
     cli.add_command(command)
 
 

@@ -9,6 +9,7 @@ failing while it is being set up.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import socket
 import time
@@ -28,6 +29,44 @@ class ReplicaDown(Exception):
 
 NO_CREDENTIALS = ("no Google Cloud credentials: run `gcloud auth application-default login` "
                   "or set GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def describe_credential_file(path: str) -> str:
+    """What kind of credential a GOOGLE_APPLICATION_CREDENTIALS file holds (its `type`), in
+    words, without using it: a service account key, or a workload identity federation
+    configuration (`external_account`) and where its token comes from."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except PermissionError:
+        return f"{path} (not readable by this user: run with sudo to see what it holds)"
+    except (OSError, ValueError) as e:
+        return f"{path} (unreadable: {type(e).__name__})"
+    if not isinstance(info, dict):
+        return f"{path} (not a credential file)"
+    kind = info.get("type")
+    if kind == "service_account":
+        return (f"a service-account key file ({path}, {info.get('client_email', '?')}); "
+                "organisations created since 2024 forbid new keys by default "
+                "(iam.disableServiceAccountKeyCreation): workload identity federation needs "
+                "none (docs/agent.md)")
+    if kind == "external_account":
+        source = info.get("credential_source") or {}
+        origin = ("an X.509 certificate" if "certificate" in source else
+                  "an executable" if "executable" in source else
+                  "AWS" if "environment_id" in source else
+                  "a URL" if "url" in source else
+                  "a file" if "file" in source else "an unknown source")
+        url = str(info.get("service_account_impersonation_url") or "")
+        account = url.rsplit("/", 1)[-1].removesuffix(":generateAccessToken") if url else ""
+        acting = f", acting as {account}" if account else ""
+        return (f"workload identity federation ({path}: external_account, token from "
+                f"{origin}{acting}); no service-account key")
+    if kind == "authorized_user":
+        return f"user credentials ({path}, from `gcloud auth application-default login`)"
+    if kind == "impersonated_service_account":
+        return f"service account impersonation ({path})"
+    return f"{path} (credentials of type {kind!r})"
 
 
 def utcnow() -> datetime:
@@ -54,6 +93,7 @@ class Context:
 
     def __init__(self, stack: str, *, store: BlobStore | None = None, bus: Bus | None = None,
                  config: Config | None = None, scheduler: Any = None, publisher: Any = None,
+                 compute: Any = None,
                  local: bool = True, credentials: Callable[[], str] | None = None,
                  clock: Callable[[], datetime] = utcnow,
                  sleep: Callable[[float], None] = time.sleep,
@@ -68,6 +108,7 @@ class Context:
         self._bus = bus
         self._scheduler = scheduler
         self._publisher = publisher
+        self._compute = compute
         self._credentials = credentials
 
     # Subclasses build these on first use; a plain Context only has what it was given.
@@ -97,6 +138,13 @@ class Context:
         if self._publisher is None:
             self._publisher = self._make_publisher()
         return self._publisher
+
+    @property
+    def compute(self) -> Any:
+        """A `ComputeRegions`-like object (`get(project, region)`) for `pcp doctor`, or None."""
+        if self._compute is None and not self.local:
+            self._compute = self._make_compute()
+        return self._compute
 
     def credentials(self) -> str:
         """Describe the credentials in use; raises DefaultCredentialsError when there are none."""
@@ -128,6 +176,33 @@ class Context:
     def _make_publisher(self) -> Any:
         return None
 
+    def _make_compute(self) -> Any:
+        return None
+
+
+class ComputeRegions:
+    """Compute Engine's `regions.get` over its REST API, for the quotas `pcp doctor` reports.
+
+    The CLI carries no Compute client library (it never starts or stops a VM), and this is
+    one GET: `{endpoint}/compute/v1/projects/P/regions/R` answers the region with its
+    `quotas` (`metric`, `limit`, `usage`). `session` is a requests-like session, e.g. google-
+    auth's AuthorizedSession.
+    """
+
+    def __init__(self, session: Any, endpoint: str = "https://compute.googleapis.com") -> None:
+        self.session = session
+        self.endpoint = endpoint.rstrip("/")
+
+    def get(self, project: str, region: str) -> dict[str, Any]:
+        from google.api_core.exceptions import from_http_response
+
+        url = f"{self.endpoint}/compute/v1/projects/{project}/regions/{region}"
+        response = self.session.get(url, timeout=30)
+        if response.status_code >= 400:
+            raise from_http_response(response)
+        body: dict[str, Any] = response.json()
+        return body
+
 
 class CloudContext(Context):
     """Google Cloud clients (or the local replica's emulators), each built on first use."""
@@ -149,6 +224,9 @@ class CloudContext(Context):
         if self.config.local:
             return "not needed (local replica emulators)"
         creds = self._google_credentials()
+        path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if path:
+            return describe_credential_file(path)
         who = (getattr(creds, "service_account_email", None)
                or getattr(creds, "signer_email", None) or type(creds).__name__)
         return f"application default credentials ({who})"
@@ -205,3 +283,8 @@ class CloudContext(Context):
         from google.cloud import scheduler_v1
 
         return scheduler_v1.CloudSchedulerClient(credentials=self._google_credentials())
+
+    def _make_compute(self) -> Any:
+        from google.auth.transport.requests import AuthorizedSession
+
+        return ComputeRegions(AuthorizedSession(self._google_credentials()))

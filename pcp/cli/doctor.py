@@ -7,7 +7,10 @@ the topics and the scheduler job that drive them are.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,8 +20,13 @@ from pcp.cli.errors import EXIT_FAILED
 from pcp.cli.options import context, echo_json, resources
 from pcp.cli.views import load_state
 from pcp.core.errors import PermanentError
+from pcp.core.names import SHEPHERD_CREDENTIALS_FILE, STACK_DOC, github_environment
 
 TOPIC_KINDS = ("start", "stop", "sweep", "shepherd")
+#: Regional quotas a stack's start needs besides its GPUs: the workers' vCPUs, their boot
+#: disks (pd-ssd and pd-balanced count as SSD_TOTAL_GB), and an external address each.
+QUOTA_METRICS = ("CPUS", "SSD_TOTAL_GB", "DISKS_TOTAL_GB", "IN_USE_ADDRESSES")
+GPU_QUOTA_RE = re.compile(r"^(PREEMPTIBLE_)?NVIDIA_[A-Z0-9_]+_GPUS$")
 
 
 @dataclass(frozen=True)
@@ -45,13 +53,13 @@ def run_checks(ctx: Context) -> list[Check]:
         checks.append(Check("credentials", "ok", ctx.credentials()))
     except DefaultCredentialsError:
         checks.append(Check("credentials", "fail", NO_CREDENTIALS))
-        rest = ("bucket", "stack state", "topics", "scheduler job")
+        rest = ("bucket", "stack state", "topics", "scheduler job", "quotas")
         checks += [Check(name, "skip", "not checked without credentials") for name in rest]
         return checks
 
     bucket = ctx.bucket
     try:
-        ctx.store.list("control/")
+        ctx.store.list(STACK_DOC)  # one object at most: the bucket answers, or it does not
         checks.append(Check("bucket", "ok", f"{bucket} is reachable"))
         state = load_state(ctx.store)
         detail = ("no run yet (control/stack.json not written)" if state is None else
@@ -98,9 +106,72 @@ def run_checks(ctx: Context) -> list[Check]:
             checks.append(Check("topics", "ok", f"{names} exist"))
 
     checks.append(_scheduler_check(ctx))
+    checks.append(_quota_check(ctx))
     checks.append(Check("functions", "skip", "not inspected (google-cloud-functions is not a "
                                              "dependency); their topics and scheduler job are"))
+    checks.append(Check("github environment", "skip",
+                        f"{github_environment(ctx.stack)}: the environment train.yml and "
+                        "shepherd.yml run in for this stack, holding its variables and "
+                        "secrets (docs/workflows.md); pcp cannot read GitHub to check it"))
+    checks.append(_shepherd_credentials_check())
     return checks
+
+
+def _quota_check(ctx: Context) -> Check:
+    """Compute Engine's regional quotas: vCPUs, disks, addresses and the NVIDIA GPUs."""
+    from google.api_core.exceptions import Forbidden, GoogleAPICallError, NotFound
+    from google.auth.exceptions import RefreshError
+
+    name = "quotas"
+    if ctx.local:
+        return Check(name, "skip", "no Compute Engine quotas in the local replica"
+                     if ctx.config else "no Compute Engine in this context")
+    config = ctx.config
+    compute = ctx.compute
+    if compute is None or config is None:
+        return Check(name, "skip", "no Compute Engine client in this context")
+    if not config.region:
+        return Check(name, "fail", "region unknown: pass --region, set PCP_REGION or pass "
+                                   "--outputs")
+    try:
+        region = compute.get(config.project, config.region)
+    except NotFound:
+        return Check(name, "fail", f"region {config.region} of project {config.project} does "
+                                   "not exist (or the Compute Engine API is not enabled)")
+    except Forbidden as e:
+        return Check(name, "fail", f"cannot read the quotas of {config.region}: "
+                                   f"{_api_error(e)} (needs compute.regions.get, e.g. "
+                                   "roles/compute.viewer)")
+    except (GoogleAPICallError, RefreshError, OSError, ValueError) as e:
+        return Check(name, "fail", f"{config.region}: {_api_error(e)}")
+    quotas = {str(q.get("metric")): (float(q.get("usage", 0)), float(q.get("limit", 0)))
+              for q in region.get("quotas", []) if isinstance(q, dict)}
+    shown = [m for m in QUOTA_METRICS if m in quotas]
+    gpus = sorted(m for m in quotas if GPU_QUOTA_RE.match(m))
+    parts = [f"{m} {quotas[m][0]:g}/{quotas[m][1]:g}" for m in shown + gpus]
+    summary = f"{config.region}: {', '.join(parts) or 'no quotas reported'}"
+    if not any(quotas[m][1] > 0 for m in gpus):
+        return Check(name, "fail", f"{summary}; no NVIDIA GPU quota in this region: the GPU "
+                                   "workers cannot start (request NVIDIA_<type>_GPUS quota, "
+                                   "and GPUS_ALL_REGIONS for the project)")
+    full = [m for m in shown + gpus if quotas[m][1] > 0 and quotas[m][0] >= quotas[m][1]]
+    if full:
+        return Check(name, "fail", f"{summary}; at the limit: {', '.join(full)} (a start "
+                                   "that needs more will be refused)")
+    return Check(name, "ok", summary)
+
+
+def _shepherd_credentials_check(path: str = SHEPHERD_CREDENTIALS_FILE) -> Check:
+    """On the shepherd Mac: which credential the daemon uses (its installed file's type)."""
+    from pcp.cli.context import describe_credential_file
+
+    name = "shepherd credentials"
+    if not Path(path).exists():
+        return Check(name, "skip", f"no {path} here (not the shepherd host)")
+    detail = describe_credential_file(path)
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") not in (None, "", path):
+        detail += "; this command itself uses GOOGLE_APPLICATION_CREDENTIALS, not that file"
+    return Check(name, "ok", f"the shepherd daemon uses {detail}")
 
 
 def _scheduler_check(ctx: Context) -> Check:

@@ -13,11 +13,13 @@ RUNNING_STATES = frozenset({"PROVISIONING", "STAGING", "RUNNING"})
 
 @dataclass(frozen=True)
 class VmView:
-    """A VM as Compute Engine reports it. Label times are epoch seconds."""
+    """A VM as Compute Engine reports it. Label times are epoch seconds; `created` is the
+    VM's creation time (epoch seconds), when the API gave one."""
 
     name: str
     status: str
     labels: dict[str, str] = field(default_factory=dict)
+    created: int | None = None
 
     @property
     def up(self) -> bool:

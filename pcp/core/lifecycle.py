@@ -36,7 +36,7 @@ from pcp.core.messages import (
     StartRequest,
     StopRequest,
 )
-from pcp.core.names import LABEL_KEEP_ALIVE
+from pcp.core.names import LABEL_KEEP_ALIVE, LABEL_RUN
 from pcp.core.policy import Policy
 from pcp.core.ports import Listed
 from pcp.core.state import (
@@ -78,6 +78,7 @@ class NoteKind(StrEnum):
     START_REISSUED = "start_reissued"  # the sweeper started again VMs that are not up
     SHEPHERD_RESENT = "shepherd_resent"
     ORPHANS_STOPPED = "orphans_stopped"
+    FIRST_BOOT_SPARED = "first_boot_spared"  # a VM still in its first boot is not an orphan
     LEASE_EXPIRED = "lease_expired"
     LEASE_TAKEN_OVER = "lease_taken_over"
     RUN_STARTING = "run_starting"
@@ -448,6 +449,16 @@ def _stop_orphans(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None
         epoch = int(now.timestamp())
         allowed.update(v.name for v in ev.vms if (v.label_epoch(LABEL_KEEP_ALIVE) or 0) > epoch)
     stopping = {vm for c in tx.commands if isinstance(c, StopNodes) for vm in c.vms}
+    young = now.timestamp() - policy.first_boot_grace_minutes * 60
+    first_boot = tuple(sorted(v.name for v in ev.vms
+                              if v.up and v.name not in allowed and v.name not in stopping
+                              and LABEL_RUN not in v.labels and v.created is not None
+                              and v.created > young))
+    if first_boot:
+        allowed.update(first_boot)
+        tx.note(NoteKind.FIRST_BOOT_SPARED, None,
+                f"left {', '.join(first_boot)} running: never given a run and created less "
+                f"than {policy.first_boot_grace_minutes:g} min ago (first boot)")
     orphans = tuple(sorted(v.name for v in ev.vms
                            if v.up and v.name not in allowed and v.name not in stopping))
     if orphans:

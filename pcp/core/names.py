@@ -128,12 +128,27 @@ META_CACHIX_CACHE = "pcp-cachix-cache"
 META_CACHIX_KEY = "pcp-cachix-public-key"
 META_NIX_INSTALLER = "pcp-nix-installer-url"
 META_NIX_SUBSTITUTER = "pcp-nix-substituter"
+#: GPUs per worker on a GPU stack (absent or 0: none). The agent checks them before a run.
+META_GPU_COUNT = "pcp-gpu-count"
 #: Object metadata on a marker: the marker describes itself, so the function need not read it.
 MARKER_METADATA_KEY = "pcp-marker"
 #: Pub/Sub message attributes.
 ATTR_RUN_ID = "run_id"
 ATTR_STACK = "pcp-stack"
 ATTR_SOURCE = "pcp-source"
+
+
+# ---------------------------------------------------------------- the shepherd Mac
+
+#: Where install.sh puts the shepherd's credential file (a service account key or a workload
+#: identity federation configuration); the launchd plist points GOOGLE_APPLICATION_CREDENTIALS
+#: at it.
+SHEPHERD_CREDENTIALS_FILE = "/etc/pcp/shepherd-key.json"
+
+
+def github_environment(stack: str) -> str:
+    """The GitHub environment the stack's workflows run in (variables, secrets, reviewers)."""
+    return f"training-{stack}"
 
 
 # ---------------------------------------------------------------- cloud resources

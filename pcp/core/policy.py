@@ -25,6 +25,11 @@ class Policy:
     default_binary: str | None = None
     worker_hourly_usd: float = 0.0
     shepherd_hourly_usd: float = 0.0
+    #: A VM that has never been given a run and was created less than this long ago is still
+    #: in its first boot (created RUNNING by `pulumi up`, installing Nix and the agent): the
+    #: sweeper leaves it alone, since an interrupted first bootstrap may not resume cleanly.
+    #: The first boot powers the VM off itself when it finishes with no run waiting.
+    first_boot_grace_minutes: float = 30.0
     max_queue: int = 50
     recent_limit: int = 200
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 
 from pcp.service import Service
@@ -39,6 +41,7 @@ def build_service(settings: Settings) -> Service:
                 GcsStore(settings.bucket, project=settings.project),
                 ComputeFleet(settings.project, settings.zone, settings.stack,
                              endpoint=settings.compute_endpoint,
+                             op_timeout=settings.operation_timeout_seconds,
                              margin_seconds=settings.policy.hard_cap_margin_seconds),
                 PubSubBus(settings.project, settings.stack),
                 settings.policy,
@@ -46,3 +49,13 @@ def build_service(settings: Settings) -> Service:
             )
             _services[key] = service
         return service
+
+
+@contextmanager
+def invocation(service: Service, settings: Settings) -> Iterator[None]:
+    """One function invocation: the fleet's Compute Engine waits, all of them together, end
+    `operation_timeout_seconds` after this point (the function's timeout less the margin), so
+    the invocation still has time to save, publish and log."""
+    budget = getattr(service.fleet, "invocation", None)
+    with budget(settings.operation_timeout_seconds) if callable(budget) else nullcontext():
+        yield

@@ -195,6 +195,21 @@ def test_operation_deadline_is_enforced(compute: LocalCompute) -> None:
     assert time.perf_counter() - t0 < 3.0
 
 
+def test_an_invocation_deadline_bounds_every_call_in_it(compute: LocalCompute) -> None:
+    """A function invocation's budget (its timeout less the margin) caps the calls made
+    inside it together, below the fleet's own per-call op_timeout."""
+    compute.faults.slow_seconds["start"] = 5.0
+    compute.wait_cap_seconds = 0.2
+    fleet = fleet_for(compute, op_timeout=30.0)
+    fleet.list()  # import the client library outside the timing
+    t0 = time.perf_counter()
+    with fleet.invocation(1.0), pytest.raises(TimeoutError):
+        start(fleet, 0)
+    assert time.perf_counter() - t0 < 3.0
+    compute.faults.slow_seconds["start"] = 0.0
+    fleet.list()  # outside the block the budget is gone: a later call is not refused
+
+
 def test_stale_metadata_fingerprint_is_retried(compute: LocalCompute) -> None:
     compute.faults.fail_next("setMetadata", NAMES[0], error=412)
     compute.faults.fail_next("setLabels", NAMES[0], error=412)

@@ -567,3 +567,23 @@ def test_state_round_trips_through_json() -> None:
     assert StackState.from_json(s.state.to_json()) == s.state
     s.finish_all()
     assert StackState.from_json(s.state.to_json()) == s.state
+
+
+def test_a_vm_in_its_first_boot_is_left_to_finish() -> None:
+    """Created RUNNING by `pulumi up` minutes ago and never given a run: the sweeper does not
+    interrupt its bootstrap; once the grace is over, or once it has had a run, it is an orphan
+    like any other."""
+    s = Stack(policy(workers=3))
+    minute = 60
+    t0 = int(at(0).timestamp())
+    vms = (VmView("pcp-tiny-worker-0", "RUNNING", {}, created=t0 - 10 * minute),
+           VmView("pcp-tiny-worker-1", "RUNNING", {"pcp-run": "r0"}, created=t0 - 10 * minute),
+           VmView("pcp-tiny-worker-2", "RUNNING", {}, created=t0 - 31 * minute))
+    t = s(Reconcile(vms=vms))
+    stop = of(t, StopNodes)[0]
+    assert isinstance(stop, StopNodes)
+    assert stop.vms == ("pcp-tiny-worker-1", "pcp-tiny-worker-2")
+    assert "left pcp-tiny-worker-0 running: never given a run and created less than 30 min " \
+        "ago (first boot)" in t.reason
+    later = s(Reconcile(vms=vms[:1]), minute=21)
+    assert [c.vms for c in of(later, StopNodes)] == [("pcp-tiny-worker-0",)]
