@@ -315,8 +315,15 @@ class StackConfig:
         }
         return {key: value for key, value in optional.items() if value}
 
-    def function_environment(self, bucket_name: str) -> dict[str, str]:
-        """The runtime environment of every Cloud Function (all values strings)."""
+    def function_environment(self, bucket_name: str, *, timeout_seconds: int) -> dict[str, str]:
+        """The runtime environment of one Cloud Function (all values strings).
+
+        `timeout_seconds` is that function's own `service_config.timeout_seconds`, passed as
+        PCP_FUNCTION_TIMEOUT_SECONDS so that the code can stop waiting before the platform
+        kills it.
+        """
+        if timeout_seconds < 1:
+            raise ConfigError(f"a function timeout must be positive, got {timeout_seconds}")
         return {
             "PCP_STACK": self.stack,
             "PCP_PROJECT": self.project,
@@ -332,6 +339,7 @@ class StackConfig:
             "PCP_BINARY": self.binary,
             "PCP_WORKER_HOURLY_USD": _price_str(self.worker_hourly_usd),
             "PCP_SHEPHERD_HOURLY_USD": _price_str(self.shepherd_hourly_usd),
+            "PCP_FUNCTION_TIMEOUT_SECONDS": str(timeout_seconds),
         }
 
 

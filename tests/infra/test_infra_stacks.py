@@ -48,16 +48,24 @@ PCP_ENV = {
     "PCP_STACK", "PCP_PROJECT", "PCP_ZONE", "PCP_BUCKET", "PCP_WORKER_COUNT",
     "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
     "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY",
-    "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD",
+    "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
 }  # fmt: skip
+
+#: The event-driven maximum (Cloud Functions 2nd gen): every function may wait on VM stops,
+#: and one GCE stop can take 120 s of guest soft-off alone.
+EVENT_MAX = 540
 
 #: function kind -> (entry point, topic kind, timeout seconds)
 FUNCTIONS = {
-    "start": ("on_start", "start", 300),
-    "stop": ("on_stop", "stop", 120),
-    "marker": ("on_marker", "markers", 120),
-    "sweep": ("on_sweep", "sweep", 300),
+    "start": ("on_start", "start", EVENT_MAX),
+    "stop": ("on_stop", "stop", EVENT_MAX),
+    "marker": ("on_marker", "markers", EVENT_MAX),
+    "sweep": ("on_sweep", "sweep", EVENT_MAX),
 }
+
+SERVICE_IDENTITY = "gcp:projects/serviceIdentity:ServiceIdentity"
+AGENT_SUFFIX = {"eventarc": "@gcp-sa-eventarc.iam.gserviceaccount.com",
+                "pubsub": "@gcp-sa-pubsub.iam.gserviceaccount.com"}
 
 
 def topic_id(run, kind: str) -> str:
@@ -300,11 +308,20 @@ def test_functions_environment(any_run):
         "PCP_WORKER_HOURLY_USD": cfg["pcp:worker_hourly_usd"],
         "PCP_SHEPHERD_HOURLY_USD": cfg["pcp:shepherd_hourly_usd"],
     }
-    assert set(expected) == PCP_ENV
+    assert set(expected) | {"PCP_FUNCTION_TIMEOUT_SECONDS"} == PCP_ENV
     for fn in any_run.of_type(FUNCTION):
-        env = fn["inputs"]["serviceConfig"]["environmentVariables"]
-        assert env == expected
+        svc = fn["inputs"]["serviceConfig"]
+        env = svc["environmentVariables"]
+        # Each function is told its own timeout, exactly the one the platform enforces.
+        assert env == {**expected, "PCP_FUNCTION_TIMEOUT_SECONDS": str(int(svc["timeoutSeconds"]))}
         assert all(isinstance(v, str) for v in env.values())
+
+
+def test_functions_that_stop_vms_outlast_a_gce_stop(any_run):
+    """A stop may take 120 s of guest soft-off plus the calls around it: every function (each
+    may stop VMs) gets the event-driven maximum, and no more (GCP refuses more)."""
+    for fn in any_run.of_type(FUNCTION):
+        assert fn["inputs"]["serviceConfig"]["timeoutSeconds"] == float(EVENT_MAX)
 
 
 def test_trigger_identity_may_invoke_and_receive(any_run):
@@ -320,6 +337,39 @@ def test_trigger_identity_may_invoke_and_receive(any_run):
     receiver_urn = receivers[0]["urn"]
     for fn in any_run.of_type(FUNCTION):
         assert receiver_urn in fn["dependencies"]
+
+
+def test_service_agents_exist_and_are_granted_before_the_triggers(any_run):
+    """The first `up` must not race Eventarc's and Pub/Sub's lazily created service agents."""
+    agents = {a["inputs"]["service"]: a for a in any_run.of_type(SERVICE_IDENTITY)}
+    assert set(agents) == {"eventarc.googleapis.com", "pubsub.googleapis.com"}
+    for agent in agents.values():
+        assert agent["inputs"]["project"] == any_run.config["gcp:project"]
+    eventarc_member = "serviceAccount:service-123456789012" + AGENT_SUFFIX["eventarc"]
+    pubsub_member = "serviceAccount:service-123456789012" + AGENT_SUFFIX["pubsub"]
+    (eventarc_grant,) = [g for g in any_run.of_type(PROJECT_MEMBER)
+                         if g["inputs"]["member"] == eventarc_member]
+    assert eventarc_grant["inputs"]["role"] == "roles/eventarc.serviceAgent"
+    assert agents["eventarc.googleapis.com"]["urn"] in eventarc_grant["dependencies"]
+    # Push deliveries carry the trigger identity's OIDC token, minted by the Pub/Sub agent:
+    # token creator on that one account, not on the project.
+    (token_grant,) = [g for g in any_run.of_type(SA_MEMBER)
+                      if g["inputs"]["member"] == pubsub_member]
+    assert token_grant["inputs"]["role"] == "roles/iam.serviceAccountTokenCreator"
+    assert token_grant["inputs"]["serviceAccountId"].endswith(
+        "/serviceAccounts/" + any_run.sa_email("functions"))
+    assert not [g for g in any_run.of_type(PROJECT_MEMBER)
+                if g["inputs"]["member"] == pubsub_member]
+    assert agents["pubsub.googleapis.com"]["urn"] in token_grant["dependencies"]
+    must_precede = {a["urn"] for a in agents.values()} | {eventarc_grant["urn"], token_grant["urn"]}
+    for fn in any_run.of_type(FUNCTION):  # each function creates its Eventarc trigger
+        assert must_precede <= set(fn["dependencies"]), fn["name"]
+    # The Pub/Sub agent's dead-letter grants name the created agent and wait for it.
+    agent_grants = [g for g in [*any_run.of_type(TOPIC_MEMBER), *any_run.of_type(SUB_MEMBER)]
+                    if g["inputs"]["member"] == pubsub_member]
+    assert len(agent_grants) == 2
+    for g in agent_grants:
+        assert agents["pubsub.googleapis.com"]["urn"] in g["dependencies"]
 
 
 def test_functions_built_by_dedicated_build_sa(any_run):
@@ -628,7 +678,7 @@ def test_every_resource_lives_in_a_component(any_run):
         "pcp:infra:ProjectApis", "pcp:infra:ServiceAccounts", "pcp:infra:GithubFederation",
         "pcp:infra:StateBucket", "pcp:infra:Messaging", "pcp:infra:WorkerNetwork",
         "pcp:infra:WorkerFleet", "pcp:infra:ControlFunctions", "pcp:infra:SweepSchedule",
-        "pcp:infra:CodeArchives",
+        "pcp:infra:CodeArchives", "pcp:infra:ServiceAgents",
     }  # fmt: skip
     for r in any_run.custom:
         parent_type = r["parent"].split("::")[-2].split("$")[-1]
