@@ -9,7 +9,7 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
-from pcp.core.names import Names
+from pcp.core.names import TRAIN_WORKFLOW, Names
 
 from .base import PcpComponent
 from .config import StackConfig
@@ -260,8 +260,28 @@ class ServiceAgents(PcpComponent):
         return [*self.identities.values(), *self.grants]
 
 
+def github_attribute_condition(repository: str, environment: str) -> str:
+    """The provider's condition: only the train workflow of `repository`, in `environment`.
+
+    GitHub's OIDC token names the job's environment (`environment`) and the workflow file at
+    the ref it ran from (`workflow_ref`, `OWNER/REPO/.github/workflows/train.yml@refs/...`).
+    The environment is where the protection lives (required reviewers, deployment branches),
+    so a token from another workflow of the same repository, or from a job outside the
+    environment, is refused. Both values were validated by StackConfig; quotes cannot occur.
+    """
+    for value in (repository, environment):
+        if '"' in value or "\\" in value:
+            raise ValueError(f"{value!r} cannot be quoted in a CEL condition")
+    return (
+        f'assertion.repository == "{repository}"'
+        f' && assertion.environment == "{environment}"'
+        f' && assertion.workflow_ref.startsWith("{repository}/{TRAIN_WORKFLOW}@")'
+    )
+
+
 class GithubFederation(PcpComponent):
-    """Workload identity pool + GitHub OIDC provider, restricted to one repository."""
+    """Workload identity pool + GitHub OIDC provider, restricted to one repository's train
+    workflow running in the stack's GitHub environment."""
 
     TYPE = "pcp:infra:GithubFederation"
 
@@ -300,8 +320,9 @@ class GithubFederation(PcpComponent):
                 "attribute.actor": "assertion.actor",
                 "attribute.ref": "assertion.ref",
                 "attribute.workflow_ref": "assertion.workflow_ref",
+                "attribute.environment": "assertion.environment",
             },
-            attribute_condition=f'assertion.repository == "{repo}"',
+            attribute_condition=github_attribute_condition(repo, names.github_environment),
             oidc=gcp.iam.WorkloadIdentityPoolProviderOidcArgs(issuer_uri=GITHUB_ISSUER),
             opts=self.child_opts(),
         )

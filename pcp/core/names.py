@@ -135,6 +135,15 @@ ATTR_STACK = "pcp-stack"
 ATTR_SOURCE = "pcp-source"
 
 
+# ---------------------------------------------------------------- GitHub
+
+#: The workflow that deploys a stack and requests runs; the only one the stack's workload
+#: identity provider accepts tokens from.
+TRAIN_WORKFLOW = ".github/workflows/train.yml"
+#: Prefix of the GitHub environment of each stack (`training-<stack>`).
+GITHUB_ENVIRONMENT_PREFIX = "training-"
+
+
 # ---------------------------------------------------------------- cloud resources
 
 
@@ -220,6 +229,11 @@ class Names:
         if not 4 <= len(pool) <= 32:
             raise ValueError(f"workload identity pool id {pool!r} must be 4-32 characters")
         return pool
+
+    @property
+    def github_environment(self) -> str:
+        """The GitHub environment the train workflow's job runs in for this stack."""
+        return f"{GITHUB_ENVIRONMENT_PREFIX}{self.stack}"
 
     def labels(self, **extra: str) -> dict[str, str]:
         return {LABEL_STACK: self.stack, **extra}

@@ -424,17 +424,43 @@ def test_bucket(any_run):
     assert b["forceDestroy"] is False
     assert b.get("versioning", {}).get("enabled", False) is False
     assert b["location"] == any_run.config["pcp:bucket_location"]
-    prefixes: set[str] = set()
+    # Soft delete off, deliberately (infra/README.md): 0 disables it; leaving it out would
+    # keep GCS's 7-day default and bill every overwritten checkpoint for a week.
+    assert b["softDeletePolicy"] == {"retentionDurationSeconds": 0.0}
+
+
+def test_bucket_lifecycle(any_run):
+    (bucket,) = any_run.of_type(BUCKET)
+    rules = bucket["inputs"]["lifecycleRules"]
     retention = float(any_run.config["pcp:results_retention_days"])
-    for rule in b["lifecycleRules"]:
+    ages: dict[str, float] = {}
+    for rule in rules:
         assert rule["action"]["type"] == "Delete"
         cond = rule["condition"]
-        # Every delete rule is scoped by prefix: none may reach control/.
+        # Every delete rule is scoped by prefix: none may reach control/stack.json.
         assert cond.get("matchesPrefixes"), "a lifecycle rule without prefix would hit control/"
-        assert cond["age"] == retention
-        prefixes |= set(cond["matchesPrefixes"])
-    assert prefixes == {"runs/", "markers/"}
-    assert not any(p.startswith("control") for p in prefixes)
+        assert set(cond) == {"age", "matchesPrefixes"}, cond
+        for prefix in cond["matchesPrefixes"]:
+            assert prefix not in ages, f"{prefix} in two rules"
+            ages[prefix] = cond["age"]
+    assert ages == {"runs/": retention, "markers/": retention, "control/sweeps/": 30.0}
+    # Of control/, only the sweep audit expires: the stack document never matches.
+    for prefix in ages:
+        assert not "control/stack.json".startswith(prefix)
+        assert not "control/rejected/x.json".startswith(prefix)
+        if prefix.startswith("control/"):
+            assert prefix == "control/sweeps/"
+
+
+def test_sweep_audit_documents_fall_under_their_rule(any_run):
+    """The objects the sweeper writes (pcp.core.names.sweep_doc) are the ones that expire."""
+    from pcp.core.names import STACK_DOC, sweep_doc
+
+    (bucket,) = any_run.of_type(BUCKET)
+    prefixes = [p for r in bucket["inputs"]["lifecycleRules"]
+                for p in r["condition"]["matchesPrefixes"]]
+    assert any(sweep_doc("20260101T000000Z").startswith(p) for p in prefixes)
+    assert not any(STACK_DOC.startswith(p) for p in prefixes)
 
 
 def test_markers_notification(any_run):
@@ -595,7 +621,14 @@ def test_workload_identity_federation(any_run):
     (provider,) = any_run.of_type(POOL_PROVIDER)
     pi = provider["inputs"]
     assert pi["workloadIdentityPoolProviderId"] == "github"
-    assert pi["attributeCondition"] == f'assertion.repository == "{repo}"'
+    # Only the train workflow of this repository, in this stack's environment (whose
+    # required reviewers and branch rules are the protection); see test_wif_condition_*.
+    assert pi["attributeCondition"] == (
+        f'assertion.repository == "{repo}"'
+        f' && assertion.environment == "training-{any_run.stack}"'
+        f' && assertion.workflow_ref.startsWith("{repo}/.github/workflows/train.yml@")'
+    )
+    assert pi["attributeMapping"]["attribute.environment"] == "assertion.environment"
     assert pi["attributeMapping"]["google.subject"] == "assertion.sub"
     assert pi["attributeMapping"]["attribute.repository"] == "assertion.repository"
     assert pi["oidc"]["issuerUri"] == "https://token.actions.githubusercontent.com"
@@ -613,6 +646,66 @@ def test_workload_identity_federation(any_run):
             f"/workloadIdentityPools/{pool_id}/attribute.repository/{repo}"
         )
     assert any_run.outputs["dispatch_service_account"] == any_run.sa_email("dispatch")
+
+
+def _cel_condition_holds(condition: str, claims: dict[str, str]) -> bool:
+    """Evaluate the provider's condition on a token's claims: the condition is a conjunction of
+    `assertion.X == "v"` and `assertion.X.startsWith("v")` terms (anything else fails), and a
+    missing claim makes it false, as an error does in Google's CEL evaluation."""
+    import re
+
+    terms = condition.split(" && ")
+    for term in terms:
+        eq = re.fullmatch(r'assertion\.(\w+) == "([^"]*)"', term)
+        sw = re.fullmatch(r'assertion\.(\w+)\.startsWith\("([^"]*)"\)', term)
+        if eq:
+            if claims.get(eq[1]) != eq[2]:
+                return False
+        elif sw:
+            if sw[1] not in claims or not claims[sw[1]].startswith(sw[2]):
+                return False
+        else:
+            raise AssertionError(f"unexpected term {term!r}")
+    return True
+
+
+def test_wif_condition_admits_only_the_train_workflow_in_its_environment(stack_run):
+    repo = stack_run.config["pcp:github_repository"]
+    (provider,) = stack_run.of_type(POOL_PROVIDER)
+    condition = provider["inputs"]["attributeCondition"]
+    good = {
+        "repository": repo,
+        "environment": f"training-{stack_run.stack}",
+        "workflow_ref": f"{repo}/.github/workflows/train.yml@refs/heads/main",
+        "sub": f"repo:{repo}:environment:training-{stack_run.stack}",
+    }
+    assert _cel_condition_holds(condition, good)
+    # A tag push (train/*) runs the same workflow at another ref: admitted.
+    tag = {**good, "workflow_ref": f"{repo}/.github/workflows/train.yml@refs/tags/train/x"}
+    assert _cel_condition_holds(condition, tag)
+    other = "tiny" if stack_run.stack != "tiny" else "small"
+    refused = {
+        "another repository": {**good, "repository": "someone/else"},
+        "no environment": {k: v for k, v in good.items() if k != "environment"},
+        "another stack's environment": {**good, "environment": f"training-{other}"},
+        "a plain environment": {**good, "environment": "training"},
+        "another workflow": {**good,
+                             "workflow_ref": f"{repo}/.github/workflows/ci.yml@refs/heads/main"},
+        "a look-alike file": {**good,
+                              "workflow_ref": f"{repo}/.github/workflows/train.yml.evil@refs/x"},
+        "a fork's workflow": {**good, "workflow_ref": f"fork/{repo}/.github/workflows/train.yml@x"},
+    }
+    for why, claims in refused.items():
+        assert not _cel_condition_holds(condition, claims), why
+
+
+def test_wif_condition_refuses_a_value_that_would_break_its_quoting():
+    from pcp_infra.identity import github_attribute_condition
+
+    assert "owner/repo" in github_attribute_condition("owner/repo", "training-tiny")
+    for bad in ('owner/re"po', "owner/re\\po"):
+        with pytest.raises(ValueError):
+            github_attribute_condition(bad, "training-tiny")
 
 
 def test_firewall_never_open_to_the_internet(any_run):
