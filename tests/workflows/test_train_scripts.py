@@ -162,11 +162,18 @@ def test_pulumi_org_prefixes_the_stack(tmp_path: Path) -> None:
 
 
 def test_values_are_data_not_code(tmp_path: Path) -> None:
-    hostile = "$(touch pwned)`touch pwned2`\"; echo '{x}'"
+    hostile = "$(touch pwned)`touch pwned2`\"; echo '{x}'\nstack-name=evil"
     proc, out, _ = preflight({**COMPLETE, "PCP_SHEPHERD_HOST": hostile}, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(out["config-map"])["pcp:shepherd_host"]["value"] == hostile
+    assert out["stack-name"] == "tiny"  # a newline in a value adds no output of its own
     assert not list(tmp_path.glob("pwned*"))
+
+
+def test_an_organisation_name_cannot_add_outputs(tmp_path: Path) -> None:
+    proc, out, _ = preflight({**COMPLETE, "PULUMI_ORG": "org\nconfig-map={}"}, tmp_path)
+    assert proc.returncode == 1
+    assert "stack-name" not in out and "config-map" not in out
 
 
 def test_extra_config_is_merged_as_strings(tmp_path: Path) -> None:
@@ -189,7 +196,8 @@ def test_extra_config_is_merged_as_strings(tmp_path: Path) -> None:
 def test_bad_extra_config_fails_the_check(extra: str, tmp_path: Path) -> None:
     proc, out, _ = preflight({**COMPLETE, "PCP_EXTRA_CONFIG": extra}, tmp_path)
     assert proc.returncode != 0
-    assert "PCP_EXTRA_CONFIG" in proc.stdout + proc.stderr
+    [error] = errors(proc)
+    assert error.startswith("::error title=PCP_EXTRA_CONFIG::")
     assert "config-map" not in out
 
 
