@@ -815,3 +815,43 @@ def test_program_reads_only_declared_keys(any_run):
     assert declared <= read, f"declared but never read: {sorted(declared - read)}"
     others = {k for k in any_run.data["config_keys_read"] if not k.startswith("pcp:")}
     assert others == {"gcp:project"}
+
+
+# --------------------------------------------------------------------------- quotas (README)
+
+
+def _quota_needs(run) -> dict[str, int]:
+    """What one stack's workers take of each Compute Engine quota, from the declared VMs."""
+    needs = dict.fromkeys(["NVIDIA_T4_GPUS", "NVIDIA_L4_GPUS", "GPUS_ALL_REGIONS", "CPUS",
+                           "CPUS_ALL_REGIONS", "SSD_TOTAL_GB", "IN_USE_ADDRESSES"], 0)
+    gpu_metric = {"nvidia-tesla-t4": "NVIDIA_T4_GPUS", "nvidia-l4": "NVIDIA_L4_GPUS"}
+    for vm in run.of_type(INSTANCE):
+        i = vm["inputs"]
+        vcpus = int(i["machineType"].rsplit("-", 1)[1])  # n1-standard-4, g2-standard-8
+        needs["CPUS"] += vcpus
+        needs["CPUS_ALL_REGIONS"] += vcpus
+        attached = i.get("guestAccelerators") or []
+        gpus = (sum(int(a["count"]) for a in attached) if attached
+                else int(run.config["pcp:gpu_count"]))  # built into g2
+        needs[gpu_metric[run.config["pcp:gpu_type"]]] += gpus
+        needs["GPUS_ALL_REGIONS"] += gpus
+        disk = i["bootDisk"]["initializeParams"]
+        assert disk["type"] == "pd-balanced"  # an SSD type: SSD_TOTAL_GB
+        needs["SSD_TOTAL_GB"] += int(disk["size"])
+        needs["IN_USE_ADDRESSES"] += len(i["networkInterfaces"][0].get("accessConfigs") or [])
+    return needs
+
+
+def test_readme_quota_table_matches_the_stacks(mock_runs):
+    import re
+
+    readme = (INFRA / "README.md").read_text()
+    rows = {m[1]: [int(x) for x in m.groups()[1:]] for m in re.finditer(
+        r"^\| `([A-Z0-9_]+)` \| \w+ \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|",
+        readme, re.M)}
+    stacks = ["tiny", "small", "large", "huge"]
+    computed = {stack: _quota_needs(mock_runs[stack]) for stack in stacks}
+    assert set(rows) == set(computed["tiny"])
+    for metric, (*per_stack, total) in rows.items():
+        assert per_stack == [computed[s][metric] for s in stacks], metric
+        assert total == sum(per_stack), metric
