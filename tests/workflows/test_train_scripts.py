@@ -156,6 +156,12 @@ def test_complete_settings_give_the_config_map_and_start_the_clock(tmp_path: Pat
     assert before + budget <= int(genv["PCP_WAIT_DEADLINE"]) <= after + budget
 
 
+def test_an_unknown_stack_is_refused_before_anything(tmp_path: Path) -> None:
+    proc, out, genv = preflight({**COMPLETE, "STACK": "tiny\n::error::x"}, tmp_path)
+    assert proc.returncode == 1
+    assert not out and not genv
+
+
 def test_pulumi_org_prefixes_the_stack(tmp_path: Path) -> None:
     _, out, _ = preflight({**COMPLETE, "PULUMI_ORG": "my-org"}, tmp_path)
     assert out["stack-name"] == "my-org/tiny"
