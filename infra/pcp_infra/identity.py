@@ -240,7 +240,9 @@ class ServiceAgents(PcpComponent):
                         project=cfg.project,
                         role=role,
                         member=self.members[api],
-                        opts=self.child_opts(self.identities[api]),
+                        # The same binding serves every stack of the project: destroying one
+                        # stack must not take it from the others' triggers.
+                        opts=self.child_opts(self.identities[api], retain_on_delete=True),
                     )
                 )
         self.grants.append(

@@ -350,6 +350,10 @@ def test_service_agents_exist_and_are_granted_before_the_triggers(any_run):
     (eventarc_grant,) = [g for g in any_run.of_type(PROJECT_MEMBER)
                          if g["inputs"]["member"] == eventarc_member]
     assert eventarc_grant["inputs"]["role"] == "roles/eventarc.serviceAgent"
+    # One binding for the whole project, declared by every stack: a `pulumi destroy` of one
+    # stack must leave it to the others.
+    assert eventarc_grant["retainOnDelete"] is True
+    assert not any(r["retainOnDelete"] for r in any_run.custom if r is not eventarc_grant)
     assert agents["eventarc.googleapis.com"]["urn"] in eventarc_grant["dependencies"]
     # Push deliveries carry the trigger identity's OIDC token, minted by the Pub/Sub agent:
     # token creator on that one account, not on the project.
