@@ -19,7 +19,7 @@ from pcp_infra.apis import ProjectApis  # noqa: E402
 from pcp_infra.config import StackConfig  # noqa: E402
 from pcp_infra.fleet import WorkerFleet  # noqa: E402
 from pcp_infra.functions import ControlFunctions  # noqa: E402
-from pcp_infra.identity import GithubFederation, ServiceAccounts  # noqa: E402
+from pcp_infra.identity import GithubFederation, ServiceAccounts, ServiceAgents  # noqa: E402
 from pcp_infra.messaging import Messaging  # noqa: E402
 from pcp_infra.network import WorkerNetwork  # noqa: E402
 from pcp_infra.scheduler import SweepSchedule  # noqa: E402
@@ -32,14 +32,15 @@ apis = ProjectApis("apis", cfg)
 enabled = list(apis.services.values())
 
 accounts = ServiceAccounts("identity", cfg, depends_on=enabled)
+agents = ServiceAgents("agents", cfg, accounts, depends_on=enabled)
 github = GithubFederation("github", cfg, accounts, depends_on=enabled)
 bucket = StateBucket("storage", cfg, accounts, depends_on=enabled)
-messaging = Messaging("messaging", cfg, accounts, bucket, depends_on=enabled)
+messaging = Messaging("messaging", cfg, accounts, agents, bucket, depends_on=enabled)
 network = WorkerNetwork("network", cfg, depends_on=enabled)
 code = CodeArchives("code", cfg, bucket, depends_on=enabled)
 fleet = WorkerFleet("fleet", cfg, accounts, bucket, network, depends_on=enabled)
 functions = ControlFunctions(
-    "functions", cfg, accounts, bucket, messaging, code, depends_on=enabled
+    "functions", cfg, accounts, agents, bucket, messaging, code, depends_on=enabled
 )
 schedule = SweepSchedule("scheduler", cfg, messaging, depends_on=[*enabled, functions])
 

@@ -31,10 +31,12 @@ class PcpComponent(pulumi.ComponentResource):
         *extra_deps: pulumi.Resource,
         ignore_changes: list[str] | None = None,
         delete_before_replace: bool | None = None,
+        retain_on_delete: bool | None = None,
     ) -> pulumi.ResourceOptions:
         return pulumi.ResourceOptions(
             parent=self,
             depends_on=[*self._deps, *extra_deps],
             ignore_changes=ignore_changes,
             delete_before_replace=delete_before_replace,
+            retain_on_delete=retain_on_delete,
         )

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pcp.core.names import (
+    INSTALL_NVIDIA_DRIVER,
     META_CACHIX_CACHE,
     META_CACHIX_KEY,
+    META_GPU_COUNT,
     META_NIX_INSTALLER,
     META_NIX_SUBSTITUTER,
     STACK_RE,
@@ -36,7 +38,7 @@ DEFAULTS: Mapping[str, Any] = {
     "zone": "us-central1-a",
     "region": "us-central1",
     "boot_image": (
-        "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-11-py310"
+        "projects/deeplearning-platform-release/global/images/family/common-cu129-ubuntu-2204-nvidia-580"
     ),
     "boot_disk_gb": 100,
     "spot": False,
@@ -325,6 +327,15 @@ class StackConfig:
     def has_gpu(self) -> bool:
         return self.accelerator_optimized or self.gpu_count > 0
 
+    def worker_gpu_metadata(self) -> dict[str, str]:
+        """What a GPU worker's metadata says about its GPUs: the count the agent checks with
+        nvidia-smi before a run (built-in GPUs: at least one), and `install-nvidia-driver`,
+        which Deep Learning VM images that stage the driver (the older Debian families) read
+        on the first boot; the current Ubuntu `-nvidia-580` families ship it installed."""
+        if not self.has_gpu:
+            return {}
+        return {META_GPU_COUNT: str(self.gpu_count or 1), INSTALL_NVIDIA_DRIVER: "True"}
+
     def worker_bootstrap_metadata(self) -> dict[str, str]:
         """Optional metadata read by the worker startup script (only the keys that are set)."""
         optional = {
@@ -335,9 +346,16 @@ class StackConfig:
         }
         return {key: value for key, value in optional.items() if value}
 
-    def function_environment(self, bucket_name: str) -> dict[str, str]:
-        """The runtime environment of every Cloud Function (all values strings), written by
-        `pcp.settings.Settings.to_env`, the same code that the functions read it back with."""
+    def function_environment(self, bucket_name: str, *, timeout_seconds: int) -> dict[str, str]:
+        """The runtime environment of one Cloud Function (all values strings), written by
+        `pcp.settings.Settings.to_env`, the same code that the functions read it back with.
+
+        `timeout_seconds` is that function's own `service_config.timeout_seconds`, passed as
+        PCP_FUNCTION_TIMEOUT_SECONDS so that the code can stop waiting before the platform
+        kills it.
+        """
+        if timeout_seconds < 1:
+            raise ConfigError(f"a function timeout must be positive, got {timeout_seconds}")
         policy = Policy(
             stack=self.stack, worker_count=self.worker_count, shepherd_host=self.shepherd_host,
             tcp_port=self.tcp_port, max_run_hours=self.max_run_hours,
@@ -347,4 +365,5 @@ class StackConfig:
             default_binary=self.binary or None, worker_hourly_usd=self.worker_hourly_usd,
             shepherd_hourly_usd=self.shepherd_hourly_usd)
         return Settings(stack=self.stack, project=self.project, zone=self.zone,
-                        bucket=bucket_name, policy=policy).to_env()
+                        bucket=bucket_name, policy=policy,
+                        function_timeout_seconds=timeout_seconds).to_env()

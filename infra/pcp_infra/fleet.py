@@ -147,6 +147,7 @@ class WorkerFleet(PcpComponent):
                     META_BUCKET: names.bucket,
                     META_PROJECT: cfg.project,
                     META_NODE: node,
+                    **cfg.worker_gpu_metadata(),
                     **cfg.worker_bootstrap_metadata(),
                     "enable-oslogin": "TRUE",
                     # In metadata (not metadata_startup_script, which forces a new VM and so

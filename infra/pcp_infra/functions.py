@@ -15,7 +15,7 @@ from pcp.core.names import LABEL_FUNCTION, Names
 
 from .base import PcpComponent
 from .config import StackConfig
-from .identity import ServiceAccounts
+from .identity import ServiceAccounts, ServiceAgents
 from .messaging import Messaging
 from .source import CodeArchives
 from .storage import StateBucket
@@ -26,6 +26,12 @@ RETRY_POLICY = "RETRY_POLICY_RETRY"
 MEMORY = "512M"
 MAX_INSTANCES = 10
 
+#: The longest an event-driven function may run (2nd gen, Pub/Sub trigger). Every function
+#: here may stop VMs (on_start rolls back a failed start, on_stop and on_marker end runs,
+#: on_sweep stops orphans), and one GCE stop alone may take 120 s of guest soft-off before
+#: the operation is done, plus the API calls around it.
+EVENT_MAX_TIMEOUT_SECONDS = 540
+
 
 @dataclass(frozen=True)
 class FunctionSpec:
@@ -35,12 +41,12 @@ class FunctionSpec:
     timeout_seconds: int
 
 
-#: on_start and on_sweep wait on Compute operations; the others are short.
+#: Each function gets the event-driven maximum: all of them may wait on a VM stop.
 FUNCTIONS: tuple[FunctionSpec, ...] = (
-    FunctionSpec("start", "on_start", "start", 300),
-    FunctionSpec("stop", "on_stop", "stop", 120),
-    FunctionSpec("marker", "on_marker", "markers", 120),
-    FunctionSpec("sweep", "on_sweep", "sweep", 300),
+    FunctionSpec("start", "on_start", "start", EVENT_MAX_TIMEOUT_SECONDS),
+    FunctionSpec("stop", "on_stop", "stop", EVENT_MAX_TIMEOUT_SECONDS),
+    FunctionSpec("marker", "on_marker", "markers", EVENT_MAX_TIMEOUT_SECONDS),
+    FunctionSpec("sweep", "on_sweep", "sweep", EVENT_MAX_TIMEOUT_SECONDS),
 )
 
 
@@ -52,6 +58,7 @@ class ControlFunctions(PcpComponent):
         name: str,
         cfg: StackConfig,
         accounts: ServiceAccounts,
+        agents: ServiceAgents,
         bucket: StateBucket,
         messaging: Messaging,
         code: CodeArchives,
@@ -62,8 +69,14 @@ class ControlFunctions(PcpComponent):
         super().__init__(name, depends_on=depends_on, opts=opts)
         names = Names(cfg.stack, cfg.project)
 
-        environment = cfg.function_environment(names.bucket)
-        ready = [*accounts.grants_for_functions(), *bucket.grants, *messaging.grants]
+        # The triggers are made with the functions: the Eventarc and Pub/Sub agents must
+        # exist, and hold their roles, before that (the first `up` races them otherwise).
+        ready = [
+            *accounts.grants_for_functions(),
+            *agents.ready(),
+            *bucket.grants,
+            *messaging.grants,
+        ]
 
         self.functions: dict[str, gcp.cloudfunctionsv2.Function] = {}
         self.invokers: list[gcp.cloudrunv2.ServiceIamMember] = []
@@ -89,7 +102,10 @@ class ControlFunctions(PcpComponent):
                 ),
                 service_config=gcp.cloudfunctionsv2.FunctionServiceConfigArgs(
                     service_account_email=accounts.emails["functions"],
-                    environment_variables=dict(environment),
+                    # The function's own timeout rides along: pcp budgets its waits by it.
+                    environment_variables=cfg.function_environment(
+                        names.bucket, timeout_seconds=spec.timeout_seconds
+                    ),
                     timeout_seconds=spec.timeout_seconds,
                     available_memory=MEMORY,
                     min_instance_count=0,

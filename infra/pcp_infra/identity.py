@@ -9,7 +9,7 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
-from pcp.core.names import Names
+from pcp.core.names import TRAIN_WORKFLOW, Names
 
 from .base import PcpComponent
 from .config import StackConfig
@@ -72,6 +72,22 @@ PROJECT_ROLES: dict[str, tuple[str, ...]] = {
 }
 
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
+
+#: Google-managed service agents created up front (gcp.projects.ServiceIdentity), so that the
+#: first `pulumi up` does not race their lazy creation when the functions' triggers are made.
+SERVICE_AGENTS: tuple[str, ...] = ("eventarc.googleapis.com", "pubsub.googleapis.com")
+
+#: Project roles of the service agents. Eventarc's agent normally gets this role when the
+#: first Eventarc resource is created; granting it here removes the race and restores it if
+#: someone removed it.
+SERVICE_AGENT_PROJECT_ROLES: dict[str, tuple[str, ...]] = {
+    "eventarc.googleapis.com": ("roles/eventarc.serviceAgent",),
+}
+
+#: The Pub/Sub agent mints the OIDC tokens of Eventarc's push deliveries, which carry the
+#: trigger identity (the `functions` SA). Projects whose agent predates 2021-04-08 lack this
+#: role; it is granted on that one service account, not on the project.
+PUBSUB_AGENT_TOKEN_ROLE = "roles/iam.serviceAccountTokenCreator"
 
 #: Service accounts that GitHub Actions may impersonate through the pool.
 FEDERATED_ACCOUNTS = ("deploy", "dispatch")
@@ -186,8 +202,88 @@ class ServiceAccounts(PcpComponent):
         return [*self.project_grants, self.functions_act_as_worker]
 
 
+class ServiceAgents(PcpComponent):
+    """The Eventarc and Pub/Sub service agents, created and granted before any trigger."""
+
+    TYPE = "pcp:infra:ServiceAgents"
+
+    def __init__(
+        self,
+        name: str,
+        cfg: StackConfig,
+        accounts: ServiceAccounts,
+        *,
+        depends_on: list[pulumi.Resource],
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__(name, depends_on=depends_on, opts=opts)
+        prefix = Names(cfg.stack, cfg.project).prefix
+
+        self.identities: dict[str, gcp.projects.ServiceIdentity] = {
+            api: gcp.projects.ServiceIdentity(
+                f"{prefix}-agent-{api.split('.', 1)[0]}",
+                project=cfg.project,
+                service=api,
+                opts=self.child_opts(),
+            )
+            for api in SERVICE_AGENTS
+        }
+        self.members: dict[str, pulumi.Output[str]] = {
+            api: identity.member for api, identity in self.identities.items()
+        }
+        self.grants: list[pulumi.Resource] = []
+        for api, roles in SERVICE_AGENT_PROJECT_ROLES.items():
+            for role in roles:
+                self.grants.append(
+                    gcp.projects.IAMMember(
+                        f"{prefix}-agent-{api.split('.', 1)[0]}-{_short(role)}",
+                        project=cfg.project,
+                        role=role,
+                        member=self.members[api],
+                        # The same binding serves every stack of the project: destroying one
+                        # stack must not take it from the others' triggers.
+                        opts=self.child_opts(self.identities[api], retain_on_delete=True),
+                    )
+                )
+        self.grants.append(
+            gcp.serviceaccount.IAMMember(
+                f"{prefix}-agent-pubsub-token-creator",
+                service_account_id=accounts.accounts["functions"].name,
+                role=PUBSUB_AGENT_TOKEN_ROLE,
+                member=self.members["pubsub.googleapis.com"],
+                opts=self.child_opts(self.identities["pubsub.googleapis.com"]),
+            )
+        )
+        self.pubsub_member = self.members["pubsub.googleapis.com"]
+        self.register_outputs({"agents": self.members})
+
+    def ready(self) -> list[pulumi.Resource]:
+        """What a trigger (or a grant to an agent) must wait for."""
+        return [*self.identities.values(), *self.grants]
+
+
+def github_attribute_condition(repository: str, environment: str) -> str:
+    """The provider's condition: only the train workflow of `repository`, in `environment`.
+
+    GitHub's OIDC token names the job's environment (`environment`) and the workflow file at
+    the ref it ran from (`workflow_ref`, `OWNER/REPO/.github/workflows/train.yml@refs/...`).
+    The environment is where the protection lives (required reviewers, deployment branches),
+    so a token from another workflow of the same repository, or from a job outside the
+    environment, is refused. Both values were validated by StackConfig; quotes cannot occur.
+    """
+    for value in (repository, environment):
+        if '"' in value or "\\" in value:
+            raise ValueError(f"{value!r} cannot be quoted in a CEL condition")
+    return (
+        f'assertion.repository == "{repository}"'
+        f' && assertion.environment == "{environment}"'
+        f' && assertion.workflow_ref.startsWith("{repository}/{TRAIN_WORKFLOW}@")'
+    )
+
+
 class GithubFederation(PcpComponent):
-    """Workload identity pool + GitHub OIDC provider, restricted to one repository."""
+    """Workload identity pool + GitHub OIDC provider, restricted to one repository's train
+    workflow running in the stack's GitHub environment."""
 
     TYPE = "pcp:infra:GithubFederation"
 
@@ -226,8 +322,9 @@ class GithubFederation(PcpComponent):
                 "attribute.actor": "assertion.actor",
                 "attribute.ref": "assertion.ref",
                 "attribute.workflow_ref": "assertion.workflow_ref",
+                "attribute.environment": "assertion.environment",
             },
-            attribute_condition=f'assertion.repository == "{repo}"',
+            attribute_condition=github_attribute_condition(repo, names.github_environment),
             oidc=gcp.iam.WorkloadIdentityPoolProviderOidcArgs(issuer_uri=GITHUB_ISSUER),
             opts=self.child_opts(),
         )

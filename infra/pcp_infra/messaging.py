@@ -14,7 +14,7 @@ from pcp.core.names import ATTR_STACK, Names
 
 from .base import PcpComponent
 from .config import StackConfig
-from .identity import ServiceAccounts
+from .identity import ServiceAccounts, ServiceAgents
 from .storage import StateBucket
 
 #: Topic kinds; each becomes `pcp-<stack>-<kind>`.
@@ -48,6 +48,7 @@ class Messaging(PcpComponent):
         name: str,
         cfg: StackConfig,
         accounts: ServiceAccounts,
+        agents: ServiceAgents,
         bucket: StateBucket,
         *,
         depends_on: list[pulumi.Resource],
@@ -104,13 +105,10 @@ class Messaging(PcpComponent):
         )
 
         # Dead-lettering is done by the Pub/Sub service agent: it must publish to the
-        # dead-letter topic and acknowledge on the source subscription.
-        project_info = gcp.organizations.get_project_output(
-            project_id=cfg.project, opts=pulumi.InvokeOutputOptions(depends_on=depends_on)
-        )
-        pubsub_agent = project_info.number.apply(
-            lambda n: f"serviceAccount:service-{n}@gcp-sa-pubsub.iam.gserviceaccount.com"
-        )
+        # dead-letter topic and acknowledge on the source subscription. The agent is created
+        # up front (ServiceAgents), so these grants never name an account that does not exist.
+        pubsub_agent = agents.pubsub_member
+        agent_ready = agents.identities["pubsub.googleapis.com"]
         self.grants: list[pulumi.Resource] = [
             gcp.pubsub.TopicIAMMember(
                 f"{prefix}-dead-letter-pubsub-agent-publisher",
@@ -118,7 +116,7 @@ class Messaging(PcpComponent):
                 topic=dead_letter.name,
                 role="roles/pubsub.publisher",
                 member=pubsub_agent,
-                opts=self.child_opts(),
+                opts=self.child_opts(agent_ready),
             ),
             gcp.pubsub.SubscriptionIAMMember(
                 f"{prefix}-shepherd-host-pubsub-agent-subscriber",
@@ -126,7 +124,7 @@ class Messaging(PcpComponent):
                 subscription=self.shepherd_subscription.name,
                 role="roles/pubsub.subscriber",
                 member=pubsub_agent,
-                opts=self.child_opts(),
+                opts=self.child_opts(agent_ready),
             ),
             gcp.pubsub.SubscriptionIAMMember(
                 f"{prefix}-shepherd-host-shepherd-subscriber",

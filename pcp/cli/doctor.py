@@ -20,7 +20,7 @@ from pcp.cli.errors import EXIT_FAILED
 from pcp.cli.options import context, echo_json, resources
 from pcp.cli.views import load_state
 from pcp.core.errors import PermanentError
-from pcp.core.names import SHEPHERD_CREDENTIALS_FILE, STACK_DOC, github_environment
+from pcp.core.names import SHEPHERD_CREDENTIALS_FILE, STACK_DOC, Names
 
 TOPIC_KINDS = ("start", "stop", "sweep", "shepherd")
 #: Regional quotas a stack's start needs besides its GPUs: the workers' vCPUs, their boot
@@ -110,7 +110,7 @@ def run_checks(ctx: Context) -> list[Check]:
     checks.append(Check("functions", "skip", "not inspected (google-cloud-functions is not a "
                                              "dependency); their topics and scheduler job are"))
     checks.append(Check("github environment", "skip",
-                        f"{github_environment(ctx.stack)}: the environment train.yml and "
+                        f"{Names(ctx.stack).github_environment}: the environment train.yml and "
                         "shepherd.yml run in for this stack, holding its variables and "
                         "secrets (docs/workflows.md); pcp cannot read GitHub to check it"))
     checks.append(_shepherd_credentials_check())

@@ -130,6 +130,8 @@ META_NIX_INSTALLER = "pcp-nix-installer-url"
 META_NIX_SUBSTITUTER = "pcp-nix-substituter"
 #: GPUs per worker on a GPU stack (absent or 0: none). The agent checks them before a run.
 META_GPU_COUNT = "pcp-gpu-count"
+#: Read by Deep Learning VM images that install their NVIDIA driver on the first boot.
+INSTALL_NVIDIA_DRIVER = "install-nvidia-driver"
 #: Object metadata on a marker: the marker describes itself, so the function need not read it.
 MARKER_METADATA_KEY = "pcp-marker"
 #: Pub/Sub message attributes.
@@ -138,6 +140,14 @@ ATTR_STACK = "pcp-stack"
 ATTR_SOURCE = "pcp-source"
 
 
+# ---------------------------------------------------------------- GitHub
+
+#: The workflow that deploys a stack and requests runs; the only one the stack's workload
+#: identity provider accepts tokens from.
+TRAIN_WORKFLOW = ".github/workflows/train.yml"
+#: Prefix of the GitHub environment of each stack (`training-<stack>`).
+GITHUB_ENVIRONMENT_PREFIX = "training-"
+
 # ---------------------------------------------------------------- the shepherd Mac
 
 #: Where install.sh puts the shepherd's credential file (a service account key or a workload
@@ -145,10 +155,6 @@ ATTR_SOURCE = "pcp-source"
 #: at it.
 SHEPHERD_CREDENTIALS_FILE = "/etc/pcp/shepherd-key.json"
 
-
-def github_environment(stack: str) -> str:
-    """The GitHub environment the stack's workflows run in (variables, secrets, reviewers)."""
-    return f"training-{stack}"
 
 
 # ---------------------------------------------------------------- cloud resources
@@ -236,6 +242,11 @@ class Names:
         if not 4 <= len(pool) <= 32:
             raise ValueError(f"workload identity pool id {pool!r} must be 4-32 characters")
         return pool
+
+    @property
+    def github_environment(self) -> str:
+        """The GitHub environment the train workflow's job runs in for this stack."""
+        return f"{GITHUB_ENVIRONMENT_PREFIX}{self.stack}"
 
     def labels(self, **extra: str) -> dict[str, str]:
         return {LABEL_STACK: self.stack, **extra}

@@ -139,6 +139,11 @@ def _synthesized_outputs(typ: str, name: str, inputs: dict[str, Any]) -> tuple[s
     elif typ == "gcp:cloudfunctionsv2/function:Function":
         rid = f"projects/{p}/locations/{inputs['location']}/functions/{inputs['name']}"
         out = {"url": f"https://{inputs['name']}.example.run.app"}
+    elif typ == "gcp:projects/serviceIdentity:ServiceIdentity":
+        # The real provider returns the agent's address (service-NUM@gcp-sa-SERVICE...).
+        service = inputs["service"].split(".", 1)[0]
+        email = f"service-{PROJECT_NUMBER}@gcp-sa-{service}.iam.gserviceaccount.com"
+        out = {"email": email, "member": f"serviceAccount:{email}"}
     elif typ == "gcp:cloudscheduler/job:Job":
         rid = f"projects/{p}/locations/{inputs['region']}/jobs/{inputs['name']}"
     return rid, out

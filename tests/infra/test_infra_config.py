@@ -138,16 +138,29 @@ def test_worker_ports_default_to_a_range_from_tcp_port():
 
 
 def test_function_environment_is_all_strings():
-    env = parse(worker_hourly_usd="0.54", binary="github:o/r#trainer").function_environment("b")
+    cfg = parse(worker_hourly_usd="0.54", binary="github:o/r#trainer")
+    env = cfg.function_environment("b", timeout_seconds=540)
     assert set(env) == {
         "PCP_STACK", "PCP_PROJECT", "PCP_ZONE", "PCP_BUCKET", "PCP_WORKER_COUNT",
         "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
         "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY",
-        "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD",
+        "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
+        "PCP_FIRST_BOOT_GRACE_MINUTES",
     }  # fmt: skip
     assert all(isinstance(v, str) for v in env.values())
     assert env["PCP_WORKER_HOURLY_USD"] == "0.54"
     assert env["PCP_BINARY"] == "github:o/r#trainer"
+
+
+@pytest.mark.parametrize("timeout", [60, 540])
+def test_function_environment_carries_the_functions_own_timeout(timeout):
+    env = parse().function_environment("b", timeout_seconds=timeout)
+    assert env["PCP_FUNCTION_TIMEOUT_SECONDS"] == str(timeout)
+
+
+def test_function_environment_refuses_a_timeout_that_cannot_be():
+    with pytest.raises(ConfigError, match="timeout"):
+        parse().function_environment("b", timeout_seconds=0)
 
 
 def test_readme_names_the_bootstrap_steps():

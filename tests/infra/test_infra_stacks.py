@@ -48,16 +48,25 @@ PCP_ENV = {
     "PCP_STACK", "PCP_PROJECT", "PCP_ZONE", "PCP_BUCKET", "PCP_WORKER_COUNT",
     "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
     "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY",
-    "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD",
+    "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
+    "PCP_FIRST_BOOT_GRACE_MINUTES",
 }  # fmt: skip
+
+#: The event-driven maximum (Cloud Functions 2nd gen): every function may wait on VM stops,
+#: and one GCE stop can take 120 s of guest soft-off alone.
+EVENT_MAX = 540
 
 #: function kind -> (entry point, topic kind, timeout seconds)
 FUNCTIONS = {
-    "start": ("on_start", "start", 300),
-    "stop": ("on_stop", "stop", 120),
-    "marker": ("on_marker", "markers", 120),
-    "sweep": ("on_sweep", "sweep", 300),
+    "start": ("on_start", "start", EVENT_MAX),
+    "stop": ("on_stop", "stop", EVENT_MAX),
+    "marker": ("on_marker", "markers", EVENT_MAX),
+    "sweep": ("on_sweep", "sweep", EVENT_MAX),
 }
+
+SERVICE_IDENTITY = "gcp:projects/serviceIdentity:ServiceIdentity"
+AGENT_SUFFIX = {"eventarc": "@gcp-sa-eventarc.iam.gserviceaccount.com",
+                "pubsub": "@gcp-sa-pubsub.iam.gserviceaccount.com"}
 
 
 def topic_id(run, kind: str) -> str:
@@ -187,6 +196,10 @@ def test_worker_labels_and_metadata(any_run):
             value = any_run.config[f"pcp:{key}"]
             meta = "pcp-" + key.replace("_", "-")
             assert md.get(meta) == (value or None), meta
+        # Every stack has GPUs: the agent checks this many with nvidia-smi before a run.
+        gpus = int(any_run.config.get("pcp:gpu_count") or 0)
+        assert md["pcp-gpu-count"] == str(gpus or 1)
+        assert md["install-nvidia-driver"] == "True"
         # In metadata (in-place update), not metadata_startup_script (forces a new VM).
         assert "metadataStartupScript" not in vm["inputs"]
         if "worker-startup.sh" in any_run.data["placeholders"]:
@@ -299,12 +312,23 @@ def test_functions_environment(any_run):
         "PCP_BINARY": cfg["pcp:binary"],
         "PCP_WORKER_HOURLY_USD": cfg["pcp:worker_hourly_usd"],
         "PCP_SHEPHERD_HOURLY_USD": cfg["pcp:shepherd_hourly_usd"],
+        # not a stack setting: the policy's default, written so the contract is complete
+        "PCP_FIRST_BOOT_GRACE_MINUTES": "30",
     }
-    assert set(expected) == PCP_ENV
+    assert set(expected) | {"PCP_FUNCTION_TIMEOUT_SECONDS"} == PCP_ENV
     for fn in any_run.of_type(FUNCTION):
-        env = fn["inputs"]["serviceConfig"]["environmentVariables"]
-        assert env == expected
+        svc = fn["inputs"]["serviceConfig"]
+        env = svc["environmentVariables"]
+        # Each function is told its own timeout, exactly the one the platform enforces.
+        assert env == {**expected, "PCP_FUNCTION_TIMEOUT_SECONDS": str(int(svc["timeoutSeconds"]))}
         assert all(isinstance(v, str) for v in env.values())
+
+
+def test_functions_that_stop_vms_outlast_a_gce_stop(any_run):
+    """A stop may take 120 s of guest soft-off plus the calls around it: every function (each
+    may stop VMs) gets the event-driven maximum, and no more (GCP refuses more)."""
+    for fn in any_run.of_type(FUNCTION):
+        assert fn["inputs"]["serviceConfig"]["timeoutSeconds"] == float(EVENT_MAX)
 
 
 def test_trigger_identity_may_invoke_and_receive(any_run):
@@ -320,6 +344,43 @@ def test_trigger_identity_may_invoke_and_receive(any_run):
     receiver_urn = receivers[0]["urn"]
     for fn in any_run.of_type(FUNCTION):
         assert receiver_urn in fn["dependencies"]
+
+
+def test_service_agents_exist_and_are_granted_before_the_triggers(any_run):
+    """The first `up` must not race Eventarc's and Pub/Sub's lazily created service agents."""
+    agents = {a["inputs"]["service"]: a for a in any_run.of_type(SERVICE_IDENTITY)}
+    assert set(agents) == {"eventarc.googleapis.com", "pubsub.googleapis.com"}
+    for agent in agents.values():
+        assert agent["inputs"]["project"] == any_run.config["gcp:project"]
+    eventarc_member = "serviceAccount:service-123456789012" + AGENT_SUFFIX["eventarc"]
+    pubsub_member = "serviceAccount:service-123456789012" + AGENT_SUFFIX["pubsub"]
+    (eventarc_grant,) = [g for g in any_run.of_type(PROJECT_MEMBER)
+                         if g["inputs"]["member"] == eventarc_member]
+    assert eventarc_grant["inputs"]["role"] == "roles/eventarc.serviceAgent"
+    # One binding for the whole project, declared by every stack: a `pulumi destroy` of one
+    # stack must leave it to the others.
+    assert eventarc_grant["retainOnDelete"] is True
+    assert not any(r["retainOnDelete"] for r in any_run.custom if r is not eventarc_grant)
+    assert agents["eventarc.googleapis.com"]["urn"] in eventarc_grant["dependencies"]
+    # Push deliveries carry the trigger identity's OIDC token, minted by the Pub/Sub agent:
+    # token creator on that one account, not on the project.
+    (token_grant,) = [g for g in any_run.of_type(SA_MEMBER)
+                      if g["inputs"]["member"] == pubsub_member]
+    assert token_grant["inputs"]["role"] == "roles/iam.serviceAccountTokenCreator"
+    assert token_grant["inputs"]["serviceAccountId"].endswith(
+        "/serviceAccounts/" + any_run.sa_email("functions"))
+    assert not [g for g in any_run.of_type(PROJECT_MEMBER)
+                if g["inputs"]["member"] == pubsub_member]
+    assert agents["pubsub.googleapis.com"]["urn"] in token_grant["dependencies"]
+    must_precede = {a["urn"] for a in agents.values()} | {eventarc_grant["urn"], token_grant["urn"]}
+    for fn in any_run.of_type(FUNCTION):  # each function creates its Eventarc trigger
+        assert must_precede <= set(fn["dependencies"]), fn["name"]
+    # The Pub/Sub agent's dead-letter grants name the created agent and wait for it.
+    agent_grants = [g for g in [*any_run.of_type(TOPIC_MEMBER), *any_run.of_type(SUB_MEMBER)]
+                    if g["inputs"]["member"] == pubsub_member]
+    assert len(agent_grants) == 2
+    for g in agent_grants:
+        assert agents["pubsub.googleapis.com"]["urn"] in g["dependencies"]
 
 
 def test_functions_built_by_dedicated_build_sa(any_run):
@@ -374,17 +435,43 @@ def test_bucket(any_run):
     assert b["forceDestroy"] is False
     assert b.get("versioning", {}).get("enabled", False) is False
     assert b["location"] == any_run.config["pcp:bucket_location"]
-    prefixes: set[str] = set()
+    # Soft delete off, deliberately (infra/README.md): 0 disables it; leaving it out would
+    # keep GCS's 7-day default and bill every overwritten checkpoint for a week.
+    assert b["softDeletePolicy"] == {"retentionDurationSeconds": 0.0}
+
+
+def test_bucket_lifecycle(any_run):
+    (bucket,) = any_run.of_type(BUCKET)
+    rules = bucket["inputs"]["lifecycleRules"]
     retention = float(any_run.config["pcp:results_retention_days"])
-    for rule in b["lifecycleRules"]:
+    ages: dict[str, float] = {}
+    for rule in rules:
         assert rule["action"]["type"] == "Delete"
         cond = rule["condition"]
-        # Every delete rule is scoped by prefix: none may reach control/.
+        # Every delete rule is scoped by prefix: none may reach control/stack.json.
         assert cond.get("matchesPrefixes"), "a lifecycle rule without prefix would hit control/"
-        assert cond["age"] == retention
-        prefixes |= set(cond["matchesPrefixes"])
-    assert prefixes == {"runs/", "markers/"}
-    assert not any(p.startswith("control") for p in prefixes)
+        assert set(cond) == {"age", "matchesPrefixes"}, cond
+        for prefix in cond["matchesPrefixes"]:
+            assert prefix not in ages, f"{prefix} in two rules"
+            ages[prefix] = cond["age"]
+    assert ages == {"runs/": retention, "markers/": retention, "control/sweeps/": 30.0}
+    # Of control/, only the sweep audit expires: the stack document never matches.
+    for prefix in ages:
+        assert not "control/stack.json".startswith(prefix)
+        assert not "control/rejected/x.json".startswith(prefix)
+        if prefix.startswith("control/"):
+            assert prefix == "control/sweeps/"
+
+
+def test_sweep_audit_documents_fall_under_their_rule(any_run):
+    """The objects the sweeper writes (pcp.core.names.sweep_doc) are the ones that expire."""
+    from pcp.core.names import STACK_DOC, sweep_doc
+
+    (bucket,) = any_run.of_type(BUCKET)
+    prefixes = [p for r in bucket["inputs"]["lifecycleRules"]
+                for p in r["condition"]["matchesPrefixes"]]
+    assert any(sweep_doc("20260101T000000Z").startswith(p) for p in prefixes)
+    assert not any(STACK_DOC.startswith(p) for p in prefixes)
 
 
 def test_markers_notification(any_run):
@@ -545,7 +632,14 @@ def test_workload_identity_federation(any_run):
     (provider,) = any_run.of_type(POOL_PROVIDER)
     pi = provider["inputs"]
     assert pi["workloadIdentityPoolProviderId"] == "github"
-    assert pi["attributeCondition"] == f'assertion.repository == "{repo}"'
+    # Only the train workflow of this repository, in this stack's environment (whose
+    # required reviewers and branch rules are the protection); see test_wif_condition_*.
+    assert pi["attributeCondition"] == (
+        f'assertion.repository == "{repo}"'
+        f' && assertion.environment == "training-{any_run.stack}"'
+        f' && assertion.workflow_ref.startsWith("{repo}/.github/workflows/train.yml@")'
+    )
+    assert pi["attributeMapping"]["attribute.environment"] == "assertion.environment"
     assert pi["attributeMapping"]["google.subject"] == "assertion.sub"
     assert pi["attributeMapping"]["attribute.repository"] == "assertion.repository"
     assert pi["oidc"]["issuerUri"] == "https://token.actions.githubusercontent.com"
@@ -563,6 +657,66 @@ def test_workload_identity_federation(any_run):
             f"/workloadIdentityPools/{pool_id}/attribute.repository/{repo}"
         )
     assert any_run.outputs["dispatch_service_account"] == any_run.sa_email("dispatch")
+
+
+def _cel_condition_holds(condition: str, claims: dict[str, str]) -> bool:
+    """Evaluate the provider's condition on a token's claims: the condition is a conjunction of
+    `assertion.X == "v"` and `assertion.X.startsWith("v")` terms (anything else fails), and a
+    missing claim makes it false, as an error does in Google's CEL evaluation."""
+    import re
+
+    terms = condition.split(" && ")
+    for term in terms:
+        eq = re.fullmatch(r'assertion\.(\w+) == "([^"]*)"', term)
+        sw = re.fullmatch(r'assertion\.(\w+)\.startsWith\("([^"]*)"\)', term)
+        if eq:
+            if claims.get(eq[1]) != eq[2]:
+                return False
+        elif sw:
+            if sw[1] not in claims or not claims[sw[1]].startswith(sw[2]):
+                return False
+        else:
+            raise AssertionError(f"unexpected term {term!r}")
+    return True
+
+
+def test_wif_condition_admits_only_the_train_workflow_in_its_environment(stack_run):
+    repo = stack_run.config["pcp:github_repository"]
+    (provider,) = stack_run.of_type(POOL_PROVIDER)
+    condition = provider["inputs"]["attributeCondition"]
+    good = {
+        "repository": repo,
+        "environment": f"training-{stack_run.stack}",
+        "workflow_ref": f"{repo}/.github/workflows/train.yml@refs/heads/main",
+        "sub": f"repo:{repo}:environment:training-{stack_run.stack}",
+    }
+    assert _cel_condition_holds(condition, good)
+    # A tag push (train/*) runs the same workflow at another ref: admitted.
+    tag = {**good, "workflow_ref": f"{repo}/.github/workflows/train.yml@refs/tags/train/x"}
+    assert _cel_condition_holds(condition, tag)
+    other = "tiny" if stack_run.stack != "tiny" else "small"
+    refused = {
+        "another repository": {**good, "repository": "someone/else"},
+        "no environment": {k: v for k, v in good.items() if k != "environment"},
+        "another stack's environment": {**good, "environment": f"training-{other}"},
+        "a plain environment": {**good, "environment": "training"},
+        "another workflow": {**good,
+                             "workflow_ref": f"{repo}/.github/workflows/ci.yml@refs/heads/main"},
+        "a look-alike file": {**good,
+                              "workflow_ref": f"{repo}/.github/workflows/train.yml.evil@refs/x"},
+        "a fork's workflow": {**good, "workflow_ref": f"fork/{repo}/.github/workflows/train.yml@x"},
+    }
+    for why, claims in refused.items():
+        assert not _cel_condition_holds(condition, claims), why
+
+
+def test_wif_condition_refuses_a_value_that_would_break_its_quoting():
+    from pcp_infra.identity import github_attribute_condition
+
+    assert "owner/repo" in github_attribute_condition("owner/repo", "training-tiny")
+    for bad in ('owner/re"po', "owner/re\\po"):
+        with pytest.raises(ValueError):
+            github_attribute_condition(bad, "training-tiny")
 
 
 def test_firewall_never_open_to_the_internet(any_run):
@@ -628,7 +782,7 @@ def test_every_resource_lives_in_a_component(any_run):
         "pcp:infra:ProjectApis", "pcp:infra:ServiceAccounts", "pcp:infra:GithubFederation",
         "pcp:infra:StateBucket", "pcp:infra:Messaging", "pcp:infra:WorkerNetwork",
         "pcp:infra:WorkerFleet", "pcp:infra:ControlFunctions", "pcp:infra:SweepSchedule",
-        "pcp:infra:CodeArchives",
+        "pcp:infra:CodeArchives", "pcp:infra:ServiceAgents",
     }  # fmt: skip
     for r in any_run.custom:
         parent_type = r["parent"].split("::")[-2].split("$")[-1]
@@ -672,3 +826,43 @@ def test_program_reads_only_declared_keys(any_run):
     assert declared <= read, f"declared but never read: {sorted(declared - read)}"
     others = {k for k in any_run.data["config_keys_read"] if not k.startswith("pcp:")}
     assert others == {"gcp:project"}
+
+
+# --------------------------------------------------------------------------- quotas (README)
+
+
+def _quota_needs(run) -> dict[str, int]:
+    """What one stack's workers take of each Compute Engine quota, from the declared VMs."""
+    needs = dict.fromkeys(["NVIDIA_T4_GPUS", "NVIDIA_L4_GPUS", "GPUS_ALL_REGIONS", "CPUS",
+                           "CPUS_ALL_REGIONS", "SSD_TOTAL_GB", "IN_USE_ADDRESSES"], 0)
+    gpu_metric = {"nvidia-tesla-t4": "NVIDIA_T4_GPUS", "nvidia-l4": "NVIDIA_L4_GPUS"}
+    for vm in run.of_type(INSTANCE):
+        i = vm["inputs"]
+        vcpus = int(i["machineType"].rsplit("-", 1)[1])  # n1-standard-4, g2-standard-8
+        needs["CPUS"] += vcpus
+        needs["CPUS_ALL_REGIONS"] += vcpus
+        attached = i.get("guestAccelerators") or []
+        gpus = (sum(int(a["count"]) for a in attached) if attached
+                else int(run.config["pcp:gpu_count"]))  # built into g2
+        needs[gpu_metric[run.config["pcp:gpu_type"]]] += gpus
+        needs["GPUS_ALL_REGIONS"] += gpus
+        disk = i["bootDisk"]["initializeParams"]
+        assert disk["type"] == "pd-balanced"  # an SSD type: SSD_TOTAL_GB
+        needs["SSD_TOTAL_GB"] += int(disk["size"])
+        needs["IN_USE_ADDRESSES"] += len(i["networkInterfaces"][0].get("accessConfigs") or [])
+    return needs
+
+
+def test_readme_quota_table_matches_the_stacks(mock_runs):
+    import re
+
+    readme = (INFRA / "README.md").read_text()
+    rows = {m[1]: [int(x) for x in m.groups()[1:]] for m in re.finditer(
+        r"^\| `([A-Z0-9_]+)` \| \w+ \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|",
+        readme, re.M)}
+    stacks = ["tiny", "small", "large", "huge"]
+    computed = {stack: _quota_needs(mock_runs[stack]) for stack in stacks}
+    assert set(rows) == set(computed["tiny"])
+    for metric, (*per_stack, total) in rows.items():
+        assert per_stack == [computed[s][metric] for s in stacks], metric
+        assert total == sum(per_stack), metric

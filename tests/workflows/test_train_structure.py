@@ -63,10 +63,23 @@ def test_tag_trigger(train) -> None:
     assert trigger(train)["push"] == {"tags": ["train/*"]}
 
 
-def test_environment_training(train) -> None:
+def test_environment_per_stack(train) -> None:
+    """One GitHub environment per stack, named as the stack's identity provider expects."""
+    from pcp.core.names import GITHUB_ENVIRONMENT_PREFIX, Names
+
     [job] = train["jobs"].values()
     env = job["environment"]
-    assert (env if isinstance(env, str) else env["name"]) == "training"
+    name = env if isinstance(env, str) else env["name"]
+    assert name == GITHUB_ENVIRONMENT_PREFIX + "${{ inputs.stack || 'tiny' }}"
+    for stack in ("tiny", "small", "large", "huge"):
+        assert Names(stack).github_environment == name.replace(
+            "${{ inputs.stack || 'tiny' }}", stack)
+
+
+def test_the_identity_provider_names_this_workflow() -> None:
+    from pcp.core.names import TRAIN_WORKFLOW
+
+    assert (ROOT / TRAIN_WORKFLOW).resolve() == TRAIN.resolve()
 
 
 def test_concurrency_per_stack_never_cancels(train) -> None:
@@ -140,7 +153,11 @@ def test_deploy_then_outputs_then_run(train) -> None:
     names = [s.get("uses", "") + s.get("run", "") for s in steps(train)]
     pulumi = step(train, "pulumi/actions@")
     assert pulumi["with"]["command"] == "up" and pulumi["with"]["work-dir"] == "infra"
-    assert "steps.pulumi-stack.outputs.name" in pulumi["with"]["stack-name"]
+    assert pulumi["with"]["stack-name"] == "${{ steps.preflight.outputs.stack-name }}"
+    # What the checkout's Pulumi.<stack>.yaml lacks comes from the repository settings.
+    assert pulumi["with"]["config-map"] == "${{ steps.preflight.outputs.config-map }}"
+    # Pulumi Cloud by default; a self-managed backend when the variable names one.
+    assert pulumi["with"]["cloud-url"] == "${{ vars.PULUMI_BACKEND_URL }}"
     [job] = train["jobs"].values()
     assert job["env"]["PULUMI_ACCESS_TOKEN"] == "${{ secrets.PULUMI_ACCESS_TOKEN }}"
     assert job["env"]["PCP_OUTPUTS"].endswith("outputs.json")
@@ -154,7 +171,7 @@ def test_deploy_then_outputs_then_run(train) -> None:
 
 
 def test_results_summary_and_artifact(train) -> None:
-    results = step(train, "pcp results")
+    results = step(train, 'pcp results "$RUN_ID"')
     assert '"$RUN_ID"' in results["run"] and "--dest" in results["run"]
     summary = step(train, "$GITHUB_STEP_SUMMARY")
     assert "pcp status" in summary["run"] and "--format markdown" in summary["run"]
@@ -166,10 +183,19 @@ def test_results_summary_and_artifact(train) -> None:
 def test_cancelling_the_workflow_stops_the_run(train) -> None:
     cancel = [s for s in steps(train) if "cancelled()" in str(s.get("if", ""))]
     assert len(cancel) == 1
-    assert cancel[0]["if"] == "cancelled()"
+    # Not when the wait gave up on its own deadline: that run is meant to go on.
+    assert cancel[0]["if"] == "cancelled() && steps.run.outputs.gave-up != 'true'"
     script = cancel[0]["run"]
     assert 'pcp stop "$RUN_ID"' in script and '--reason "workflow cancelled"' in script
     assert steps(train)[-1] is cancel[0]  # after everything else, so it runs last
+
+
+def test_a_run_that_outlives_the_job_fails_the_job_after_its_results(train) -> None:  # noqa: ANN001
+    all_steps = steps(train)
+    [fail] = [s for s in all_steps if s.get("if") == "steps.run.outputs.gave-up == 'true'"]
+    assert "exit 1" in fail["run"]
+    upload = step(train, "actions/upload-artifact@")
+    assert all_steps.index(upload) < all_steps.index(fail) < len(all_steps) - 1
 
 
 def test_ci_runs_make_test_with_emulators_required() -> None:
