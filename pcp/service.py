@@ -103,7 +103,7 @@ class Service:
     # ------------------------------------------------------------ events
 
     def handle(self, event: Event | Callable[[Loaded], Event], now: datetime, *,
-               unless_marker: str | None = None, fold: bool = True) -> Outcome:
+               unless_marker: str | None = None) -> Outcome:
         """Decide and save under a generation precondition, then execute the commands.
 
         The active run's node phases come from its markers (one listing, `fold_markers`); the
@@ -111,17 +111,14 @@ class Service:
         only records a node's progress costs no write, so N nodes booting at once do not
         contend on one object (Cloud Storage takes about one update per second per object).
         `unless_marker` leaves the event's own marker out of the fold, so decide() sees it as
-        news; without `fold` the event brings the markers itself (the sweep, so that what it
-        finds is named in its audit). `event` may be a function of the loaded state (the sweep
+        news. `event` may be a function of the loaded state (the sweep
         builds its observation from it); it is called again after every lost race.
         """
         conflicts = 0
         for attempt in range(self.max_attempts):
             if attempt and self.clock is not None:
                 now = max(now, self.clock())
-            loaded = self.load()
-            if fold:
-                loaded = self._with_progress(loaded, unless_marker)
+            loaded = self._with_progress(self.load(), unless_marker)
             ev = event(loaded) if callable(event) else event
             transition = decide(loaded.state, ev, now, self.policy)
             stored = compact(transition.state)
@@ -166,12 +163,13 @@ class Service:
         seen: dict[str, Any] = {}
 
         def observation(loaded: Loaded) -> Reconcile:
-            markers = observe(self.store, loaded.state)[1]
-            seen.update(state_lost=loaded.lost, markers=len(markers))
-            return Reconcile(vms=vms, markers=markers, state_lost=loaded.lost,
+            # The node phases are already folded in from the markers (handle): what a sweep
+            # adds is the run transitions lost marker events would have made.
+            seen.update(state_lost=loaded.lost, markers=len(loaded.markers))
+            return Reconcile(vms=vms, state_lost=loaded.lost,
                              archived=self._archived(loaded.state))
 
-        outcome = self.handle(observation, now, fold=False)
+        outcome = self.handle(observation, now)
         record = {
             "at": iso(now),
             "stack": self.policy.stack,

@@ -47,18 +47,19 @@ if TYPE_CHECKING:
 TERMINAL = ("succeeded", "failed", "cancelled", "rejected")
 
 # Note kinds of a sweep that mean the sweeper, not an event, did something (lifecycle.py).
-# A sweep reads the markers itself (Reconcile.markers), so the nodes it finds booted or done
-# are those whose marker events were lost or are still late.
+# Every load folds the markers in (pcp.progress), so a sweep that makes a run running or ends
+# it from its markers is one whose marker events were lost or are still late.
 HEALS = {
     NoteKind.START_REISSUED: "sweeper: VM starts re-issued",
     NoteKind.SHEPHERD_RESENT: "sweeper: shepherd start re-sent",
     NoteKind.ORPHANS_STOPPED: "sweeper: orphan VMs stopped",
-    NoteKind.NODE_BOOTED: "sweeper: booted markers found",
-    NoteKind.NODE_EXITED: "sweeper: done markers found",
+    NoteKind.RUN_RUNNING: "sweeper: runs found running (booted markers)",
     NoteKind.LEASE_EXPIRED: "sweeper: keep-alive leases ended",
 }
 # A run the sweeper ended, by its end reason.
 HEALED_ENDS = {
+    Reason.SUCCEEDED: "sweeper: runs found ended (done markers)",
+    Reason.FAILED: "sweeper: runs found ended (done markers)",
     Reason.TIMED_OUT: "sweeper: deadlines enforced",
     Reason.BOOT_TIMEOUT: "sweeper: boot timeouts",
     Reason.NODE_LOST: "sweeper: lost nodes detected",

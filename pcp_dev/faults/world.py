@@ -117,7 +117,7 @@ class World:
         self.now = T0
         self.checks = Checks(self)
         self.agents = Agents(self)
-        self.svc = service(FaultStore(self.store, self.injector),
+        self.svc = service(FaultStore(self.store, self.injector, clock=self.clock),
                            FaultFleet(self.fleet, self.injector, self.checks.booted),
                            FaultBus(self.bus, self.injector), self.policy, self.injector)
         self.agenda: list[tuple[datetime, int, Callable[..., None], tuple[Any, ...]]] = []
@@ -178,6 +178,11 @@ class World:
     def trace(self, text: str) -> None:
         minutes = (self.now - T0).total_seconds() / 60
         self.report.trace.append(f"{minutes:8.2f} min  {text}")
+
+    def clock(self) -> datetime:
+        """The world's time, or later where a test handed the service a later `now`."""
+        latest = getattr(getattr(self, "svc", None), "latest", None)
+        return self.now if latest is None else max(self.now, latest)
 
     def state(self) -> StackState:
         """The stack state as every reader sees it: the document, node phases from markers."""

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from google.api_core import exceptions as gexc
 
@@ -53,6 +54,7 @@ class Fault(StrEnum):
     AGENT_HUNG = "agent_hung"
     NODE_FAILS = "node_exit_nonzero"
     DOC_DELETED = "stack_doc_deleted"
+    STORE_RATE_LIMIT = "store_429_per_object_limit"  # not drawn: the world's clock decides
     NO_DEADMAN = "deadman_switch_broken"
 
 
@@ -115,11 +117,22 @@ def timeout(where: str) -> Exception:
 
 
 class FaultStore:
-    """A `BlobStore` whose calls may fail before they act, and whose writes may time out after."""
+    """A `BlobStore` whose calls may fail before they act, and whose writes may time out after.
 
-    def __init__(self, inner: BlobStore, injector: Injector) -> None:
+    With a `clock` it also holds Cloud Storage's per-object mutation limit on that clock: a
+    write of an object less than `mutation_interval` seconds after its last one fails with
+    429 `rateLimitExceeded` (the storage library's own backoff cannot help in a world whose
+    clock stands still during a call, so the function fails and the trigger retries).
+    """
+
+    def __init__(self, inner: BlobStore, injector: Injector,
+                 clock: Callable[[], datetime] | None = None,
+                 mutation_interval: float = 1.0) -> None:
         self.inner = inner
         self.injector = injector
+        self.clock = clock
+        self.mutation_interval = mutation_interval
+        self._written: dict[str, datetime] = {}
 
     def _before(self, op: str, name: str) -> None:
         if self.injector.roll(Fault.STORE_5XX):
@@ -133,8 +146,17 @@ class FaultStore:
             content_type: str = "application/json",
             metadata: Mapping[str, str] | None = None) -> int:
         self._before("put", name)
+        if self.clock is not None:
+            now, last = self.clock(), self._written.get(name)
+            if last is not None and (now - last).total_seconds() < self.mutation_interval:
+                self.injector.note(Fault.STORE_RATE_LIMIT)
+                raise gexc.TooManyRequests(  # type: ignore[no-untyped-call]
+                    f"storage put {name}: the object exceeded the rate limit for object "
+                    "mutation operations (rateLimitExceeded)")
         generation = self.inner.put(name, data, if_generation_match=if_generation_match,
                                     content_type=content_type, metadata=metadata)
+        if self.clock is not None:
+            self._written[name] = self.clock()
         if self.injector.roll(Fault.STORE_TIMEOUT):
             raise timeout(f"storage put {name}")
         return generation
@@ -241,6 +263,11 @@ class FaultService(Service):
         self._planned: int | None = None
         self._crash_at: int | None = None
         self._ran = 0
+        self.latest: datetime | None = None  # the newest `now` an event was handled at
+
+    def handle(self, event: Any, now: datetime, **kw: Any) -> Any:
+        self.latest = now if self.latest is None else max(self.latest, now)
+        return super().handle(event, now, **kw)
 
     def crash_next(self, index: int) -> None:
         """Die before command `index` of the next event with more commands than that (tests)."""

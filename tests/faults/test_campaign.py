@@ -54,7 +54,8 @@ def test_every_invariant_holds_over_500_schedules() -> None:
                     "lost to stack document deletion"):
         assert tally.outcomes[outcome] > 0, outcome
     for heal in ("sweeper: VM starts re-issued", "sweeper: orphan VMs stopped",
-                 "sweeper: done markers found", "sweeper: booted markers found",
+                 "sweeper: runs found ended (done markers)",
+                 "sweeper: runs found running (booted markers)",
                  "sweeper: deadlines enforced", "trigger: redeliveries after an error",
                  "node dead-man's switch power-offs"):
         assert tally.heals[heal] > 0, heal

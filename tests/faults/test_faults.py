@@ -15,9 +15,10 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from pcp.adapters.memory import MemoryBus, MemoryFleet, MemoryStore
+from pcp.core.lifecycle import NoteKind
 from pcp.core.messages import NodeMarker, ShepherdCommand, StartRequest
 from pcp.core.names import LABEL_ATTEMPT, LABEL_KEEP_ALIVE, LABEL_RUN, STACK_DOC, SWEEPS, run_doc
-from pcp.core.state import StackState
+from pcp.core.state import Reason, StackState
 from pcp_dev.faults.wrappers import (
     Crash,
     Fault,
@@ -185,7 +186,8 @@ def test_a_dropped_done_marker_is_found_by_the_sweep_and_the_run_ends() -> None:
     rig.write("r1", "worker-1", "done", 30)  # the object is there, its event never comes
     assert rig.state().active is not None and len(rig.fleet.running()) == 2
     out = rig.svc.sweep(at(34))
-    assert "worker-1 exited with code 0" in out.reason and "succeeded" in out.reason
+    ended = [n for n in out.transition.notes if n.kind is NoteKind.RUN_ENDED]
+    assert [(n.run_id, n.ended) for n in ended] == [("r1", Reason.SUCCEEDED)], out.reason
     assert rig.state().recent[0].reason.value == "succeeded"
     assert rig.fleet.running() == set()
     assert rig.last_audit()["markers"] == 6

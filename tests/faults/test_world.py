@@ -37,8 +37,10 @@ def test_every_marker_event_lost_the_sweeper_still_ends_every_run() -> None:
              requests=[(0.0, StartRequest("a"), 1), (5.0, StartRequest("b"), 1)])
     report = run(p)
     assert report.outcomes["succeeded"] == 2
-    assert report.heals["sweeper: done markers found"] >= 3
-    assert report.heals["sweeper: booted markers found"] >= 3
+    # Every run ended through a sweep reading its markers (any event folds them, so the
+    # running transition may also come with another event).
+    assert report.heals["sweeper: runs found ended (done markers)"] == 2
+    assert report.heals["sweeper: runs found running (booted markers)"] >= 1
     delivered = [t for t in report.trace if "marker markers/" in t and "(delivery" in t]
     assert delivered == []  # no marker event ever came
 
