@@ -159,17 +159,21 @@ class Service:
 
     def sweep(self, now: datetime) -> Outcome:
         """Level-triggered reconciliation against real VMs and markers; writes an audit record."""
-        vms = tuple(self.fleet.list())
         seen: dict[str, Any] = {}
 
         def observation(loaded: Loaded) -> Reconcile:
             # The node phases are already folded in from the markers (handle): what a sweep
-            # adds is the run transitions lost marker events would have made.
-            seen.update(state_lost=loaded.lost, markers=len(loaded.markers))
+            # adds is the run transitions lost marker events would have made. The VMs are
+            # listed after the markers were read, so a node seen booted whose VM is down was
+            # really lost (listed before, a VM stopped between two runs and started again for
+            # the next one would look lost under that run's fresh booted marker).
+            vms = tuple(self.fleet.list())
+            seen.update(state_lost=loaded.lost, markers=len(loaded.markers), vms=vms)
             return Reconcile(vms=vms, state_lost=loaded.lost,
                              archived=self._archived(loaded.state))
 
         outcome = self.handle(observation, now)
+        vms = seen.pop("vms", ())
         record = {
             "at": iso(now),
             "stack": self.policy.stack,
