@@ -110,10 +110,10 @@ def measure_one(emulators: Emulators, workers: int) -> dict[str, Any]:
         "pubsub": dict(Counter(run_part["pubsub_by_topic"]) + Counter(rest["pubsub_by_topic"])),
     }
     cloud = sum(total.values())
-    budget = 4 * workers + 20
+    budget = 8 * workers + 20
     return {
         "n": workers, **total, "cloud_calls": cloud, "invocations": invocations,
-        "budget_4n_20": budget, "within_budget": cloud <= budget,
+        "budget_8n_20": budget, "within_budget": cloud <= budget,
         "per_node": round(cloud / (workers + 1), 2), "by_kind": by_kind,
         "sweep_tick": {k: sweep[k] for k in ("compute", "gcs", "pubsub")},
         "run_ok": check["ok"],

@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                         return 2
                     results[part] = {"skipped": f"emulator missing: {emulators.missing}"}
                     continue
-                results[part] = _guarded(part, partial(module.run, emulators, ns), broken)
+                # Under the per-object limit the storms and the calls count are measured up to
+                # N = 64 (256 handler threads in one process measure the interpreter lock).
+                limited_ns = [n for n in ns if n <= 64]
+                results[part] = _guarded(part, partial(module.run, emulators, limited_ns),
+                                         broken)
         finally:
             emulators.stop()
 

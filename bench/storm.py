@@ -1,15 +1,21 @@
-"""Marker storm: N + 1 `done` markers delivered to the marker function at the same moment.
+"""Marker storms under Cloud Storage's per-object limit: N + 1 `booted` markers at once, then
+N + 1 `done` markers at once, through the marker function.
 
-Setup (not timed): a start request, then every node's `booted` marker one at a time, so the
-run is `running` with every node booted. Then all `done` markers are uploaded, and N + 1
-threads, released by one barrier, each deliver one finalized event to `on_marker` through
-the functions-framework test client. A delivery answered with HTTP 500 is redelivered (as
-Eventarc would) after a short pause and counted.
+The functions reach fake-gcs-server through the limiting proxy (pcp_dev/local/gcs_proxy.py),
+which answers a second update of one object within a second with 429 rateLimitExceeded, as
+Cloud Storage does. A start request first (not timed); then all `booted` markers are uploaded
+and N + 1 threads, released by one barrier, each deliver one event to `on_marker` through the
+functions-framework test client; after a pause of 1.1 s (the training; it also keeps the run's
+next transition more than a second after the previous one, as in any real run) the same for
+`done`. A delivery answered with HTTP 500 is redelivered (as the trigger would) after a short
+pause and counted.
 
 Figures:
-- `last_stop_after_last_marker_s`: from the moment the last marker was handed to the
+- `booted_storm_s`, `done_storm_s`: from the first delivery to the last one answered.
+- `last_stop_after_last_marker_s`: from the moment the last `done` marker was handed to the
   function to the last worker's `stop` request arriving at the Compute endpoint (its log is
   timestamped on arrival).
+- `stack_doc_writes`, `stack_doc_429s`, `all_429s`: from the proxy, for the whole run.
 - `conflicts`: lost compare-and-swap races, summed from the `conflicts` field of the marker
   function's structured log lines (the service's `Outcome.conflicts`).
 - `lost_updates`: nodes not DONE in the final run record (must be 0); `ended_times` must be 1.
@@ -25,7 +31,9 @@ import threading
 import time
 from typing import Any
 
+from pcp.core.names import STACK_DOC
 from pcp_dev.bench.fnstack import Emulators, FnStack, check_run, fn_stack, post, start_event
+from pcp_dev.local.gcs_proxy import GcsProxy
 
 REDELIVER_PAUSE_S = 0.5
 MAX_DELIVERIES = 20
@@ -53,25 +61,19 @@ class _Lines(io.TextIOBase):
         return out
 
 
-def _setup(fn: FnStack, run_id: str) -> float:
-    """Start the run and boot every node, one event at a time; returns seconds per marker."""
+TRAINING_S = 1.1
+
+
+def _start(fn: FnStack, run_id: str) -> None:
     client = fn.apps["on_start"].test_client()
     code = post(client, start_event(fn.stack, {"run_id": run_id}))
     if code != 200:
         raise RuntimeError(f"start of {run_id} answered {code}")
-    marker = fn.apps["on_marker"].test_client()
-    events = fn.marker_events(run_id, "booted")
-    t0 = time.perf_counter()
-    for event in events:
-        code = post(marker, event)
-        if code != 200:
-            raise RuntimeError(f"booted marker {event['subject']} answered {code}")
-    per_marker = (time.perf_counter() - t0) / len(events)
-    state = fn.read("control/stack.json") or {}
-    phase = (state.get("active") or {}).get("phase")
-    if phase != "running":
-        raise RuntimeError(f"run {run_id} is {phase!r} after every node booted")
-    return per_marker
+
+
+def _phase(fn: FnStack) -> str | None:
+    state = fn.read(STACK_DOC) or {}
+    return (state.get("active") or {}).get("phase")
 
 
 def _storm(fn: FnStack, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -109,18 +111,27 @@ def _storm(fn: FnStack, events: list[dict[str, Any]]) -> dict[str, Any]:
     return {"sent": sent, "finished": finished, "deliveries": deliveries, "failures": failures}
 
 
+def _wall(got: dict[str, Any]) -> float:
+    return round(max(got["finished"]) - min(got["sent"]), 3)
+
+
 def measure_one(emulators: Emulators, workers: int) -> dict[str, Any]:
     run_id = f"storm-{workers}"
-    with fn_stack(emulators, f"storm{workers}", workers) as fn, fn.activated():
+    assert emulators.gcs is not None
+    with GcsProxy(emulators.gcs.endpoint) as proxy, \
+            fn_stack(emulators, f"storm{workers}", workers, proxy.endpoint) as fn, fn.activated():
         lines = _Lines()
         with contextlib.redirect_stdout(lines):
-            one_at_a_time = _setup(fn, run_id)
+            _start(fn, run_id)
+            booted = _storm(fn, fn.marker_events(run_id, "booted"))
+            phase_after_boot = _phase(fn)
+            time.sleep(TRAINING_S)
             events = fn.marker_events(run_id, "done")
             fn.compute.clear()
             mark = len(lines.parts)
             got = _storm(fn, events)
         storm_lines = _Lines()
-        storm_lines.parts = lines.parts[mark:]
+        storm_lines.parts = lines.parts
         records = storm_lines.records()
         calls = fn.compute.calls()
         first_stop: dict[str, float] = {}
@@ -131,23 +142,25 @@ def measure_one(emulators: Emulators, workers: int) -> dict[str, Any]:
         last_marker = max(got["sent"])
         last_stop = max(first_stop.values()) if len(first_stop) == len(fn.vms) else None
         marker_lines = [r for r in records if r.get("event") == "marker"]
+        limited = proxy.limited_snapshot()
         result = {
             "n": workers,
             "markers": len(events),
+            "booted_storm_s": _wall(booted),
+            "running_after_booted_storm": phase_after_boot == "running",
+            "done_storm_s": _wall(got),
             "last_stop_after_last_marker_s": (None if last_stop is None
                                               else round(last_stop - last_marker, 3)),
-            "storm_wall_s": round(max(got["finished"]) - min(got["sent"]), 3),
-            # The same handler without contention (the booted markers, one at a time): the
-            # storm cannot beat markers x this, since every update is one CAS on one document.
-            "uncontended_marker_s": round(one_at_a_time, 4),
+            "stack_doc_writes": proxy.mutations_snapshot()[STACK_DOC],
+            "stack_doc_429s": limited[STACK_DOC],
+            "all_429s": sum(limited.values()),
             "conflicts": sum(int(r.get("conflicts") or 0) for r in marker_lines),
-            "max_conflicts_one_event": max((int(r.get("conflicts") or 0)
-                                            for r in marker_lines), default=0),
-            "redeliveries": sum(got["deliveries"]) - len(events),
-            "transient_errors": sum(1 for r in records if r.get("severity") == "ERROR"),
+            "redeliveries": (sum(got["deliveries"]) + sum(booted["deliveries"])
+                             - len(events) - len(booted["deliveries"])),
+            "transient_errors": sum(1 for r in records[mark:] if r.get("severity") == "ERROR"),
             "vms_stopped": len(first_stop),
             "max_stops_per_vm": max(stops_per_vm, default=0),
-            "failures": got["failures"][:5],
+            "failures": (booted["failures"] + got["failures"])[:5],
         }
         result.update(check_run(fn, run_id))
         return result
@@ -156,7 +169,9 @@ def measure_one(emulators: Emulators, workers: int) -> dict[str, Any]:
 def run(emulators: Emulators, ns: list[int]) -> dict[str, Any]:
     rows = []
     for n in ns:
-        print(f"  marker storm N={n} ({n + 1} markers) ...", file=sys.stderr, flush=True)
+        print(f"  marker storms N={n} ({n + 1} booted, then {n + 1} done markers, limited "
+              "to one update per object per second) ...", file=sys.stderr, flush=True)
         rows.append(measure_one(emulators, n))
-    return {"redeliver_pause_s": REDELIVER_PAUSE_S, "rows": rows,
+    return {"redeliver_pause_s": REDELIVER_PAUSE_S, "training_s": TRAINING_S, "rows": rows,
+            "limit": "one update per object per second (429 rateLimitExceeded beyond)",
             "conflicts_source": "sum of `conflicts` in the marker function's JSON log lines"}

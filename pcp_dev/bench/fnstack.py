@@ -22,10 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from remote_compute import RemoteCompute
-
 from pcp.core.messages import NodeMarker
 from pcp.core.names import marker_path
+from pcp_dev.bench.remote_compute import RemoteCompute
 from pcp_dev.local.emulators import (
     EmulatorFailed,
     EmulatorMissing,
@@ -35,7 +34,7 @@ from pcp_dev.local.emulators import (
     storage_client,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "functions" / "main.py"
 PROJECT, ZONE = "pcp-bench", "us-central1-a"
 _ids = itertools.count(41000000000000001)

@@ -24,7 +24,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer",
                         "upgrade", "proxy-connection", "content-length", "host"})
@@ -45,6 +45,13 @@ def rate_limited_body(bucket: str, name: str) -> bytes:
                "See https://cloud.google.com/storage/docs/gcs429.")
     return json.dumps({"error": {"code": 429, "message": message, "errors": [
         {"message": message, "domain": "usageLimits", "reason": "rateLimitExceeded"}]}}).encode()
+
+
+PRECONDITION_FAILED = json.dumps({"error": {"code": 412, "message": (
+    "At least one of the pre-conditions you specified did not hold."), "errors": [{
+        "message": "At least one of the pre-conditions you specified did not hold.",
+        "domain": "global", "reason": "conditionNotMet", "locationType": "header",
+        "location": "If-Match"}]}}).encode()
 
 
 def mutated_object(method: str, target: str, body: bytes | None) -> tuple[str, str] | None:
@@ -115,9 +122,11 @@ class GcsProxy:
         self.mutation_interval = mutation_interval
         self.counts: Counter[str] = Counter()
         self.limited: Counter[str] = Counter()  # 429s answered, by object name
+        self.mutations: Counter[str] = Counter()  # successful mutations, by object name
         self._last_mutation: dict[tuple[str, str], float] = {}
         self._busy: set[tuple[str, str]] = set()  # mutations under way, by object
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -138,33 +147,46 @@ class GcsProxy:
         with self._lock:
             return Counter(self.limited)
 
+    def mutations_snapshot(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self.mutations)
+
     def reset(self) -> None:
         with self._lock:
             self.counts.clear()
             self.limited.clear()
+            self.mutations.clear()
 
     def admit(self, obj: tuple[str, str]) -> bool:
-        """Whether a mutation of `obj` may go through now; False means answer 429."""
+        """Whether a mutation of `obj` may go through now; False means it is over the limit."""
         if self.mutation_interval is None:
             return True
-        with self._lock:
+        with self._idle:
+            # Writes of one object are applied one after another: a request that meets one
+            # under way is judged once that one is done (its precondition may fail by then).
+            self._idle.wait_for(lambda: obj not in self._busy, timeout=10)
             last = self._last_mutation.get(obj)
             if obj in self._busy or (last is not None and
                                      time.monotonic() - last < self.mutation_interval):
-                self.limited[obj[1]] += 1
-                self.counts["429"] += 1
                 return False
             self._busy.add(obj)
             return True
+
+    def refused(self, obj: tuple[str, str]) -> None:
+        with self._lock:
+            self.limited[obj[1]] += 1
+            self.counts["429"] += 1
 
     def done(self, obj: tuple[str, str], status: int) -> None:
         """A mutation admitted by `admit` finished; only a successful one starts the window."""
         if self.mutation_interval is None:
             return
-        with self._lock:
+        with self._idle:
             self._busy.discard(obj)
             if 200 <= status < 300:
                 self._last_mutation[obj] = time.monotonic()
+                self.mutations[obj[1]] += 1
+            self._idle.notify_all()
 
     def start(self) -> GcsProxy:
         handler = type("Handler", (_Handler,), {"proxy": self, "local": threading.local()})
@@ -211,8 +233,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.proxy.count(classify(self.command, self.path))
         obj = mutated_object(self.command, self.path, body)
         if obj is not None and not self.proxy.admit(obj):
-            self._answer(429, "Too Many Requests", rate_limited_body(*obj),
-                         [("Content-Type", "application/json; charset=UTF-8")])
+            json_type = [("Content-Type", "application/json; charset=UTF-8")]
+            if self._precondition_fails(obj):
+                # It would change nothing: answered as a failed precondition, not counted
+                # against the limit (an assumption: the order of the two checks in Cloud
+                # Storage is not documented; docs/local-replica.md).
+                self._answer(412, "Precondition Failed", PRECONDITION_FAILED, json_type)
+                return
+            self.proxy.refused(obj)
+            self._answer(429, "Too Many Requests", rate_limited_body(*obj), json_type)
             return
         status = 599  # what a forward that raised counts as
         try:
@@ -221,6 +250,24 @@ class _Handler(BaseHTTPRequestHandler):
             if obj is not None:
                 self.proxy.done(obj, status)
         self._answer(status, reason, data, resp_headers)
+
+    def _precondition_fails(self, obj: tuple[str, str]) -> bool:
+        """Whether the request's ifGenerationMatch no longer holds for the object."""
+        wanted = parse_qs(urlsplit(self.path).query).get("ifGenerationMatch")
+        if not wanted:
+            return False
+        conn = self._upstream()
+        try:
+            conn.request("GET", f"/storage/v1/b/{quote(obj[0], safe='')}/o/"
+                                f"{quote(obj[1], safe='')}")
+            resp = conn.getresponse()
+            data = resp.read()
+        except (http.client.HTTPException, OSError):
+            conn.close()
+            self.local.conn = None
+            return False
+        current = "0" if resp.status == 404 else str(json.loads(data).get("generation", ""))
+        return current != wanted[0]
 
     def _forward(self, body: bytes | None) -> tuple[int, str, bytes, list[tuple[str, str]]]:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from pcp.adapters.gcs_store import GcsStore
+from pcp.core.errors import Conflict
 from pcp_dev.local.emulators import storage_client
 from pcp_dev.local.gcs_proxy import GcsProxy, mutated_object
 from tests.conftest import TEST_PROJECT, GcsBucket
@@ -111,3 +112,16 @@ def test_the_storage_library_backs_off_and_the_write_lands(
 def test_which_requests_are_mutations(method: str, target: str, body: bytes | None,
                                       expected: tuple[str, str] | None) -> None:
     assert mutated_object(method, target, body) == expected
+
+
+def test_a_conditional_write_that_would_fail_its_precondition_gets_412_not_429(
+        proxy: GcsProxy, gcs_bucket: GcsBucket) -> None:
+    """A lost race inside the window is answered as the lost race it is, so the loser re-reads
+    at once instead of backing off; the winner's second write within the window is a 429."""
+    store = GcsStore(gcs_bucket.name, client=storage_client(proxy.endpoint, TEST_PROJECT))
+    first = store.put("control/stack.json", b'{"n": 1}', if_generation_match=0)
+    with pytest.raises(Conflict):
+        store.put("control/stack.json", b'{"n": 2}', if_generation_match=first + 1)
+    assert proxy.limited_snapshot() == {}
+    status, body = upload(proxy, gcs_bucket.name, f"control/stack.json&ifGenerationMatch={first}")
+    assert status == 429 and body["error"]["errors"][0]["reason"] == "rateLimitExceeded"
