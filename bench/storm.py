@@ -5,9 +5,9 @@ The functions reach fake-gcs-server through the limiting proxy (pcp_dev/local/gc
 which answers a second update of one object within a second with 429 rateLimitExceeded, as
 Cloud Storage does. A start request first (not timed); then all `booted` markers are uploaded
 and N + 1 threads, released by one barrier, each deliver one event to `on_marker` through the
-functions-framework test client; after a pause of 1.1 s (the training; it also keeps the run's
-next transition more than a second after the previous one, as in any real run) the same for
-`done`. A delivery answered with HTTP 500 is redelivered (as the trigger would) after a short
+functions-framework test client, 1.1 s after the start (the boot: minutes in the cloud); after
+another 1.1 s (the training) the same for `done`. The pauses keep each of the run's
+transitions more than a second after the previous one, as in any real run. A delivery answered with HTTP 500 is redelivered (as the trigger would) after a short
 pause and counted.
 
 Figures:
@@ -123,6 +123,7 @@ def measure_one(emulators: Emulators, workers: int) -> dict[str, Any]:
         lines = _Lines()
         with contextlib.redirect_stdout(lines):
             _start(fn, run_id)
+            time.sleep(TRAINING_S)  # the VMs boot (minutes in the cloud, over a second here)
             booted = _storm(fn, fn.marker_events(run_id, "booted"))
             phase_after_boot = _phase(fn)
             time.sleep(TRAINING_S)
