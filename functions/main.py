@@ -4,6 +4,11 @@ Input that can never succeed (`PermanentError`) is logged, recorded where `pcp s
 and acknowledged by returning normally (HTTP 200), so the trigger does not redeliver it forever.
 Any other exception propagates: HTTP 500 makes Pub/Sub or Eventarc retry the event.
 
+Every event is decoded through one layer (pcp/edge/events.py over the parsers of
+pcp/core/messages.py): any failure to decode, parse, validate or encode it is a
+`PermanentError`, and an event from another stack's topic or bucket is one too. A request the
+framework itself cannot decode is acknowledged the same way (pcp/edge/envelope.py).
+
 The `pcp` package (its shipped part: core, adapters, service, edge) is beside this file in the
 deployed archive.
 """
@@ -16,7 +21,8 @@ import functions_framework
 
 from pcp.core.errors import PermanentError
 from pcp.core.messages import StartRequest, StopRequest, SweepTick
-from pcp.edge import events
+from pcp.core.names import Names
+from pcp.edge import envelope, events
 from pcp.edge.logline import log_ignored, log_outcome, transient
 from pcp.edge.rejections import reject_event, reject_start
 from pcp.edge.services import build_service, now
@@ -24,6 +30,14 @@ from pcp.settings import Settings
 
 # Read at cold start: a missing variable fails the deployment's first request, naming it.
 SETTINGS = Settings.from_env()
+NAMES = Names(SETTINGS.stack, SETTINGS.project)
+# The framework runs this file inside the app it built for one entry point: hook that app.
+envelope.install_current(SETTINGS)
+
+
+def _source(kind: str) -> str:
+    """Where this stack's events of `kind` come from: its own topic."""
+    return events.topic_source(SETTINGS.project, NAMES.topic(kind))
 
 
 @functions_framework.cloud_event
@@ -32,7 +46,7 @@ def on_start(cloud_event: Any) -> None:
     at, message_id, data = now(), events.event_id(cloud_event), None
     service = build_service(SETTINGS)
     try:
-        data, _, message_id = events.pubsub_payload(cloud_event)
+        data, _, message_id = events.pubsub_payload(cloud_event, _source("start"))
         request = StartRequest.from_json(data, message_id)
     except PermanentError as e:
         reject_start(service, SETTINGS, data, message_id, str(e), at)
@@ -48,7 +62,7 @@ def on_stop(cloud_event: Any) -> None:
     at, message_id = now(), events.event_id(cloud_event)
     service = build_service(SETTINGS)
     try:
-        data, _, message_id = events.pubsub_payload(cloud_event)
+        data, _, message_id = events.pubsub_payload(cloud_event, _source("stop"))
         request = StopRequest.from_json(data)
     except PermanentError as e:
         reject_event(service, SETTINGS, "stop", message_id, str(e), at)
@@ -64,7 +78,7 @@ def on_marker(cloud_event: Any) -> None:
     at, message_id, marker = now(), events.event_id(cloud_event), None
     service = build_service(SETTINGS)
     try:
-        marker = events.marker_object(cloud_event, SETTINGS.bucket)
+        marker = events.marker_object(cloud_event, SETTINGS.bucket, _source("markers"))
         with transient(SETTINGS, "marker", marker.run_id):
             outcome = service.handle_marker(marker.name, at, marker.metadata)
     except events.Ignored as e:
@@ -83,7 +97,7 @@ def on_sweep(cloud_event: Any) -> None:
     at, message_id = now(), events.event_id(cloud_event)
     service = build_service(SETTINGS)
     try:
-        data, _, message_id = events.pubsub_payload(cloud_event)
+        data, _, message_id = events.pubsub_payload(cloud_event, _source("sweep"))
         SweepTick.from_json(data)
     except PermanentError as e:
         reject_event(service, SETTINGS, "sweep", message_id, str(e), at)

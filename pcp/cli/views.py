@@ -7,13 +7,14 @@ say how. Only reads: the CLI never writes state, it publishes requests.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pcp.core.errors import PermanentError
+from pcp.core.messages import decode_json
 from pcp.core.names import REJECTED, STACK_DOC, run_doc, run_prefix, summary_doc
 from pcp.core.ports import BlobStore
 from pcp.core.state import Lease, Phase, RecentRun, Run, StackState, Status
@@ -33,8 +34,8 @@ def load_json(store: BlobStore, name: str) -> dict[str, Any] | None:
     if blob is None:
         return None
     try:
-        obj = json.loads(blob.data)
-    except ValueError:
+        obj = decode_json(blob.data, name, limit=None)
+    except PermanentError:
         return None
     return obj if isinstance(obj, dict) else None
 
