@@ -430,6 +430,8 @@ class NodeMarker:
             raise PermanentError(f"{what}: duration_s must be a number or null")
         if kind == "done" and exit_code is None and signal is None:
             raise PermanentError(f"{what}: a done marker needs an exit_code or a signal")
+        if kind == "booted":  # how a node ended is said by `done` only (and written only there)
+            exit_code, signal, duration = None, None, None
         return cls(
             run_id=run_id,
             node=node,
