@@ -15,6 +15,7 @@ deployed archive.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import functions_framework
@@ -25,7 +26,7 @@ from pcp.core.names import Names
 from pcp.edge import envelope, events
 from pcp.edge.logline import log_ignored, log_outcome, transient
 from pcp.edge.rejections import reject_event, reject_start
-from pcp.edge.services import build_service, now
+from pcp.edge.services import build_service, new_secret, now
 from pcp.settings import Settings
 
 # Read at cold start: a missing variable fails the deployment's first request, naming it.
@@ -47,7 +48,7 @@ def on_start(cloud_event: Any) -> None:
     service = build_service(SETTINGS)
     try:
         data, _, message_id = events.pubsub_payload(cloud_event, _source("start"))
-        request = StartRequest.from_json(data, message_id)
+        request = replace(StartRequest.from_json(data, message_id), secret=new_secret())
     except PermanentError as e:
         reject_start(service, SETTINGS, data, message_id, str(e), at)
         return

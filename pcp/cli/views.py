@@ -23,6 +23,13 @@ from pcp.core.timefmt import iso, opt_iso
 FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.REJECTED})
 
 
+def public(run: Run) -> dict[str, Any]:
+    """A run as the CLI prints it: without its secret (only its nodes get that)."""
+    out = run.to_dict()
+    out.pop("secret", None)
+    return out
+
+
 def load_state(store: BlobStore) -> StackState | None:
     """The stack document, or None before the first request. A corrupt one raises."""
     blob = store.get(STACK_DOC)
@@ -119,7 +126,7 @@ class RunView:
             "duration_s": self.duration_s,
             "estimated_cost_usd": self.cost_usd,
             "keep_alive_until": None if self.lease is None else iso(self.lease.until),
-            "run": None if self.run is None else self.run.to_dict(),
+            "run": None if self.run is None else public(self.run),
             "summary": self.summary,
         }
 
@@ -164,8 +171,8 @@ class Overview:
         s = self.state
         return {
             "stack": self.stack,
-            "active": None if s.active is None else s.active.to_dict(),
-            "queue": [r.to_dict() for r in s.queue],
+            "active": None if s.active is None else public(s.active),
+            "queue": [public(r) for r in s.queue],
             "lease": None if s.lease is None else s.lease.to_dict(),
             "recent": [r.to_dict() for r in s.recent[:recent]],
             "rejections": list(self.rejections),

@@ -13,7 +13,7 @@ import json
 import re
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -29,6 +29,8 @@ from pcp.core.names import (
 from pcp.core.timefmt import iso, parse_time
 
 RUN_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+#: A run's secret (docs/agent.md, PCP_RUN_SECRET): hex, drawn where the run is accepted.
+SECRET_RE = re.compile(r"^[0-9a-f]{32,128}$")
 PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_]+$")
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CONFIG_BYTES = 16 * 1024
@@ -184,6 +186,15 @@ def validate_run_id(value: object, what: str = "run_id") -> str:
     return value
 
 
+def validate_secret(value: object, what: str) -> str:
+    """A run secret as stored or sent to its nodes; "" when there is none."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not SECRET_RE.match(value):
+        raise PermanentError(f"{what}: secret must be 32-128 lowercase hex digits")
+    return value
+
+
 def run_id_from_message_id(message_id: str) -> str:
     """A stable run id for a request that named none, so a redelivery is the same run."""
     cleaned = re.sub(r"[^a-z0-9-]", "-", message_id.lower()).strip("-")
@@ -278,6 +289,10 @@ class StartRequest:
     max_restarts: int = 0
     requested_by: str | None = None
     stack: str | None = None
+    #: The run's secret, drawn by the function that accepts the request (never on the wire:
+    #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
+    #: so a redelivered request still equals the one accepted.
+    secret: str = field(default="", repr=False, compare=False)
 
     @classmethod
     @untrusted("start request")
@@ -527,6 +542,7 @@ ASSIGNMENT_FIELDS = (
     "deadline",
     "boot_deadline",
     "keep_vm_alive",
+    "secret",
 )
 
 
@@ -552,6 +568,9 @@ class Assignment:
     deadline: datetime
     boot_deadline: datetime
     keep_vm_alive: bool = False
+    #: The run's secret: only its nodes receive it (this assignment, the shepherd command),
+    #: never a label or a log line. The binary gets it as PCP_RUN_SECRET (docs/agent.md).
+    secret: str = field(default="", repr=False)
 
     @property
     def vm(self) -> str:
@@ -586,6 +605,7 @@ class Assignment:
             "MASTER_PORT": str(self.port),
             "RANK": str(self.rank),
             "WORLD_SIZE": str(self.num_nodes),
+            **({"PCP_RUN_SECRET": self.secret} if self.secret else {}),
         }
 
     def to_dict(self) -> JsonObj:
@@ -604,6 +624,7 @@ class Assignment:
             "deadline": iso(self.deadline),
             "boot_deadline": iso(self.boot_deadline),
             "keep_vm_alive": self.keep_vm_alive,
+            **({"secret": self.secret} if self.secret else {}),
         }
 
     def to_json(self) -> bytes:
@@ -643,6 +664,7 @@ class Assignment:
             deadline=parse_time(obj.get("deadline"), f"{what}: deadline"),
             boot_deadline=parse_time(obj.get("boot_deadline"), f"{what}: boot_deadline"),
             keep_vm_alive=_bool(obj, "keep_vm_alive", what),
+            secret=validate_secret(obj.get("secret"), what),
         )
 
     @classmethod

@@ -6,13 +6,13 @@ sees is derived from them through one total mapping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from pcp.core.errors import CorruptState, PermanentError
-from pcp.core.messages import StartRequest, decode_json, dump
+from pcp.core.messages import StartRequest, decode_json, dump, validate_secret
 from pcp.core.timefmt import iso, opt_iso, opt_time, parse_time
 
 SCHEMA = 1
@@ -152,6 +152,8 @@ class Run:
     keep_alive_until: datetime | None = None
     cost_usd: float | None = None
     history: tuple[HistoryEntry, ...] = ()
+    #: The run's secret (drawn when the request was accepted); its nodes get it.
+    secret: str = field(default="", repr=False)
 
     @property
     def run_id(self) -> str:
@@ -198,6 +200,7 @@ class Run:
             "keep_alive_until": opt_iso(self.keep_alive_until),
             "cost_usd": self.cost_usd,
             "history": [h.to_dict() for h in self.history],
+            **({"secret": self.secret} if self.secret else {}),
         }
 
     @classmethod
@@ -216,6 +219,7 @@ class Run:
             keep_alive_until=opt_time(d.get("keep_alive_until"), "keep_alive_until"),
             cost_usd=d.get("cost_usd"),
             history=tuple(HistoryEntry.from_dict(h) for h in d.get("history", [])),
+            secret=validate_secret(d.get("secret"), "run record"),
         )
 
     def to_json(self) -> bytes:

@@ -8,6 +8,7 @@ recorded. Now each is acknowledged (200), logged with its reason, recorded, and 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -274,3 +275,41 @@ def test_a_finalized_event_whose_source_is_another_bucket_is_refused(
     nodes = {n["name"]: n["phase"] for n in fn.state()["active"]["nodes"]}
     assert nodes["worker-0"] != "booted"
     recorded(fn, "marker", "pcp-huge-elsewhere")
+
+
+# ---------------------------------------------------------------- the run's secret
+
+
+def test_every_run_gets_a_secret_only_its_nodes_receive(
+        make_stack: MakeStack, capsys: pytest.CaptureFixture[str]) -> None:
+    """Drawn by the function that accepts the run; in the workers' assignment and the
+    shepherd command, the same for all nodes, never in a label, a log line or the request."""
+    fn = make_stack(workers=2)
+    assert fn.start({"run_id": "secret-a"}).status_code == 200
+    secret = fn.state()["active"]["secret"]
+    assert re.fullmatch(r"[0-9a-f]{64}", secret)
+    [command] = fn.pull_shepherd(1)
+    assert command.assignment is not None and command.assignment.secret == secret
+    assert command.assignment.env("/out")["PCP_RUN_SECRET"] == secret
+    for vm in fn.vm_names:
+        record = fn.vm(vm)
+        assert json.loads(record.metadata["pcp-assignment"])["secret"] == secret
+        assert secret not in json.dumps(record.labels)
+    assert "secret" not in fn.state()["active"]["request"]
+    assert secret not in capsys.readouterr().out
+    assert secret not in repr(command)
+
+    for node in ("shepherd", "worker-0", "worker-1"):
+        fn.marker("secret-a", node, "booted")
+        fn.marker("secret-a", node, "done")
+    assert fn.start({"run_id": "secret-b"}).status_code == 200
+    other = fn.state()["active"]["secret"]
+    assert re.fullmatch(r"[0-9a-f]{64}", other) and other != secret
+
+
+def test_a_start_request_cannot_choose_its_secret(make_stack: MakeStack) -> None:
+    fn = make_stack(workers=1)
+    fn.start({"run_id": "chosen", "secret": "0" * 64})
+    [run] = fn.state()["recent"]
+    assert run["status"] == "rejected" and "unknown field 'secret'" in run["detail"]
+    assert_nothing_started(fn)
