@@ -8,7 +8,17 @@ recorded. Now each is acknowledged (200), logged with its reason, recorded, and 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +28,7 @@ from tests.functions import events
 from tests.functions.conftest import FnStack, MakeStack, log_lines
 
 pytestmark = [pytest.mark.functions, pytest.mark.emulator]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Deep enough to exhaust the JSON parser's recursion, small enough to pass the 64 KiB limit.
 DEEP = "[" * 30000 + "]" * 30000
@@ -313,3 +324,73 @@ def test_a_start_request_cannot_choose_its_secret(make_stack: MakeStack) -> None
     [run] = fn.state()["recent"]
     assert run["status"] == "rejected" and "unknown field 'secret'" in run["detail"]
     assert_nothing_started(fn)
+
+
+# ---------------------------------------------------------------- the real server process
+
+
+@pytest.fixture
+def served(make_stack: MakeStack, tmp_path: Path) -> Iterator[tuple[FnStack, str]]:
+    """on_start behind the real `functions-framework` server (gunicorn), on the emulators."""
+    fn = make_stack(workers=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, **fn.env, "PYTHONPATH": str(ROOT), "XDG_RUNTIME_DIR": str(runtime)}
+    argv = [sys.executable, "-m", "functions_framework", "--target", "on_start", "--source",
+            str(ROOT / "functions" / "main.py"), "--signature-type", "cloudevent",
+            "--host", "127.0.0.1", "--port", str(port)]
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1)
+            except urllib.error.HTTPError:
+                break  # answering (GET / is 405)
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()
+                assert time.monotonic() < deadline, "functions-framework never answered"
+                time.sleep(0.1)
+        yield fn, url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def http_post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_the_real_server_acknowledges_what_the_framework_cannot_decode(
+        served: tuple[FnStack, str]) -> None:
+    fn, url = served
+    event = events.pubsub_event(json.dumps({"run_id": "served"}))
+    push = json.dumps(event["data"]).encode()
+    plain = {"Content-Type": "application/json"}
+    # no ce-id: the framework would answer 400
+    assert http_post(url + "/", b'{"run_id": "served"}',
+                     binary_headers(event, "id")) == 200
+    assert http_post(url + "/", b"not json", plain) == 200  # the framework: 400
+    assert http_post(url + "/", DEEP.encode(), plain) == 200  # the framework: 500
+    assert http_post(url + "/", push, plain) == 200  # a push naming no topic
+    assert_nothing_started(fn)
+    details = [fn.read(n)["detail"] for n in fn.names("control/rejected/")]
+    assert sum("refused before decoding" in d for d in details) == 3, details
+    # the same push to the topic's path, as the replica sends it, is served
+    assert http_post(url + "/projects/pcp-test/topics/pcp-tiny-start", push, plain) == 200
+    assert fn.state()["active"]["run_id"] == "served"

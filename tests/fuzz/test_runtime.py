@@ -41,7 +41,9 @@ def envelope(payload: bytes, message_id: Any) -> dict[str, Any]:
 
 
 def _ascii(text: str) -> str:
-    return text.encode("ascii", "backslashreplace").decode()
+    """A header value HTTP can carry: no line breaks, Latin-1 (escaped here as ASCII)."""
+    return text.encode("ascii", "backslashreplace").decode().replace("\r", " ").replace(
+        "\n", " ")
 
 
 REQUESTS = st.one_of(
