@@ -39,4 +39,4 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         c = TRIED[target]
         terminalreporter.write_line(
             f"{target:<28} {sum(c.values()):>7} tried  {c['value']:>7} parsed  "
-            f"{c['rejected']:>7} rejected")
+            f"{c['rejected']:>7} rejected  {c['acknowledged']:>7} acknowledged (HTTP 200)")
