@@ -48,3 +48,19 @@ def test_pathological_summaries_and_rejections_are_skipped(stack, invoke) -> Non
         assert "Traceback" not in result.output
     shown = json.loads(invoke(["status", "r1", "--json"], obj=stack.context).stdout)
     assert shown["summary"] is None
+
+
+def test_the_run_secret_is_never_shown(stack, invoke) -> None:
+    from dataclasses import replace
+
+    from pcp.core.messages import StartRequest
+
+    secret = "c0" * 32
+    stack.service.handle(replace(StartRequest(run_id="r1"), secret=secret), stack.t0)
+    stack.service.handle(replace(StartRequest(run_id="r2"), secret="d1" * 32), stack.t0)
+    assert secret in stack.store.get("control/stack.json").data.decode()
+    for command in (["status"], ["status", "--json"], ["status", "r1"], ["status", "r1", "--json"],
+                    ["queue"], ["queue", "--json"], ["runs", "--json"]):
+        result = invoke(command, obj=stack.context)
+        assert result.exit_code == 0, result.output
+        assert secret not in result.output and "d1" * 32 not in result.output, command
