@@ -37,6 +37,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("fuzz: inputs tried per target")
     for target in sorted(TRIED):
         c = TRIED[target]
-        terminalreporter.write_line(
-            f"{target:<28} {sum(c.values()):>7} tried  {c['value']:>7} parsed  "
-            f"{c['rejected']:>7} rejected  {c['acknowledged']:>7} acknowledged (HTTP 200)")
+        ends = (f"{c['acknowledged']:>7} acknowledged (HTTP 200)" if c["acknowledged"] else
+                f"{c['value']:>7} parsed  {c['rejected']:>7} rejected")
+        terminalreporter.write_line(f"{target:<28} {sum(c.values()):>7} tried  {ends}")
