@@ -394,3 +394,30 @@ def test_the_real_server_acknowledges_what_the_framework_cannot_decode(
     # the same push to the topic's path, as the replica sends it, is served
     assert http_post(url + "/projects/pcp-test/topics/pcp-tiny-start", push, plain) == 200
     assert fn.state()["active"]["run_id"] == "served"
+
+
+def test_the_sweeper_survives_pathological_markers_records_and_metrics(
+        make_stack: MakeStack) -> None:
+    """Everything else the sweeper reads from the bucket is untrusted too: a marker body or
+    marker metadata it cannot parse is ignored (as its own event would have been refused),
+    unreadable metrics leave the summary without metrics, and an unreadable run record is
+    written again."""
+    fn = make_stack(workers=1)
+    assert fn.start({"run_id": "run-1"}).status_code == 200
+    bucket = fn.bucket.client.bucket(fn.bucket.name)
+    bucket.blob("markers/run-1/worker-0/done.json").upload_from_string(DEEP)
+    hostile = bucket.blob("markers/run-1/shepherd/booted.json")
+    hostile.metadata = {"pcp-marker": '{"attempt": ' + HUGE_INT + "}"}
+    hostile.upload_from_string(b"{}")
+    assert fn.sweep().status_code == 200
+    nodes = {n["name"]: n["phase"] for n in fn.state()["active"]["nodes"]}
+    assert nodes == {"shepherd": "pending", "worker-0": "pending"}
+
+    bucket.blob("runs/run-1/shepherd/metrics.json").upload_from_string(DEEP)
+    for node in ("shepherd", "worker-0"):
+        assert fn.marker("run-1", node, "booted").status_code == 200
+        assert fn.marker("run-1", node, "done").status_code == 200
+    assert fn.read("runs/run-1/summary.json")["metrics"] == {}
+    bucket.blob("runs/run-1/run.json").upload_from_string(b'{"phase": ' + DEEP.encode() + b"}")
+    assert fn.sweep().status_code == 200
+    assert fn.read("runs/run-1/run.json")["status"] == "succeeded"
