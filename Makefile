@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 DEMO_STAMP := $(VENV)/.installed-demo
 DEV_STAMP  := $(VENV)/.installed-dev
 
-.PHONY: test demo lint typecheck pytest faults bench clean
+.PHONY: test demo lint typecheck pytest fuzz faults bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: lint typecheck pytest
 
 demo: $(DEMO_STAMP)
 	$(PY) -m pcp_dev.local.demo
+
+# The long fuzzing run (`make test` runs the same targets with a small fixed budget).
+FUZZ_EXAMPLES ?= 10000
+fuzz: $(DEV_STAMP)
+	PCP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
 
 faults: $(DEV_STAMP)
 	$(PY) -m pcp_dev.faults --schedules 10000

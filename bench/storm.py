@@ -7,8 +7,8 @@ Cloud Storage does. A start request first (not timed); then all `booted` markers
 and N + 1 threads, released by one barrier, each deliver one event to `on_marker` through the
 functions-framework test client, 1.1 s after the start (the boot: minutes in the cloud); after
 another 1.1 s (the training) the same for `done`. The pauses keep each of the run's
-transitions more than a second after the previous one, as in any real run. A delivery answered with HTTP 500 is redelivered (as the trigger would) after a short
-pause and counted.
+transitions more than a second after the previous one, as in any real run. A delivery
+answered with HTTP 500 is redelivered (as the trigger would) after a short pause and counted.
 
 Figures:
 - `booted_storm_s`, `done_storm_s`: from the first delivery to the last one answered.

@@ -4,26 +4,41 @@ Input that can never succeed (`PermanentError`) is logged, recorded where `pcp s
 and acknowledged by returning normally (HTTP 200), so the trigger does not redeliver it forever.
 Any other exception propagates: HTTP 500 makes Pub/Sub or Eventarc retry the event.
 
+Every event is decoded through one layer (pcp/edge/events.py over the parsers of
+pcp/core/messages.py): any failure to decode, parse, validate or encode it is a
+`PermanentError`, and an event from another stack's topic or bucket is one too. A request the
+framework itself cannot decode is acknowledged the same way (pcp/edge/envelope.py).
+
 The `pcp` package (its shipped part: core, adapters, service, edge) is beside this file in the
 deployed archive.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import functions_framework
 
 from pcp.core.errors import PermanentError
 from pcp.core.messages import StartRequest, StopRequest, SweepTick
-from pcp.edge import events
+from pcp.core.names import Names
+from pcp.edge import envelope, events
 from pcp.edge.logline import log_ignored, log_outcome, transient
 from pcp.edge.rejections import reject_event, reject_start
-from pcp.edge.services import build_service, invocation, now
+from pcp.edge.services import build_service, invocation, new_secret, now
 from pcp.settings import Settings
 
 # Read at cold start: a missing variable fails the deployment's first request, naming it.
 SETTINGS = Settings.from_env()
+NAMES = Names(SETTINGS.stack, SETTINGS.project)
+# The framework runs this file inside the app it built for one entry point: hook that app.
+envelope.install_current(SETTINGS)
+
+
+def _source(kind: str) -> str:
+    """Where this stack's events of `kind` come from: its own topic."""
+    return events.topic_source(SETTINGS.project, NAMES.topic(kind))
 
 
 @functions_framework.cloud_event
@@ -32,8 +47,8 @@ def on_start(cloud_event: Any) -> None:
     at, message_id, data = now(), events.event_id(cloud_event), None
     service = build_service(SETTINGS)
     try:
-        data, _, message_id = events.pubsub_payload(cloud_event)
-        request = StartRequest.from_json(data, message_id)
+        data, _, message_id = events.pubsub_payload(cloud_event, _source("start"))
+        request = replace(StartRequest.from_json(data, message_id), secret=new_secret())
     except PermanentError as e:
         reject_start(service, SETTINGS, data, message_id, str(e), at)
         return
@@ -48,7 +63,7 @@ def on_stop(cloud_event: Any) -> None:
     at, message_id = now(), events.event_id(cloud_event)
     service = build_service(SETTINGS)
     try:
-        data, _, message_id = events.pubsub_payload(cloud_event)
+        data, _, message_id = events.pubsub_payload(cloud_event, _source("stop"))
         request = StopRequest.from_json(data)
     except PermanentError as e:
         reject_event(service, SETTINGS, "stop", message_id, str(e), at)
@@ -64,7 +79,7 @@ def on_marker(cloud_event: Any) -> None:
     at, message_id, marker = now(), events.event_id(cloud_event), None
     service = build_service(SETTINGS)
     try:
-        marker = events.marker_object(cloud_event, SETTINGS.bucket)
+        marker = events.marker_object(cloud_event, SETTINGS.bucket, _source("markers"))
         with transient(SETTINGS, "marker", marker.run_id), invocation(service, SETTINGS):
             outcome = service.handle_marker(marker.name, at, marker.metadata)
     except events.Ignored as e:
@@ -83,7 +98,7 @@ def on_sweep(cloud_event: Any) -> None:
     at, message_id = now(), events.event_id(cloud_event)
     service = build_service(SETTINGS)
     try:
-        data, _, message_id = events.pubsub_payload(cloud_event)
+        data, _, message_id = events.pubsub_payload(cloud_event, _source("sweep"))
         SweepTick.from_json(data)
     except PermanentError as e:
         reject_event(service, SETTINGS, "sweep", message_id, str(e), at)

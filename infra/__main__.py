@@ -52,6 +52,8 @@ pulumi.export("zone", cfg.zone)
 pulumi.export("worker_count", cfg.worker_count)
 pulumi.export("vm_names", fleet.vm_names)
 pulumi.export("bucket", bucket.name)
+# The one address workers reach the shepherd from (None with pcp:external_ip true).
+pulumi.export("worker_egress_ip", network.egress.address if network.egress else None)
 pulumi.export("topics", messaging.topic_names)
 pulumi.export("shepherd_subscription", messaging.shepherd_subscription.name)
 pulumi.export("dead_letter_subscription", messaging.dead_letter_subscription.name)

@@ -34,6 +34,8 @@ def log(severity: str, event: str, *, stack: str, run_id: str | None = None, rea
         record.setdefault(key, value)
     record.setdefault("message", f"{event}: {reason}")
     line = json.dumps(record, default=str, separators=(",", ":"), ensure_ascii=False)
+    # A lone surrogate from hostile input cannot be written as UTF-8: escape it, keep the line.
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8")
     with _lock:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()

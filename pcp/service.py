@@ -7,7 +7,6 @@ between save and execute is healed by the next event or sweep (level-triggered).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -26,7 +25,7 @@ from pcp.core.commands import (
 from pcp.core.errors import CapacityError, Conflict, CorruptState, PermanentError
 from pcp.core.events import Event, Reconcile, Rejected, StartFailed
 from pcp.core.lifecycle import Transition, compact, decide
-from pcp.core.messages import NodeMarker, dump
+from pcp.core.messages import NodeMarker, decode_json, dump
 from pcp.core.names import (
     STACK_DOC,
     corrupt_stack_doc,
@@ -261,9 +260,9 @@ class Service:
         blob = self.store.get(f"{prefix}shepherd/metrics.json")
         if blob is not None:
             try:
-                raw = json.loads(blob.data)
+                raw = decode_json(blob.data, "metrics.json", limit=None)
                 metrics = {k: v for k, v in raw.items() if isinstance(v, (int, float, str))}
-            except (ValueError, AttributeError):
+            except (PermanentError, AttributeError):
                 metrics = {}
         duration = None
         if run.started_at is not None and run.ended_at is not None:

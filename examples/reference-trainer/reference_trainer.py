@@ -13,12 +13,21 @@ Wire protocol (TCP, no pickle): every message is one frame,
 ``4-byte big-endian header length | UTF-8 JSON header | payload``, where the header's ``nbytes``
 counts the payload bytes that follow (a little-endian float64 vector, possibly empty):
 
-    worker -> shepherd  {"type": "hello", "rank": r}                       once, on connecting
-    shepherd -> worker  {"type": "welcome", "num_workers", "seed", "samples", "features", "steps"}
-                        or {"type": "reject", "reason"}
+    shepherd -> worker  {"type": "challenge", "nonce": N}                  once, on connecting
+    worker -> shepherd  {"type": "hello", "rank": r, "nonce": M, "proof": P}
+    shepherd -> worker  {"type": "welcome", "num_workers", "seed", "samples", "features", "steps",
+                         "proof": Q}  or {"type": "reject", "reason"}
     shepherd -> worker  {"type": "params", "step": s} + parameters         for s = 1..steps
     worker -> shepherd  {"type": "grad", "step": s, "loss", "n"} + gradient (n = shard rows)
     shepherd -> worker  {"type": "done", "step": steps} + final parameters
+
+Every connection is authenticated with the run's secret, PCP_RUN_SECRET (docs/agent.md),
+which never crosses the wire: N and M are fresh random nonces, P is
+HMAC-SHA256(secret, "pcp-hello|N|M|r") and Q is HMAC-SHA256(secret, "pcp-welcome|N|M|r"), so
+the shepherd admits only nodes of this run and each worker knows it reached this run's
+shepherd. A connection without the proof, or with a forged one, is rejected and closed;
+the shepherd keeps waiting for its workers. Without PCP_RUN_SECRET (a run by hand) nothing is
+authenticated, and the shepherd says so on stderr.
 
 A closed connection (EOF, reset) or silence beyond ``--peer-timeout`` is a lost peer: the
 survivor names it on stderr and exits 1, so no node hangs when a peer dies.
@@ -38,8 +47,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -114,6 +126,27 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any], np.ndarray]:
     return header, np.frombuffer(_recv_exact(sock, nbytes), dtype="<f8").astype(np.float64)
 
 
+def run_secret() -> bytes | None:
+    """The run's secret from the environment; None when the trainer runs without one."""
+    value = os.environ.get("PCP_RUN_SECRET", "")
+    return value.encode() if value else None
+
+
+def proof(secret: bytes, purpose: str, nonce: str, worker_nonce: str, rank: object) -> str:
+    """HMAC-SHA256 over one handshake step: proves the secret without sending it."""
+    text = f"pcp-{purpose}|{nonce}|{worker_nonce}|{rank}"
+    return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()
+
+
+def proven(secret: bytes | None, claim: object, purpose: str, nonce: str,
+           worker_nonce: object, rank: object) -> bool:
+    if secret is None:
+        return True
+    if not isinstance(claim, str) or not isinstance(worker_nonce, str):
+        return False
+    return hmac.compare_digest(claim, proof(secret, purpose, nonce, worker_nonce, rank))
+
+
 def make_shard(cfg: dict[str, Any], rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of worker `rank` from the problem described by the shepherd's welcome `cfg`."""
     rng = np.random.default_rng(cfg["seed"])
@@ -155,6 +188,9 @@ def hang_forever(tag: str) -> None:
 
 def accept_workers(srv: socket.socket, n: int, args: argparse.Namespace) -> dict[int, Any]:
     conns: dict[int, socket.socket] = {}
+    secret = run_secret()
+    if secret is None:
+        err("shepherd", "PCP_RUN_SECRET is not set: connections are not authenticated")
     start = time.monotonic()
     while len(conns) < n:
         waited = time.monotonic() - start
@@ -170,14 +206,24 @@ def accept_workers(srv: socket.socket, n: int, args: argparse.Namespace) -> dict
             continue
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.settimeout(10.0)
+        nonce = secrets.token_hex(16)
         try:
+            send_msg(conn, {"type": "challenge", "nonce": nonce})
             hello, _ = recv_msg(conn)
         except PeerLost as e:
             err("shepherd", f"dropped connection from {addr[0]}: {e}")
             conn.close()
             continue
-        rank = hello.get("rank")
-        if hello.get("type") != "hello" or rank not in set(range(1, n + 1)) - set(conns):
+        rank, theirs = hello.get("rank"), hello.get("nonce")
+        if hello.get("type") != "hello" or not proven(secret, hello.get("proof"), "hello",
+                                                       nonce, theirs, rank):
+            err("shepherd", f"rejected connection from {addr[0]}: authentication failed "
+                            "(no proof of the run secret, or a wrong one)")
+            with contextlib.suppress(PeerLost):
+                send_msg(conn, {"type": "reject", "reason": "authentication failed"})
+            conn.close()
+            continue
+        if rank not in set(range(1, n + 1)) - set(conns):
             reason = f"rank {rank!r} is not a free worker rank in 1..{n}"
             err("shepherd", f"rejected connection from {addr[0]}: {reason}")
             with contextlib.suppress(PeerLost):
@@ -185,8 +231,11 @@ def accept_workers(srv: socket.socket, n: int, args: argparse.Namespace) -> dict
             conn.close()
             continue
         conn.settimeout(args.peer_timeout)
-        send_msg(conn, {"type": "welcome", "num_workers": n, "seed": args.seed,
-                        "samples": args.samples, "features": args.features, "steps": args.steps})
+        welcome = {"type": "welcome", "num_workers": n, "seed": args.seed,
+                   "samples": args.samples, "features": args.features, "steps": args.steps}
+        if secret is not None:
+            welcome["proof"] = proof(secret, "welcome", nonce, str(theirs), rank)
+        send_msg(conn, welcome)
         conns[rank] = conn
         log("shepherd", f"worker rank {rank} connected from {addr[0]} ({len(conns)}/{n})")
     return conns
@@ -319,10 +368,21 @@ def run_worker(args: argparse.Namespace, rank: int, out: Path) -> int:
         sock = connect(host, port, args.connect_timeout, tag)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(args.peer_timeout)
-        send_msg(sock, {"type": "hello", "rank": rank})
+        secret, mine = run_secret(), secrets.token_hex(16)
+        challenge, _ = recv_msg(sock)
+        nonce = challenge.get("nonce")
+        if challenge.get("type") != "challenge" or not isinstance(nonce, str):
+            raise Stop(f"{host}:{port} is not a shepherd of this trainer (no challenge)")
+        hello: dict[str, Any] = {"type": "hello", "rank": rank, "nonce": mine}
+        if secret is not None:
+            hello["proof"] = proof(secret, "hello", nonce, mine, rank)
+        send_msg(sock, hello)
         welcome, _ = recv_msg(sock)
         if welcome.get("type") != "welcome":
             raise Stop(f"shepherd rejected this worker: {welcome.get('reason')}")
+        if not proven(secret, welcome.get("proof"), "welcome", nonce, mine, rank):
+            raise Stop(f"the shepherd at {host}:{port} did not prove the run secret: "
+                       "refusing to train with it")
         x, y = make_shard(welcome, rank)
         shard, steps = len(y), welcome["steps"]
         log(tag, f"connected to shepherd at {host}:{port}: shard of {shard} rows, "

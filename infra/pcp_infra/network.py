@@ -109,8 +109,21 @@ class WorkerNetwork(PcpComponent):
 
         self.router: gcp.compute.Router | None = None
         self.nat: gcp.compute.RouterNat | None = None
+        self.egress: gcp.compute.Address | None = None
         if not cfg.external_ip:
-            # Without external IPs the workers need NAT for the shepherd and Cachix.
+            # Without external IPs the workers need NAT for the shepherd and Cachix. The NAT
+            # uses one reserved address, so every worker reaches the shepherd from a single
+            # stable IP (the stack output `worker_egress_ip`) that the shepherd host's
+            # firewall can admit alone (docs/agent.md).
+            self.egress = gcp.compute.Address(
+                f"{prefix}-egress",
+                project=cfg.project,
+                name=names.egress_address,
+                region=cfg.region,
+                address_type="EXTERNAL",
+                description=f"pcp {cfg.stack} workers' egress (Cloud NAT)",
+                opts=self.child_opts(),
+            )
             self.router = gcp.compute.Router(
                 f"{prefix}-router",
                 project=cfg.project,
@@ -125,7 +138,8 @@ class WorkerNetwork(PcpComponent):
                 name=f"{prefix}-nat",
                 region=cfg.region,
                 router=self.router.name,
-                nat_ip_allocate_option="AUTO_ONLY",
+                nat_ip_allocate_option="MANUAL_ONLY",
+                nat_ips=[self.egress.self_link],
                 source_subnetwork_ip_ranges_to_nat="ALL_SUBNETWORKS_ALL_IP_RANGES",
                 opts=self.child_opts(),
             )

@@ -47,7 +47,8 @@ class Metadata:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 body: bytes = response.read()
-                return body.decode("utf-8")
+                # Invalid UTF-8 stays visible (as surrogates) for the parser to refuse clearly.
+                return body.decode("utf-8", "surrogateescape")
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return None

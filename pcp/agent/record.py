@@ -7,11 +7,11 @@ grew a field. A missing or unreadable record means "no news", never "over".
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 
 from pcp.core.errors import PermanentError
+from pcp.core.messages import decode_json
 from pcp.core.names import marker_path, run_doc
 from pcp.core.ports import BlobStore
 from pcp.core.timefmt import opt_time
@@ -40,7 +40,7 @@ def read_run(store: BlobStore, run_id: str) -> RunView | None:
     if blob is None:
         return None
     try:
-        d = json.loads(blob.data)
+        d = decode_json(blob.data, "run record", limit=None)
         return RunView(
             phase=str(d["phase"]),
             attempt=int(d.get("attempt", 1)),
@@ -48,7 +48,7 @@ def read_run(store: BlobStore, run_id: str) -> RunView | None:
             detail=str(d.get("detail") or ""),
             keep_alive_until=opt_time(d.get("keep_alive_until"), "keep_alive_until"),
         )
-    except (ValueError, KeyError, TypeError, AttributeError, PermanentError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, PermanentError):
         return None
 
 
@@ -58,6 +58,6 @@ def done_attempt(store: BlobStore, run_id: str, node: str) -> int | None:
     if blob is None:
         return None
     try:
-        return int(json.loads(blob.data).get("attempt", 1))
-    except (ValueError, TypeError, AttributeError):
+        return int(decode_json(blob.data, "done marker", limit=None).get("attempt", 1))
+    except (ValueError, TypeError, AttributeError, RecursionError):
         return None

@@ -69,14 +69,14 @@ def runs(limit: int, as_json: bool) -> None:
 def queue(as_json: bool) -> None:
     """The active run and the runs waiting behind it, in order."""
     from pcp.cli.render import queue_table, styled
-    from pcp.cli.views import load_state
+    from pcp.cli.views import load_state, public
 
     ctx = context()
     state = load_state(ctx.store) or StackState()
     if as_json:
         echo_json({"stack": ctx.stack,
-                   "active": None if state.active is None else state.active.to_dict(),
-                   "queue": [dict(r.to_dict(), position=i)
+                   "active": None if state.active is None else public(state.active),
+                   "queue": [dict(public(r), position=i)
                              for i, r in enumerate(state.queue, 1)]})
         return
     out = console()

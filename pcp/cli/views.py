@@ -7,13 +7,14 @@ say how. Only reads: the CLI never writes state, it publishes requests.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pcp.core.errors import PermanentError
+from pcp.core.messages import decode_json
 from pcp.core.names import REJECTED, STACK_DOC, run_doc, run_prefix, summary_doc
 from pcp.core.ports import BlobStore
 from pcp.core.state import Lease, Phase, RecentRun, Run, StackState, Status
@@ -21,6 +22,13 @@ from pcp.core.timefmt import iso, opt_iso
 from pcp.progress import observe
 
 FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.REJECTED})
+
+
+def public(run: Run) -> dict[str, Any]:
+    """A run as the CLI prints it: without its secret (only its nodes get that)."""
+    out = run.to_dict()
+    out.pop("secret", None)
+    return out
 
 
 def load_state(store: BlobStore) -> StackState | None:
@@ -36,8 +44,8 @@ def load_json(store: BlobStore, name: str) -> dict[str, Any] | None:
     if blob is None:
         return None
     try:
-        obj = json.loads(blob.data)
-    except ValueError:
+        obj = decode_json(blob.data, name, limit=None)
+    except PermanentError:
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -121,7 +129,7 @@ class RunView:
             "duration_s": self.duration_s,
             "estimated_cost_usd": self.cost_usd,
             "keep_alive_until": None if self.lease is None else iso(self.lease.until),
-            "run": None if self.run is None else self.run.to_dict(),
+            "run": None if self.run is None else public(self.run),
             "summary": self.summary,
         }
 
@@ -166,8 +174,8 @@ class Overview:
         s = self.state
         return {
             "stack": self.stack,
-            "active": None if s.active is None else s.active.to_dict(),
-            "queue": [r.to_dict() for r in s.queue],
+            "active": None if s.active is None else public(s.active),
+            "queue": [public(r) for r in s.queue],
             "lease": None if s.lease is None else s.lease.to_dict(),
             "recent": [r.to_dict() for r in s.recent[:recent]],
             "rejections": list(self.rejections),

@@ -226,7 +226,7 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
         _reject(tx, req.run_id, f"the queue of stack {policy.stack} is full "
                 f"({policy.max_queue} runs waiting)", now, policy)
         return
-    run = Run(request=req, phase=Phase.QUEUED, accepted_at=now)
+    run = Run(request=req, phase=Phase.QUEUED, accepted_at=now, secret=req.secret)
     why = "accepted"
     if req.max_hours is not None and req.max_hours > policy.max_run_hours:
         why += f"; max_hours {req.max_hours:g} capped to the stack limit {policy.max_run_hours:g}"
@@ -540,6 +540,7 @@ def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
             deadline=_deadline(run),
             boot_deadline=run.started_at + policy.boot_timeout,
             keep_vm_alive=run.request.keep_vm_alive,
+            secret=run.secret,
         )
         for rank, name in enumerate(policy.node_names)
     )

@@ -8,12 +8,14 @@ into an argument list once, here, and travels as a list from then on.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 import shlex
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pcp.core.errors import PermanentError
 from pcp.core.names import (
@@ -27,6 +29,8 @@ from pcp.core.names import (
 from pcp.core.timefmt import iso, parse_time
 
 RUN_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+#: A run's secret (docs/agent.md, PCP_RUN_SECRET): hex, drawn where the run is accepted.
+SECRET_RE = re.compile(r"^[0-9a-f]{32,128}$")
 PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_]+$")
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CONFIG_BYTES = 16 * 1024
@@ -34,32 +38,92 @@ MAX_TEXT = 1024
 MAX_RESTARTS = 10
 
 JsonObj = dict[str, Any]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 # ---------------------------------------------------------------- parsing helpers
 
 
-def load_object(data: bytes | str, what: str) -> JsonObj:
-    """Parse a JSON object, with a precise reason when it is not one."""
+def utf8(text: str, what: str) -> bytes:
+    """`text` as UTF-8, or a `PermanentError` (a lone surrogate such as "\\ud800" has none)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PermanentError(
+            f"{what} is not valid Unicode text: {e.reason} at character {e.start}"
+        ) from None
+
+
+def decode_json(data: bytes | str, what: str, limit: int | None = MAX_MESSAGE_BYTES) -> Any:
+    """Untrusted bytes as a JSON value: the one place pcp turns bytes into JSON.
+
+    Every way the text can fail is a `PermanentError` naming `what`: oversize, not UTF-8, not
+    encodable, not JSON, nested deeper than the parser can follow, or an integer with more
+    digits than Python converts. Nothing else escapes.
+    """
     if isinstance(data, str):
-        data = data.encode("utf-8")
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise PermanentError(f"{what} is {len(data)} bytes; the limit is {MAX_MESSAGE_BYTES}")
-    if not data.strip():
-        return {}
+        data = utf8(data, what)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise PermanentError(f"{what} must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if limit is not None and len(data) > limit:
+        raise PermanentError(f"{what} is {len(data)} bytes; the limit is {limit}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PermanentError(f"{what} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise PermanentError(
             f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except RecursionError:
+        raise PermanentError(f"{what} is nested too deeply to parse") from None
+    except ValueError as e:  # e.g. an integer longer than sys.get_int_max_str_digits()
+        raise PermanentError(f"{what} cannot be parsed as JSON: {e}") from None
+
+
+def load_object(data: bytes | str, what: str) -> JsonObj:
+    """Parse a JSON object, with a precise reason when it is not one. Blank input is {}."""
+    raw = utf8(data, what) if isinstance(data, str) else data
+    if isinstance(raw, bytes | bytearray) and len(raw) <= MAX_MESSAGE_BYTES and not raw.strip():
+        return {}
+    obj = decode_json(raw, what)
     if not isinstance(obj, dict):
         raise PermanentError(f"{what} must be a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def untrusted(what: str, keep: tuple[type[Exception], ...] = ()) -> Callable[[F], F]:
+    """Decorate a parser of untrusted input: any exception but a `PermanentError` becomes one.
+
+    `keep` names further exceptions that are answers rather than failures (passed through).
+
+    The parsers above raise `PermanentError` for every case they know; this is the backstop
+    that keeps a case nobody thought of (a type error deep in a nested value, a recursion
+    limit) from escaping as a crash that a trigger would redeliver forever.
+    """
+
+    def wrap(parse: F) -> F:
+        @functools.wraps(parse)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return parse(*args, **kwargs)
+            except PermanentError:
+                raise
+            except keep:
+                raise
+            except RecursionError:
+                raise PermanentError(f"{what} is nested too deeply to parse") from None
+            except Exception as e:  # noqa: BLE001 - the boundary: nothing else may escape
+                raise PermanentError(
+                    f"{what} cannot be parsed: {type(e).__name__}: {e}"
+                ) from None
+
+        return guarded  # type: ignore[return-value]
+
+    return wrap
 
 
 def dump(obj: JsonObj) -> bytes:
@@ -93,7 +157,7 @@ def _text(obj: JsonObj, key: str, what: str, limit: int = MAX_TEXT) -> str | Non
         return None
     if not isinstance(v, str):
         raise PermanentError(f"{what}: {key} must be a string, got {type(v).__name__}")
-    if len(v.encode("utf-8")) > limit:
+    if len(utf8(v, f"{what}: {key}")) > limit:
         raise PermanentError(f"{what}: {key} is longer than {limit} bytes")
     if "\x00" in v:
         raise PermanentError(f"{what}: {key} contains a NUL character")
@@ -122,6 +186,15 @@ def validate_run_id(value: object, what: str = "run_id") -> str:
     return value
 
 
+def validate_secret(value: object, what: str) -> str:
+    """A run secret as stored or sent to its nodes; "" when there is none."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not SECRET_RE.match(value):
+        raise PermanentError(f"{what}: secret must be 32-128 lowercase hex digits")
+    return value
+
+
 def run_id_from_message_id(message_id: str) -> str:
     """A stable run id for a request that named none, so a redelivery is the same run."""
     cleaned = re.sub(r"[^a-z0-9-]", "-", message_id.lower()).strip("-")
@@ -130,6 +203,7 @@ def run_id_from_message_id(message_id: str) -> str:
     return validate_run_id(f"run-{cleaned}"[:63].rstrip("-"))
 
 
+@untrusted("training_config")
 def split_training_config(value: object) -> tuple[str, ...]:
     """`training_config` as an argument list: a string split shell-style, or a list of strings."""
     if value is None:
@@ -137,10 +211,10 @@ def split_training_config(value: object) -> tuple[str, ...]:
     if isinstance(value, list):
         if not all(isinstance(a, str) for a in value):
             raise PermanentError("training_config as a list must hold only strings")
-        size = sum(len(a.encode("utf-8")) + 1 for a in value)
+        size = sum(len(utf8(a, "training_config")) + 1 for a in value)
         args = tuple(value)
     elif isinstance(value, str):
-        size = len(value.encode("utf-8"))
+        size = len(utf8(value, "training_config"))
         if size > MAX_CONFIG_BYTES:
             raise PermanentError(
                 f"training_config is {size} bytes; the limit is {MAX_CONFIG_BYTES} (16 KiB)"
@@ -183,6 +257,7 @@ def _binary(obj: JsonObj, what: str) -> str | dict[str, str] | None:
                 )
             if not isinstance(ref, str) or not ref.strip() or "\n" in ref or len(ref) > MAX_TEXT:
                 raise PermanentError(f"{what}: binary for {platform} must be a non-empty line")
+            utf8(ref, f"{what}: binary for {platform}")
             out[platform] = ref
         return out
     raise PermanentError(f"{what}: binary must be a string or a platform map")
@@ -214,12 +289,18 @@ class StartRequest:
     max_restarts: int = 0
     requested_by: str | None = None
     stack: str | None = None
+    #: The run's secret, drawn by the function that accepts the request (never on the wire:
+    #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
+    #: so a redelivered request still equals the one accepted.
+    secret: str = field(default="", repr=False, compare=False)
 
     @classmethod
+    @untrusted("start request")
     def from_json(cls, data: bytes | str, message_id: str | None = None) -> StartRequest:
         return cls.from_dict(load_object(data, "start request"), message_id)
 
     @classmethod
+    @untrusted("start request")
     def from_dict(cls, obj: JsonObj, message_id: str | None = None) -> StartRequest:
         """The parser behind from_json, for a request already decoded (the CLI builds one)."""
         what = "start request"
@@ -283,6 +364,7 @@ class StopRequest:
     requested_by: str | None = None
 
     @classmethod
+    @untrusted("stop request")
     def from_json(cls, data: bytes | str) -> StopRequest:
         what = "stop request"
         obj = load_object(data, what)
@@ -323,6 +405,7 @@ class NodeMarker:
     host: str | None = None
 
     @staticmethod
+    @untrusted("marker name")
     def parse_path(name: str) -> tuple[str, str, MarkerKind]:
         m = MARKER_PATH_RE.match(name)
         if not m:
@@ -337,6 +420,7 @@ class NodeMarker:
         return run_id, node, "booted" if kind == "booted" else "done"
 
     @classmethod
+    @untrusted("marker")
     def from_json(cls, data: bytes | str, object_name: str) -> NodeMarker:
         run_id, node, kind = cls.parse_path(object_name)
         what = f"marker {object_name}"
@@ -353,6 +437,7 @@ class NodeMarker:
         signal = obj.get("signal")
         if signal is not None:
             signal = str(signal)[:32]
+            utf8(signal, f"{what}: signal")
         duration = obj.get("duration_s")
         if duration is not None and (
             isinstance(duration, bool) or not isinstance(duration, (int, float))
@@ -360,6 +445,8 @@ class NodeMarker:
             raise PermanentError(f"{what}: duration_s must be a number or null")
         if kind == "done" and exit_code is None and signal is None:
             raise PermanentError(f"{what}: a done marker needs an exit_code or a signal")
+        if kind == "booted":  # how a node ended is said by `done` only (and written only there)
+            exit_code, signal, duration = None, None, None
         return cls(
             run_id=run_id,
             node=node,
@@ -373,6 +460,7 @@ class NodeMarker:
         )
 
     @classmethod
+    @untrusted("marker metadata")
     def from_metadata(cls, metadata: object, object_name: str) -> NodeMarker | None:
         """The marker a writer also put in the object's custom metadata, or None.
 
@@ -421,6 +509,7 @@ class SweepTick:
     requested_by: str | None = None
 
     @classmethod
+    @untrusted("sweep tick")
     def from_json(cls, data: bytes | str) -> SweepTick:
         what = "sweep tick"
         obj = load_object(data, what)
@@ -453,6 +542,7 @@ ASSIGNMENT_FIELDS = (
     "deadline",
     "boot_deadline",
     "keep_vm_alive",
+    "secret",
 )
 
 
@@ -478,6 +568,9 @@ class Assignment:
     deadline: datetime
     boot_deadline: datetime
     keep_vm_alive: bool = False
+    #: The run's secret: only its nodes receive it (this assignment, the shepherd command),
+    #: never a label or a log line. The binary gets it as PCP_RUN_SECRET (docs/agent.md).
+    secret: str = field(default="", repr=False)
 
     @property
     def vm(self) -> str:
@@ -512,6 +605,7 @@ class Assignment:
             "MASTER_PORT": str(self.port),
             "RANK": str(self.rank),
             "WORLD_SIZE": str(self.num_nodes),
+            **({"PCP_RUN_SECRET": self.secret} if self.secret else {}),
         }
 
     def to_dict(self) -> JsonObj:
@@ -530,12 +624,14 @@ class Assignment:
             "deadline": iso(self.deadline),
             "boot_deadline": iso(self.boot_deadline),
             "keep_vm_alive": self.keep_vm_alive,
+            **({"secret": self.secret} if self.secret else {}),
         }
 
     def to_json(self) -> bytes:
         return dump(self.to_dict())
 
     @classmethod
+    @untrusted("assignment")
     def from_dict(cls, obj: JsonObj) -> Assignment:
         what = "assignment"
         check_fields(obj, ASSIGNMENT_FIELDS, what)
@@ -548,6 +644,8 @@ class Assignment:
         args = obj.get("args", [])
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise PermanentError(f"{what}: args must be a list of strings")
+        for i, arg in enumerate(args):
+            utf8(arg, f"{what}: args[{i}]")
         head = _text(obj, "head_host", what, 256)
         if not head:
             raise PermanentError(f"{what}: head_host is required")
@@ -566,9 +664,11 @@ class Assignment:
             deadline=parse_time(obj.get("deadline"), f"{what}: deadline"),
             boot_deadline=parse_time(obj.get("boot_deadline"), f"{what}: boot_deadline"),
             keep_vm_alive=_bool(obj, "keep_vm_alive", what),
+            secret=validate_secret(obj.get("secret"), what),
         )
 
     @classmethod
+    @untrusted("assignment")
     def from_json(cls, data: bytes | str) -> Assignment:
         return cls.from_dict(load_object(data, "assignment"))
 
@@ -589,6 +689,7 @@ class ShepherdCommand:
     reason: str = ""
 
     @classmethod
+    @untrusted("shepherd command")
     def from_json(cls, data: bytes | str) -> ShepherdCommand:
         what = "shepherd command"
         obj = load_object(data, what)

@@ -216,6 +216,11 @@ class Names:
     def subnetwork(self) -> str:
         return f"{self.prefix}-workers"
 
+    @property
+    def egress_address(self) -> str:
+        """The reserved address the workers' Cloud NAT sends from (pcp:external_ip false)."""
+        return f"{self.prefix}-egress"
+
     # functions and scheduler
     def function(self, kind: str) -> str:
         """kind: start | stop | marker | sweep."""

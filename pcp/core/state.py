@@ -6,17 +6,29 @@ sees is derived from them through one total mapping.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from pcp.core.errors import CorruptState, PermanentError
-from pcp.core.messages import StartRequest, dump
+from pcp.core.messages import StartRequest, decode_json, dump, validate_secret
 from pcp.core.timefmt import iso, opt_iso, opt_time, parse_time
 
 SCHEMA = 1
+
+
+def _object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PermanentError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _why(e: Exception) -> str:
+    """A stored document's defect in words: a missing field names the field."""
+    if isinstance(e, KeyError):
+        return f"missing field {e}"
+    return str(e) if isinstance(e, PermanentError) else f"{type(e).__name__}: {e}"
 
 
 class Phase(StrEnum):
@@ -140,6 +152,8 @@ class Run:
     keep_alive_until: datetime | None = None
     cost_usd: float | None = None
     history: tuple[HistoryEntry, ...] = ()
+    #: The run's secret (drawn when the request was accepted); its nodes get it.
+    secret: str = field(default="", repr=False)
 
     @property
     def run_id(self) -> str:
@@ -186,12 +200,13 @@ class Run:
             "keep_alive_until": opt_iso(self.keep_alive_until),
             "cost_usd": self.cost_usd,
             "history": [h.to_dict() for h in self.history],
+            **({"secret": self.secret} if self.secret else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Run:
         return cls(
-            request=StartRequest.from_json(json.dumps(d["request"])),
+            request=StartRequest.from_dict(_object(d["request"], "request")),
             phase=Phase(d["phase"]),
             attempt=int(d.get("attempt", 1)),
             accepted_at=parse_time(d["accepted_at"], "accepted_at"),
@@ -204,6 +219,7 @@ class Run:
             keep_alive_until=opt_time(d.get("keep_alive_until"), "keep_alive_until"),
             cost_usd=d.get("cost_usd"),
             history=tuple(HistoryEntry.from_dict(h) for h in d.get("history", [])),
+            secret=validate_secret(d.get("secret"), "run record"),
         )
 
     def to_json(self) -> bytes:
@@ -212,9 +228,12 @@ class Run:
     @classmethod
     def from_json(cls, data: bytes) -> Run:
         try:
-            return cls.from_dict(json.loads(data))
-        except (ValueError, KeyError, TypeError, PermanentError) as e:
-            raise CorruptState(f"run record cannot be read: {e}") from None
+            return cls.from_dict(_object(decode_json(data, "run record", limit=None),
+                                         "run record"))
+        except RecursionError:
+            raise CorruptState("run record cannot be read: nested too deeply") from None
+        except Exception as e:  # noqa: BLE001 - a stored document is untrusted input too
+            raise CorruptState(f"run record cannot be read: {_why(e)}") from None
 
 
 @dataclass(frozen=True)
@@ -320,7 +339,7 @@ class StackState:
     @classmethod
     def from_json(cls, data: bytes) -> StackState:
         try:
-            d = json.loads(data)
+            d = decode_json(data, "control/stack.json", limit=None)
             if not isinstance(d, dict) or d.get("schema") != SCHEMA:
                 found = d.get("schema") if isinstance(d, dict) else d
                 raise ValueError(f"unknown schema {found!r}")
@@ -331,5 +350,7 @@ class StackState:
                 recent=tuple(RecentRun.from_dict(r) for r in d.get("recent", [])),
                 unarchived=tuple(Run.from_dict(r) for r in d.get("unarchived", [])),
             )
-        except (ValueError, KeyError, TypeError, AttributeError, PermanentError) as e:
-            raise CorruptState(f"control/stack.json cannot be read: {e}") from None
+        except RecursionError:
+            raise CorruptState("control/stack.json cannot be read: nested too deeply") from None
+        except Exception as e:  # noqa: BLE001 - the sweeper must survive any document
+            raise CorruptState(f"control/stack.json cannot be read: {_why(e)}") from None

@@ -16,13 +16,48 @@ from dataclasses import dataclass
 from typing import Any
 
 from pcp.core.errors import PermanentError
-from pcp.core.messages import NodeMarker, load_object
+from pcp.core.messages import NodeMarker, load_object, untrusted
 from pcp.core.names import MARKERS
 
 PUBSUB_EVENT = "google.cloud.pubsub.topic.v1.messagePublished"
 FINALIZED_EVENT = "google.cloud.storage.object.v1.finalized"
 STORAGE_EVENTS = "google.cloud.storage.object.v1."
 NOTIFICATION_FORMATS = ("JSON_API_V1", "NONE")
+PUBSUB_SOURCE = "//pubsub.googleapis.com/"
+STORAGE_SOURCE = "//storage.googleapis.com/"
+
+
+def topic_source(project: str, topic: str) -> str:
+    """The `source` of an event Eventarc (or a push to .../projects/P/topics/T) delivers."""
+    return f"{PUBSUB_SOURCE}projects/{project}/topics/{topic}"
+
+
+def bucket_source(bucket: str) -> str:
+    """The `source` of Eventarc's direct storage events for `bucket`."""
+    return f"{STORAGE_SOURCE}projects/_/buckets/{bucket}"
+
+
+def check_source(cloud_event: Any, expected: str) -> None:
+    """Refuse an event that did not come from this stack's topic or bucket.
+
+    A trigger wired to another stack's topic would otherwise act on that stack's requests
+    with this stack's VMs. The source is what Eventarc sets; a plain push subscription gets
+    the same source when it pushes to a URL that ends in projects/<P>/topics/<T>
+    (functions-framework reads the topic from the path), which is how the local replica
+    pushes. A push to a bare URL has no topic in its source and is refused too.
+    """
+    source = _attr(cloud_event, "source")
+    if source == expected:
+        return
+    if source is None or source.rstrip("/") + "/" in (PUBSUB_SOURCE, STORAGE_SOURCE):
+        raise PermanentError(
+            f"event source {source!r} names no topic or bucket; expected {expected!r} "
+            "(a push subscription must push to <function URL>/projects/<P>/topics/<T>)"
+        )
+    raise PermanentError(
+        f"event source {source!r} is not this stack's: expected {expected!r} "
+        "(check the trigger: it is wired to another stack's topic or bucket)"
+    )
 
 
 class Ignored(Exception):
@@ -49,6 +84,13 @@ def _message(cloud_event: Any) -> Mapping[str, Any] | None:
 
 def event_id(cloud_event: Any) -> str:
     """The Pub/Sub message id (or else the CloudEvent id), never raising: used in rejections."""
+    try:
+        return _event_id(cloud_event)
+    except Exception:  # noqa: BLE001 - an id for a log line must never fail the request
+        return ""
+
+
+def _event_id(cloud_event: Any) -> str:
     message = _message(cloud_event) or {}
     for key in ("messageId", "message_id"):
         value = message.get(key)
@@ -57,14 +99,19 @@ def event_id(cloud_event: Any) -> str:
     return _attr(cloud_event, "id") or ""
 
 
-def pubsub_payload(cloud_event: Any) -> tuple[bytes, dict[str, str], str]:
+@untrusted("Pub/Sub event")
+def pubsub_payload(cloud_event: Any, source: str | None = None
+                   ) -> tuple[bytes, dict[str, str], str]:
     """(data, attributes, message id) of a `messagePublished` CloudEvent.
 
     Pub/Sub carries the body base64-encoded; an event that cannot be decoded is permanent.
+    With `source` (see `topic_source`), an event from any other topic is refused.
     """
     kind = _attr(cloud_event, "type")
     if kind is not None and kind != PUBSUB_EVENT:
         raise PermanentError(f"expected a {PUBSUB_EVENT} event, got {kind!r}")
+    if source is not None:
+        check_source(cloud_event, source)
     if not isinstance(_data(cloud_event), Mapping):
         raise PermanentError("Pub/Sub event has no data object (expected {message, subscription})")
     message = _message(cloud_event)
@@ -104,17 +151,21 @@ class MarkerObject:
             return None
 
 
-def marker_object(cloud_event: Any, bucket: str | None = None) -> MarkerObject:
+@untrusted("storage event", keep=(Ignored,))
+def marker_object(cloud_event: Any, bucket: str | None = None, topic: str | None = None
+                  ) -> MarkerObject:
     """The new marker an event announces, from either event shape.
 
-    With `bucket`, an object of any other bucket is refused. Only `markers/` may raise events
+    With `bucket`, an object of any other bucket is refused, and so is a direct storage event
+    whose source is another bucket; with `topic` (see `topic_source`), a notification that
+    arrived on another topic. Only `markers/` may raise events
     (a notification filter keeps checkpoints and logs away); anything else is refused, so a
     misconfigured trigger shows up in `pcp status` instead of silently costing invocations.
     Raises `Ignored` for notifications other than "finalized".
     """
     kind = _attr(cloud_event, "type")
     if kind == PUBSUB_EVENT:
-        found = _notification(cloud_event)
+        found = _notification(cloud_event, topic)
     elif kind == FINALIZED_EVENT:
         found = _finalized(cloud_event)
     elif kind is not None and kind.startswith(STORAGE_EVENTS):
@@ -126,6 +177,8 @@ def marker_object(cloud_event: Any, bucket: str | None = None) -> MarkerObject:
             f"object gs://{found.bucket}/{found.name} is in another bucket; this stack's is "
             f"{bucket}"
         )
+    if bucket is not None and kind == FINALIZED_EVENT:
+        check_source(cloud_event, bucket_source(bucket))
     if not found.name.startswith(MARKERS):
         raise PermanentError(
             f"object {found.name!r} is outside {MARKERS}: only markers may raise events "
@@ -151,9 +204,9 @@ def _finalized(cloud_event: Any) -> MarkerObject:
                         _custom_metadata(obj))
 
 
-def _notification(cloud_event: Any) -> MarkerObject:
+def _notification(cloud_event: Any, topic: str | None) -> MarkerObject:
     """A GCS Pub/Sub notification: facts in the attributes, the object resource in the data."""
-    data, attrs, _ = pubsub_payload(cloud_event)
+    data, attrs, _ = pubsub_payload(cloud_event, topic)
     kind = attrs.get("eventType")
     if kind is None:
         raise PermanentError("Pub/Sub message is not a storage notification (no eventType)")

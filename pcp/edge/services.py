@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -15,6 +16,15 @@ from pcp.settings import Settings
 def now() -> datetime:
     """The one place an entry point reads the clock; the core receives the result."""
     return datetime.now(UTC)
+
+
+def new_secret() -> str:
+    """The one place an entry point draws randomness: a run's secret (256 bits, hex).
+
+    decide() is pure, so the secret is drawn here, put on the accepted request, and kept by
+    the run record from then on; its nodes receive it in their assignment.
+    """
+    return secrets.token_hex(32)
 
 
 _services: dict[tuple[Settings, str | None, str | None], Service] = {}

@@ -223,7 +223,7 @@ class Replica:
             self._wait_function(kind)
         for kind, (_, topic) in FUNCTIONS.items():
             ensure_subscription(host, o.project, f"{Names(o.stack).topic(kind)}-trigger",
-                                self.topic(topic), push_endpoint=self.function_url(kind))
+                                self.topic(topic), push_endpoint=self.push_endpoint(kind))
         self.shepherd = Child("shepherd", self._agent_argv("shepherd", "shepherd") + [
             "--stack", o.stack, "--project", o.project, "--bucket", o.bucket],
             self._agent_env(), self.log_dir / "shepherd.log").start()
@@ -304,6 +304,16 @@ class Replica:
 
     def function_url(self, kind: str) -> str:
         return f"http://127.0.0.1:{self.function_ports[kind]}/"
+
+    def push_endpoint(self, kind: str) -> str:
+        """Where function `kind`'s trigger pushes: its URL, then the topic's resource path.
+
+        functions-framework turns a push body into a CloudEvent whose source names the topic
+        in the path, the source Eventarc sets in production, so the functions' check that an
+        event came from their own stack's topic holds here unchanged.
+        """
+        topic = self.topic(FUNCTIONS[kind][1])
+        return f"{self.function_url(kind)}projects/{self.options.project}/topics/{topic}"
 
     def publish(self, kind: str, data: bytes, attributes: Mapping[str, str] | None = None
                 ) -> str:
@@ -435,7 +445,7 @@ class Replica:
         finally:
             client.close()
         ensure_subscription(self.pubsub.host, o.project, f"{Names(o.stack).topic(kind)}-trigger",
-                            self.topic(FUNCTIONS[kind][1]), push_endpoint=self.function_url(kind))
+                            self.topic(FUNCTIONS[kind][1]), push_endpoint=self.push_endpoint(kind))
 
     def kill_function(self, kind: str) -> None:
         """Crash one function server (SIGKILL): its pushes fail until it is restarted."""

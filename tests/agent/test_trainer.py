@@ -39,6 +39,8 @@ def _load_trainer() -> Any:
 
 _trainer = _load_trainer()
 recv_msg, send_msg, should_fail = _trainer.recv_msg, _trainer.send_msg, _trainer.should_fail
+proof = _trainer.proof
+SECRET = "5e" * 32
 
 
 def free_port() -> int:
@@ -78,7 +80,7 @@ def launch(tmp_path: Path) -> Iterator[Launch]:
     """Start a trainer node; every node started is killed at teardown."""
     nodes: list[Node] = []
 
-    def start(rank: int, num_nodes: int, port: int, *args: str) -> Node:
+    def start(rank: int, num_nodes: int, port: int, *args: str, secret: str = "") -> Node:
         role = "shepherd" if rank == 0 else "worker"
         log_dir = tmp_path / f"logs{rank}"
         log_dir.mkdir(exist_ok=True)
@@ -88,6 +90,9 @@ def launch(tmp_path: Path) -> Iterator[Launch]:
                "PCP_HEAD_NODE": f"127.0.0.1:{port}", "PCP_OUTPUT_DIR": str(out_dir),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "WORLD_SIZE": str(num_nodes)}
+        env.pop("PCP_RUN_SECRET", None)
+        if secret:
+            env["PCP_RUN_SECRET"] = secret
         where = ["--port", str(port), "--host", "127.0.0.1"] if rank == 0 else [
             f"--head-node=127.0.0.1:{port}"]
         with open(log_dir / "stdout", "wb") as out, open(log_dir / "stderr", "wb") as err:
@@ -259,3 +264,94 @@ def test_frames_round_trip() -> None:
         assert np.array_equal(got, vec)
         header, got = recv_msg(b)
         assert header["type"] == "done" and got.size == 0
+
+
+# ---------------------------------------------------------------- the run secret
+
+
+def test_a_cluster_sharing_the_run_secret_trains(launch: Launch) -> None:
+    port = free_port()
+    nodes = [launch(rank, 3, port, "--steps", "5", secret=SECRET) for rank in range(3)]
+    assert [n.wait() for n in nodes] == [0, 0, 0], nodes[0].stderr
+    assert nodes[0].metrics()["steps_completed"] == 5
+    for node in nodes:
+        assert SECRET not in node.stdout + node.stderr
+
+
+def handshake(port: int, hello: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """Connect as a hostile client: read the challenge, send `hello(nonce)`, return the
+    answer (or {} when the shepherd just closes)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the shepherd never listened"
+            time.sleep(0.05)
+    with sock:
+        challenge, _ = recv_msg(sock)
+        assert challenge["type"] == "challenge" and SECRET not in json.dumps(challenge)
+        send_msg(sock, hello(challenge["nonce"]))
+        try:
+            answer, _ = recv_msg(sock)
+        except _trainer.PeerLost:
+            return {}
+        return answer
+
+
+@pytest.mark.parametrize("client", ["no-proof", "forged-proof", "replayed-proof"])
+def test_a_connection_without_the_secret_is_rejected_and_the_shepherd_keeps_waiting(
+        launch: Launch, client: str) -> None:
+    port = free_port()
+    shepherd = launch(0, 2, port, "--steps", "3", secret=SECRET)
+
+    def hello(nonce: str) -> dict[str, Any]:
+        if client == "no-proof":
+            return {"type": "hello", "rank": 1}
+        if client == "forged-proof":  # a proof made with another secret
+            return {"type": "hello", "rank": 1, "nonce": "ab" * 16,
+                    "proof": proof(b"guessed", "hello", nonce, "ab" * 16, 1)}
+        # a proof that was valid for another challenge
+        return {"type": "hello", "rank": 1, "nonce": "ab" * 16,
+                "proof": proof(SECRET.encode(), "hello", "0" * 32, "ab" * 16, 1)}
+
+    assert handshake(port, hello) == {"type": "reject", "reason": "authentication failed",
+                                      "nbytes": 0}
+    wait_for_stderr(shepherd, "authentication failed")
+    worker = launch(1, 2, port, "--steps", "3", secret=SECRET)  # the genuine one still gets in
+    assert worker.wait() == 0 and shepherd.wait() == 0, shepherd.stderr
+    assert shepherd.metrics()["steps_completed"] == 3
+
+
+def test_a_worker_with_another_secret_is_refused(launch: Launch) -> None:
+    port = free_port()
+    launch(0, 2, port, "--steps", "3", "--connect-timeout", "30", secret=SECRET)
+    worker = launch(1, 2, port, "--steps", "3", secret="77" * 32)
+    assert worker.wait() == 1
+    assert "shepherd rejected this worker: authentication failed" in worker.stderr
+
+
+def test_a_worker_refuses_a_shepherd_that_cannot_prove_the_secret(launch: Launch) -> None:
+    """A fake shepherd (anything listening on the head node's port) learns nothing and is
+    not trained with: the worker checks the welcome's proof."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        worker = launch(1, 2, port, "--steps", "3", secret=SECRET)
+        srv.settimeout(WAIT)
+        conn, _ = srv.accept()
+        with conn:
+            send_msg(conn, {"type": "challenge", "nonce": "cd" * 16})
+            hello, _ = recv_msg(conn)
+            assert SECRET not in json.dumps(hello) and len(hello["proof"]) == 64
+            send_msg(conn, {"type": "welcome", "num_workers": 1, "seed": 0, "samples": 8,
+                            "features": 2, "steps": 3, "proof": "0" * 64})
+            assert worker.wait() == 1
+    assert "did not prove the run secret" in worker.stderr
+
+
+def wait_for_stderr(node: Node, text: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in node.stderr:
+        assert time.monotonic() < deadline, f"no {text!r} from node {node.rank}: {node.stderr}"
+        time.sleep(0.05)

@@ -41,7 +41,8 @@ THIRD_PARTY: dict[str, frozenset[str]] = {
     "pcp/settings.py": frozenset(),
     "pcp/logs.py": frozenset(),
     "pcp/adapters": frozenset({"google", "requests"}),
-    "pcp/edge": frozenset({"google"}),
+    # the framework's own request decoding, to acknowledge what it cannot decode (envelope.py)
+    "pcp/edge": frozenset({"google", "functions_framework", "flask", "cloudevents"}),
     "functions": frozenset({"functions_framework"}),
     "pcp/agent": frozenset({"google"}),
 }

@@ -90,8 +90,10 @@ class FnStack:
 
     def marker_event(self, name: str, generation: int, shape: str,
                      metadata: dict[str, str] | None = None) -> dict[str, Any]:
-        build = events.finalized_event if shape == "finalized" else events.notification_event
-        return build(self.bucket.name, name, generation, metadata=metadata)
+        if shape == "finalized":
+            return events.finalized_event(self.bucket.name, name, generation, metadata=metadata)
+        return events.notification_event(self.bucket.name, name, generation, metadata=metadata,
+                                         topic=f"pcp-{self.stack}-markers")
 
     def marker(self, run_id: str, node: str, kind: str, *, shape: str = "finalized",
                exit_code: int = 0) -> Any:

@@ -73,11 +73,13 @@ def finalized_event(bucket: str, name: str, generation: int | str,
 
 def notification_event(bucket: str, name: str, generation: int | str,
                        event_type: str = "OBJECT_FINALIZE",
-                       metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                       metadata: dict[str, str] | None = None, topic: str = "pcp-tiny-markers",
+                       project: str = "pcp-test") -> dict[str, Any]:
     """A GCS Pub/Sub notification (JSON_API_V1) delivered as messagePublished."""
     ev = fixture("storage_notification.json")
     mid = next_id()
     ev["id"] = mid
+    ev["source"] = f"//pubsub.googleapis.com/projects/{project}/topics/{topic}"
     message = ev["data"]["message"]
     message["messageId"] = mid
     obj = json.loads(base64.b64decode(message["data"]))

@@ -92,9 +92,10 @@ def test_marker_storm_ends_the_run_exactly_once(make_stack: MakeStack,
 
 
 def normalized(doc: Any) -> Any:
-    """A document without its timestamps, which differ between two passes by design."""
+    """A document without its timestamps and run secret, which differ between two passes by
+    design."""
     if isinstance(doc, dict):
-        return {k: normalized(v) for k, v in doc.items() if k not in TIME_KEYS}
+        return {k: normalized(v) for k, v in doc.items() if k not in (*TIME_KEYS, "secret")}
     if isinstance(doc, list):
         return [normalized(v) for v in doc]
     return doc

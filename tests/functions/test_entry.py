@@ -239,3 +239,25 @@ def test_log_refuses_an_unknown_severity() -> None:
 
 def test_now_is_timezone_aware_utc() -> None:
     assert services.now().tzinfo is UTC
+
+
+# ---------------------------------------------------------------- the source, as Google sends it
+
+
+def test_the_expected_sources_have_the_format_of_googles_published_examples() -> None:
+    """eventarc_*_example.json are verbatim examples of whole events as Google publishes
+    them: the source the functions expect is built the same way."""
+    pubsub = events.fixture("eventarc_pubsub_example.json")
+    storage = events.fixture("eventarc_storage_example.json")
+    assert edge.topic_source("test-project", "my-topic") == pubsub["source"]
+    assert edge.bucket_source(storage["data"]["bucket"]) == storage["source"]
+    edge.check_source(ce(pubsub), edge.topic_source("test-project", "my-topic"))
+    edge.check_source(ce(storage), edge.bucket_source("sample-bucket"))
+    with pytest.raises(PermanentError, match="is not this stack's"):
+        edge.check_source(ce(pubsub), edge.topic_source("test-project", "pcp-tiny-start"))
+    with pytest.raises(PermanentError, match="is not this stack's"):
+        edge.check_source(ce(storage), edge.bucket_source("pcp-tiny-pcp-test"))
+    data, attrs, message_id = edge.pubsub_payload(ce(pubsub),
+                                                  edge.topic_source("test-project", "my-topic"))
+    assert (data, attrs, message_id) == (b"test message 3", {"attr1": "attr1-value"},
+                                         "message-id")

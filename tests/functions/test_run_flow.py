@@ -147,15 +147,18 @@ def test_binary_content_mode_is_served(make_stack: MakeStack) -> None:
 
 def test_pubsub_push_body_is_served(make_stack: MakeStack) -> None:
     """What a push subscription sends (the local replica): functions-framework converts the
-    plain {message, subscription} body into a messagePublished CloudEvent."""
+    plain {message, subscription} body into a messagePublished CloudEvent, whose source names
+    the topic the push URL's path names."""
     fn = make_stack(workers=1)
     start = events.pubsub_event(json.dumps({"run_id": "pushed"}))["data"]
     client = fn.apps["on_start"].test_client()
-    assert client.post("/", json=start).status_code == 200
+    path = "/projects/pcp-test/topics/pcp-tiny-"
+    assert client.post(path + "start", json=start).status_code == 200
     assert fn.state()["active"]["run_id"] == "pushed"
     name, generation = fn.write_marker("pushed", "worker-0", "booted")
     notification = fn.marker_event(name, generation, "notification")["data"]
-    assert fn.apps["on_marker"].test_client().post("/", json=notification).status_code == 200
+    assert fn.apps["on_marker"].test_client().post(path + "markers",
+                                                   json=notification).status_code == 200
     nodes = {n["name"]: n["phase"] for n in fn.state()["active"]["nodes"]}
     assert nodes["worker-0"] == "booted"
 

@@ -168,6 +168,16 @@ def test_default_stacks_have_external_ip_and_variant_has_nat(stack_run, variant)
     assert stack_run.config["pcp:external_ip"] == "true"
     (nat,) = variant.of_type("gcp:compute/routerNat:RouterNat")
     assert nat["inputs"]["sourceSubnetworkIpRangesToNat"] == "ALL_SUBNETWORKS_ALL_IP_RANGES"
+    # One reserved address: the workers' single, stable egress IP, exported for the
+    # shepherd host's firewall.
+    (address,) = variant.of_type("gcp:compute/address:Address")
+    assert address["inputs"]["name"] == f"{variant.prefix}-egress"
+    assert address["inputs"]["addressType"] == "EXTERNAL"
+    assert nat["inputs"]["natIpAllocateOption"] == "MANUAL_ONLY"
+    assert len(nat["inputs"]["natIps"]) == 1
+    assert "worker_egress_ip" in variant.outputs
+    assert stack_run.outputs.get("worker_egress_ip") is None
+    assert stack_run.of_type("gcp:compute/address:Address") == []
     # Workers are created after the NAT they need for their first boot.
     for vm in variant.of_type(INSTANCE):
         assert nat["urn"] in vm["dependencies"]
