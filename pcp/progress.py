@@ -13,19 +13,23 @@ from pcp.core.errors import PermanentError
 from pcp.core.lifecycle import LIVE, fold_markers, markers_in
 from pcp.core.messages import NodeMarker
 from pcp.core.names import markers_prefix
-from pcp.core.ports import BlobStore
+from pcp.core.ports import BlobStore, Listed
 from pcp.core.state import StackState
 
 
-def observe(store: BlobStore, state: StackState, unless: str | None = None
-            ) -> tuple[StackState, tuple[NodeMarker, ...]]:
+def observe(store: BlobStore, state: StackState, unless: str | None = None,
+            listing: list[Listed] | None = None) -> tuple[StackState, tuple[NodeMarker, ...]]:
     """`state` with its active run's node phases derived from the run's markers, and those
-    markers. One listing, plus a read for each marker whose writer did not describe it in its
-    metadata; `unless` names a marker object to leave out (the event being handled)."""
+    markers. One listing (or `listing`, when the caller just listed that run's markers), plus
+    a read for each marker whose writer did not describe it in its metadata; `unless` names a
+    marker object to leave out (the event being handled)."""
     run = state.active
     if run is None or run.phase not in LIVE:
         return state, ()
-    listing = [i for i in store.scan(markers_prefix(run.run_id)) if i.name != unless]
+    if listing is None or not all(i.name.startswith(markers_prefix(run.run_id))
+                                  for i in listing):
+        listing = store.scan(markers_prefix(run.run_id))
+    listing = [i for i in listing if i.name != unless]
     markers, unread = markers_in(listing)
     for name in unread:
         blob = store.get(name)

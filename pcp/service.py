@@ -24,18 +24,27 @@ from pcp.core.commands import (
 )
 from pcp.core.errors import CapacityError, Conflict, CorruptState, PermanentError
 from pcp.core.events import Event, Reconcile, Rejected, StartFailed
-from pcp.core.lifecycle import Transition, compact, decide
+from pcp.core.lifecycle import (
+    Note,
+    NoteKind,
+    Transition,
+    compact,
+    decide,
+    markers_could_move_run,
+    markers_in,
+)
 from pcp.core.messages import NodeMarker, decode_json, dump
 from pcp.core.names import (
     STACK_DOC,
     corrupt_stack_doc,
+    markers_prefix,
     run_doc,
     run_prefix,
     summary_doc,
     sweep_doc,
 )
 from pcp.core.policy import Policy
-from pcp.core.ports import BlobStore, Bus, Fleet
+from pcp.core.ports import BlobStore, Bus, Fleet, Listed
 from pcp.core.state import Phase, Run, StackState
 from pcp.core.timefmt import iso
 from pcp.progress import observe
@@ -102,7 +111,7 @@ class Service:
     # ------------------------------------------------------------ events
 
     def handle(self, event: Event | Callable[[Loaded], Event], now: datetime, *,
-               unless_marker: str | None = None) -> Outcome:
+               unless_marker: str | None = None, listing: list[Listed] | None = None) -> Outcome:
         """Decide and save under a generation precondition, then execute the commands.
 
         The active run's node phases come from its markers (one listing, `fold_markers`); the
@@ -117,7 +126,8 @@ class Service:
         for attempt in range(self.max_attempts):
             if attempt and self.clock is not None:
                 now = max(now, self.clock())
-            loaded = self._with_progress(self.load(), unless_marker)
+            loaded = self._with_progress(self.load(), unless_marker,
+                                         listing if attempt == 0 else None)
             ev = event(loaded) if callable(event) else event
             transition = decide(loaded.state, ev, now, self.policy)
             stored = compact(transition.state)
@@ -151,7 +161,16 @@ class Service:
             if blob is None:
                 raise PermanentError(f"marker {object_name} does not exist (deleted?)")
             marker = NodeMarker.from_json(blob.data, object_name)
-        return self.handle(marker, now, unless_marker=object_name)
+        listing = self.store.scan(markers_prefix(marker.run_id))
+        described, unread = markers_in([i for i in listing if i.name != object_name])
+        if not unread and not markers_could_move_run(marker, described, self.policy.node_names):
+            # Progress only: it lives in the marker itself, so nothing is read or written.
+            kind = NoteKind.NODE_BOOTED if marker.kind == "booted" else NoteKind.NODE_EXITED
+            text = (f"{marker.node} booted" if marker.kind == "booted" else
+                    f"{marker.node} exited with code {marker.exit_code}")
+            note = Note(kind, marker.run_id, text)
+            return Outcome(Transition(StackState(), (), (note,)), saved=False)
+        return self.handle(marker, now, unless_marker=object_name, listing=listing)
 
     def reject(self, run_id: str, detail: str, now: datetime) -> Outcome:
         return self.handle(Rejected(run_id, detail), now)
@@ -197,9 +216,10 @@ class Service:
                 continue  # rewritten below, like a missing one
         return frozenset(written)
 
-    def _with_progress(self, loaded: Loaded, unless: str | None = None) -> Loaded:
+    def _with_progress(self, loaded: Loaded, unless: str | None = None,
+                       listing: list[Listed] | None = None) -> Loaded:
         """`loaded` with the active run's node phases derived from its markers."""
-        state, markers = observe(self.store, loaded.state, unless)
+        state, markers = observe(self.store, loaded.state, unless, listing)
         return Loaded(state, loaded.generation, loaded.lost, markers)
 
     # ------------------------------------------------------------ commands

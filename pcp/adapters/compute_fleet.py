@@ -150,24 +150,36 @@ class ComputeFleet:
     # ------------------------------------------------------------ the port
 
     def list(self) -> list[VmView]:
+        return [VmView(i.name, i.status, dict(i.labels), created=created_epoch(i))
+                for i in self._instances()]
+
+    def _instances(self) -> list[compute_v1.Instance]:
+        """Every VM of the stack, whole (status, labels, fingerprints): one paged list call."""
         req = self._cv1().ListInstancesRequest(
             project=self.project, zone=self.zone, filter=f'labels.{LABEL_STACK} = "{self.stack}"')
         with self._client() as c:
             vm = _Vm("", c, self._until())
-            instances = self._retry(vm, "list", lambda: list(self._api(
+            return self._retry(vm, "list", lambda: list(self._api(
                 "list", c.instances.list, request=req, timeout=self._timeout(vm))))
-        return [VmView(i.name, i.status, dict(i.labels), created=created_epoch(i))
-                for i in instances]
+
+    def _listed(self, names: Sequence[str]) -> dict[str, compute_v1.Instance]:
+        """The named VMs from one list call instead of one get each (several VMs only)."""
+        if len(names) < 2:
+            return {}
+        return {i.name: i for i in self._instances() if i.name in set(names)}
 
     def start(self, assignments: Sequence[Assignment], deadline: datetime) -> None:
         until = self._until()
         by_vm = {a.vm: a for a in assignments}
-        self._each(list(by_vm), lambda vm: self._start_one(vm, by_vm[vm.name], deadline), until)
+        known = self._listed(list(by_vm))
+        self._each(list(by_vm), lambda vm: self._start_one(
+            vm, by_vm[vm.name], deadline, known.get(vm.name)), until)
 
     def stop(self, vms: Sequence[str],
              spare: Callable[[], tuple[str, int] | None] | None = None,
              owner: str | None = None) -> None:
-        self._each(list(vms), lambda vm: self._stop_one(vm, spare, owner),
+        known = self._listed(list(vms)) if spare is not None else {}
+        self._each(list(vms), lambda vm: self._stop_one(vm, spare, owner, known.get(vm.name)),
                    self._until())
 
     def set_labels(self, vms: Sequence[str], labels: Mapping[str, str]) -> None:
@@ -181,9 +193,10 @@ class ComputeFleet:
 
     # ------------------------------------------------------------ one VM
 
-    def _start_one(self, vm: _Vm, a: Assignment, deadline: datetime) -> None:
+    def _start_one(self, vm: _Vm, a: Assignment, deadline: datetime,
+                   listed: compute_v1.Instance | None = None) -> None:
         try:
-            inst = self._get(vm)
+            inst = listed if listed is not None else self._get(vm)
         except gexc.NotFound:
             # Retrying cannot create a VM: end the run with the reason instead.
             raise CapacityError(f"VM {vm.name} does not exist in {self.zone}: deploy the "
@@ -214,10 +227,10 @@ class ComputeFleet:
             reason=f"{vm.name} started for attempt {a.attempt}; maxRunDuration {seconds}s")
 
     def _stop_one(self, vm: _Vm, spare: Callable[[], tuple[str, int] | None] | None,
-                  owner: str | None) -> None:
+                  owner: str | None, listed: compute_v1.Instance | None = None) -> None:
         try:
             if spare is not None:
-                inst = self._get(vm)
+                inst = listed if listed is not None else self._get(vm)
                 if inst.status == "TERMINATED":
                     return
                 labels = dict(inst.labels)

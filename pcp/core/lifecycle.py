@@ -180,6 +180,27 @@ def markers_in(listing: Iterable[Listed]) -> tuple[tuple[NodeMarker, ...], tuple
     return tuple(found), tuple(unread)
 
 
+def markers_could_move_run(marker: NodeMarker, markers: tuple[NodeMarker, ...],
+                           nodes: tuple[str, ...]) -> bool:
+    """Whether the run's markers (those listed, `marker` among them) could make a run-level
+    transition of `marker`'s attempt, whatever the stack state: a failure (fail fast), every
+    node done, or every node booted where `marker` may be what completes the boot. When not,
+    the event only records a node's progress, which lives in the markers: the service then
+    neither reads nor writes the stack document."""
+    mine = [m for m in (*markers, marker) if m.attempt == marker.attempt]
+    done = {m.node for m in mine if m.kind == "done"}
+    if any(m.kind == "done" and (m.exit_code != 0 or m.signal is not None) for m in mine):
+        return True
+    if set(nodes) <= done:
+        return True
+    if not set(nodes) <= {m.node for m in mine}:
+        return False
+    # Every node booted (or done). A booted marker may be the last boot; a done marker only
+    # when its node's boot was never seen (a done before its booted counts as the boot).
+    return marker.kind == "booted" or not any(
+        m.node == marker.node and m.kind == "booted" for m in mine)
+
+
 def compact(state: StackState) -> StackState:
     """What the stack document holds: the state without the active run's node progress,
     which lives in the markers. The document then changes only when the run does (queued,

@@ -6,6 +6,7 @@ import pytest
 
 from pcp.core.events import holds_attempt, late_stop_spares
 from pcp.core.lifecycle import marker_would_change
+from pcp.core.messages import NodeMarker
 from pcp.core.names import LABEL_ATTEMPT, LABEL_RUN
 from tests.core.helpers import Stack, marker, policy, req
 
@@ -50,3 +51,30 @@ def test_marker_would_change_matches_what_decide_does() -> None:
     assert marker_would_change(s.state, "r1", "worker-0", "done", 1)
     s(marker("r1", "worker-0", "done"))
     assert not marker_would_change(s.state, "r1", "worker-0", "done", 1)
+
+
+def test_which_markers_could_move_a_run() -> None:
+    from pcp.core.lifecycle import markers_could_move_run
+
+    nodes = ("shepherd", "worker-0", "worker-1")
+
+    def m(node: str, kind: str, code: int | None = 0, attempt: int = 1) -> NodeMarker:
+        return marker("r1", node, kind, code=code, attempt=attempt)
+
+    booted = (m("shepherd", "booted"), m("worker-0", "booted"))
+    # Not every node booted yet: progress only.
+    assert not markers_could_move_run(m("worker-0", "booted"), booted[:1], nodes)
+    # The last boot could make the run running.
+    assert markers_could_move_run(m("worker-1", "booted"), booted, nodes)
+    # A done after its own boot, with others still running: progress only.
+    all_booted = (*booted, m("worker-1", "booted"))
+    assert not markers_could_move_run(m("worker-0", "done"), all_booted, nodes)
+    # A done whose boot was never seen may be what completes the boot.
+    assert markers_could_move_run(m("worker-1", "done"), booted, nodes)
+    # A failure, at once (fail fast); every node done.
+    assert markers_could_move_run(m("worker-0", "done", code=3), booted[:1], nodes)
+    dones = (m("shepherd", "done"), m("worker-0", "done"))
+    assert markers_could_move_run(m("worker-1", "done"), (*all_booted, *dones), nodes)
+    # Markers of another attempt count for nothing.
+    old = tuple(m(n, "booted", attempt=1) for n in nodes)
+    assert not markers_could_move_run(m("worker-0", "booted", attempt=2), old, nodes)

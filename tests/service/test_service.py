@@ -319,11 +319,15 @@ def test_progress_alone_writes_nothing_and_the_document_changes_with_the_run() -
     svc, store, _, _ = make(p)
     svc.handle(req("r1"), at(0))
     writes = store.writes
+    reads: list[str] = []
+    original_get = store.get
+    store.get = lambda name: reads.append(name) or original_get(name)  # type: ignore[method-assign]
     for node in p.node_names[:-1]:
         m = marker("r1", node, "booted", 1)
         store.put(m.path, m.to_json(), metadata=m.to_metadata())
-        assert not svc.handle_marker(m.path, at(1)).saved
+        assert not svc.handle_marker(m.path, at(1), metadata=m.to_metadata()).saved
     assert store.writes == writes + len(p.node_names) - 1  # only the markers themselves
+    assert reads == [], "progress alone reads nothing either: one listing per marker"
     last = marker("r1", p.node_names[-1], "booted", 1)
     store.put(last.path, last.to_json(), metadata=last.to_metadata())
     out = svc.handle_marker(last.path, at(1))
