@@ -230,6 +230,10 @@ class Names:
     def scheduler_job(self) -> str:
         return f"{self.prefix}-sweep"
 
+    def log_metric(self, what: str) -> str:
+        """A log-based metric (infra/pcp_infra/monitoring.py): pcp-S-<what>."""
+        return f"{self.prefix}-{what}"
+
     # identity
     def service_account_id(self, role: str) -> str:
         account_id = f"{self.prefix}-{role}"
