@@ -116,6 +116,9 @@ def _synthesized_outputs(typ: str, name: str, inputs: dict[str, Any]) -> tuple[s
             f"{inputs['workloadIdentityPoolId']}/providers/{inputs['workloadIdentityPoolProviderId']}"
         )
         out = {"name": rid}
+    elif typ == "gcp:monitoring/notificationChannel:NotificationChannel":
+        rid = f"projects/{p}/notificationChannels/{abs(hash(name)) % 10**12}"
+        out = {"name": rid}
     elif typ == "gcp:projects/iAMCustomRole:IAMCustomRole":
         rid = f"projects/{p}/roles/{inputs['roleId']}"
         out = {"name": rid}

@@ -4,8 +4,9 @@ The lines are emitted by the real code (the functions' `log_outcome`, `transient
 rejection paths over a real `Service` on the in-memory adapters, and the agent's `power_off`)
 and captured from stdout. The filters registered with the mock engine are then evaluated
 against them by `matches` below, which understands only the subset of the Logging query
-language pcp's filters use: comparisons `FIELD = "string"`, `FIELD = true|false` and
-`FIELD > number` on `jsonPayload.` paths (dotted into nested objects), joined by `AND`.
+language pcp's filters use: comparisons `FIELD = "string"`, `FIELD = true|false`,
+`FIELD > number` and `FIELD >= number` on `jsonPayload.` paths (dotted into nested
+objects), joined by `AND`.
 Anything else in a filter fails the test, so the subset cannot grow unnoticed.
 """
 
@@ -36,7 +37,7 @@ METRIC = "gcp:logging/metric:Metric"
 STACK = "tiny"
 
 _COMPARISON = re.compile(
-    r'^(?P<path>jsonPayload(?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*(?P<op>=|>)\s*'
+    r'^(?P<path>jsonPayload(?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*(?P<op>>=|=|>)\s*'
     r'(?P<value>"[^"\\]*"|true|false|-?\d+(?:\.\d+)?)$')
 _EXTRACT = re.compile(r"^EXTRACT\((?P<path>jsonPayload(?:\.[A-Za-z_][A-Za-z0-9_]*)+)\)$")
 
@@ -72,7 +73,9 @@ def matches(filter_text: str, entry: dict[str, Any]) -> bool:
                     return False
             elif not isinstance(got, str) or got != want:
                 return False
-        elif isinstance(got, bool) or not isinstance(got, (int, float)) or not got > want:
+        elif isinstance(got, bool) or not isinstance(got, (int, float)):
+            return False
+        elif not (got >= want if op == ">=" else got > want):
             return False
     return True
 
@@ -124,8 +127,8 @@ def _emit() -> None:
     log_outcome(settings, "sweep", ended, "r2")
     # A quiet sweep, an input that can never succeed, a transient failure.
     log_outcome(settings, "sweep", svc.sweep(at(10 + 25 * 60)), None)
-    reject_event(svc, settings, "stop", "m-1", "not JSON", at(2000))
-    with pytest.raises(RuntimeError), transient(settings, "marker", "r3"):
+    reject_event(svc, settings, "sweep", "m-1", "not JSON", at(2000))
+    with pytest.raises(RuntimeError), transient(settings, "sweep", None):
         raise RuntimeError("storage unavailable")
     # The node agent's dead-man switch powering its VM off (`true` stands in for shutdown).
     power_off(["true"], "this node is done and the run does not keep VMs alive",
@@ -139,7 +142,8 @@ def metrics(run: StackRun) -> dict[str, dict[str, Any]]:
 def test_every_metric_is_registered_for_every_stack(stack_run: StackRun) -> None:
     got = metrics(stack_run)
     prefix = stack_run.prefix
-    expected = {f"{prefix}-runs-ended", f"{prefix}-deadman-power-offs", f"{prefix}-rejected",
+    expected = {f"{prefix}-sweeps", f"{prefix}-runs-ended", f"{prefix}-deadman-power-offs",
+                f"{prefix}-rejected",
                 f"{prefix}-cas-conflicts", f"{prefix}-function-retries",
                 *(f"{prefix}-heal-{h.value.replace('_', '-')}" for h in Heal)}
     assert set(got) == expected
@@ -182,11 +186,12 @@ def test_what_each_metric_counts(mock_runs: dict[str, StackRun],
     assert [(e["run_id"], e["end_status"], e["end_reason"]) for e in hits("runs-ended")] == [
         ("r1", "succeeded", "succeeded"), ("r2", "failed", "timed_out")]
     assert [e["event"] for e in hits("heal-orphans-stopped")] == ["sweep"]
+    assert [e["event"] for e in hits("sweeps")] == ["sweep"] * 3  # not the failed or rejected
     assert [e["run_id"] for e in hits("heal-deadline-enforced")] == ["r2"]
-    assert [e["event"] for e in hits("rejected")] == ["stop"]
+    assert [e["event"] for e in hits("rejected")] == ["sweep"]
     assert [e["event"] for e in hits("cas-conflicts")] == ["start"]
     assert [(e["event"], e["error_type"]) for e in hits("function-retries")] == [
-        ("marker", "RuntimeError")]
+        ("sweep", "RuntimeError")]
     assert [e["node"] for e in hits("deadman-power-offs")] == ["worker-0"]
 
 
@@ -194,6 +199,7 @@ def test_the_evaluator_rejects_what_it_does_not_understand() -> None:
     entry = {"stack": "tiny", "n": 2, "ok": True, "heals": {"a": 1}}
     assert matches('jsonPayload.stack="tiny" AND jsonPayload.n>1', entry)
     assert matches("jsonPayload.ok=true AND jsonPayload.heals.a>0", entry)
+    assert matches("jsonPayload.n>=2", entry) and not matches("jsonPayload.n>=3", entry)
     assert not matches('jsonPayload.stack="small"', entry)
     assert not matches("jsonPayload.missing>0", entry)
     assert not matches('jsonPayload.n="2"', entry)
@@ -201,3 +207,49 @@ def test_the_evaluator_rejects_what_it_does_not_understand() -> None:
                 'severity>="ERROR"'):
         with pytest.raises(AssertionError):
             comparisons(bad)
+
+
+POLICY = "gcp:monitoring/alertPolicy:AlertPolicy"
+CHANNEL = "gcp:monitoring/notificationChannel:NotificationChannel"
+USER_METRIC = re.compile(r'metric\.type="logging\.googleapis\.com/user/(?P<name>[^"]+)"')
+
+
+def test_every_alert_documents_its_meaning_and_first_command(any_run: StackRun) -> None:
+    policies = {r["name"]: r["inputs"] for r in any_run.of_type(POLICY)}
+    prefix = any_run.prefix
+    assert set(policies) == {f"{prefix}-alert-{w}" for w in (
+        "orphan-vm", "guard-fired", "deadline-enforced", "function-errors", "dead-letter",
+        "sweeper-silent")}
+    registered = set(metrics(any_run))
+    for name, inputs in policies.items():
+        doc = inputs["documentation"]
+        assert doc["mimeType"] == "text/markdown"
+        meaning, _, command = doc["content"].partition("\n\nFirst command to run:\n\n    ")
+        assert meaning and command.strip(), name
+        assert command.startswith(("pcp ", "gcloud ")), command
+        assert f"--stack {any_run.stack}" in command or "--project" in command, command
+        [condition] = inputs["conditions"]
+        spec = condition.get("conditionThreshold") or condition["conditionAbsent"]
+        for used in USER_METRIC.findall(spec["filter"]):
+            assert used in registered, f"{name} watches {used}, which is not a metric"
+
+
+def test_the_sweeper_silence_alert_waits_three_intervals(any_run: StackRun) -> None:
+    inputs = any_run.one(POLICY, f"{any_run.prefix}-alert-sweeper-silent")["inputs"]
+    interval = int(any_run.config["pcp:sweep_interval_minutes"])
+    assert inputs["conditions"][0]["conditionAbsent"]["duration"] == f"{3 * interval * 60}s"
+
+
+def test_alerts_notify_the_channels_from_stack_config(mock_runs: dict[str, StackRun]) -> None:
+    plain = mock_runs["tiny"]
+    assert plain.of_type(CHANNEL) == []
+    assert all(not p["inputs"].get("notificationChannels") for p in plain.of_type(POLICY))
+    configured = mock_runs["tiny-spot-private"]
+    channels = {r["inputs"]["type"]: r for r in configured.of_type(CHANNEL)}
+    assert channels["email"]["inputs"]["labels"] == {"email_address": "oncall@example.org"}
+    assert channels["pubsub"]["inputs"]["labels"] == {
+        "topic": "projects/pcp-test-project/topics/pcp-alerts"}
+    for alert in configured.of_type(POLICY):
+        got = alert["inputs"]["notificationChannels"]
+        assert len(got) == 2 and all(c.startswith("projects/pcp-test-project/notificationChannels/")
+                                     for c in got), got
