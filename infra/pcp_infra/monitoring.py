@@ -6,6 +6,7 @@ real code and matches them against these filters. The filters use a small subset
 Logging query language: comparisons `FIELD = "string"`, `FIELD = true`, `FIELD > number`,
 `FIELD >= number`, joined by `AND`, nothing else.
 
+A dashboard per stack (`StackDashboard`) charts these counters and the workers' uptime.
 Alert policies (`Alerts`) page the notification channel of `pcp:alert_email` or
 `pcp:alert_pubsub_topic`; each says in its documentation what it means and the first command
 to run.
@@ -13,13 +14,15 @@ to run.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulumi
 import pulumi_gcp as gcp
 
 from pcp.core.heals import Heal
-from pcp.core.names import Names
+from pcp.core.names import LABEL_ROLE, LABEL_STACK, Names
 
 from .base import PcpComponent
 from .config import StackConfig
@@ -240,3 +243,71 @@ class Alerts(PcpComponent):
     @property
     def policy_names(self) -> pulumi.Output[dict[str, str]]:
         return pulumi.Output.all(**{k: v.name for k, v in self.policies.items()})
+
+
+def _series(filter_text: str, group_by: tuple[str, ...] = (), aligner: str = "ALIGN_SUM",
+            period_s: int = 300) -> dict[str, Any]:
+    return {"timeSeriesQuery": {"timeSeriesFilter": {
+        "filter": filter_text,
+        "aggregation": {"alignmentPeriod": f"{period_s}s", "perSeriesAligner": aligner,
+                        "crossSeriesReducer": "REDUCE_SUM", "groupByFields": list(group_by)},
+    }}, "plotType": "STACKED_BAR" if aligner == "ALIGN_SUM" else "STACKED_AREA"}
+
+
+def _chart(title: str, *data_sets: dict[str, Any]) -> dict[str, Any]:
+    return {"title": title, "xyChart": {"dataSets": list(data_sets)}}
+
+
+def dashboard(cfg: StackConfig) -> dict[str, Any]:
+    """The stack's Cloud Monitoring dashboard (projects.dashboards JSON)."""
+    names = Names(cfg.stack, cfg.project)
+    workers = ('metric.type="compute.googleapis.com/instance/uptime" AND '
+               'resource.type="gce_instance" AND '
+               f'metadata.user_labels."{LABEL_STACK}"="{cfg.stack}" AND '
+               f'metadata.user_labels."{LABEL_ROLE}"="worker"')
+    return {
+        "displayName": f"pcp {cfg.stack}",
+        "gridLayout": {"columns": "2", "widgets": [
+            _chart("Runs ended, by status and reason",
+                   _series(user_metric(names, "runs-ended"),
+                           ("metric.label.status", "metric.label.reason"))),
+            _chart("Worker VM time: VMs up, by VM (the area is GPU time)",
+                   _series(workers, ("metadata.system_labels.name",), "ALIGN_RATE", 60)),
+            _chart("Heals by kind (sweeps that healed)",
+                   *(_series(user_metric(names, f"heal-{h.value.replace('_', '-')}"))
+                     for h in Heal)),
+            _chart("Function retries, by event and error",
+                   _series(user_metric(names, "function-retries"),
+                           ("metric.label.event", "metric.label.error_type"))),
+            _chart("Idle fleet: orphan stops and dead-man power-offs",
+                   _series(user_metric(names, "heal-orphans-stopped")),
+                   _series(user_metric(names, "deadman-power-offs"))),
+            _chart("Rejected inputs and lost compare-and-swap races",
+                   _series(user_metric(names, "rejected"), ("metric.label.event",)),
+                   _series(user_metric(names, "cas-conflicts"), ("metric.label.event",))),
+            _chart("Sweeps", _series(user_metric(names, "sweeps"))),
+        ]},
+    }
+
+
+class StackDashboard(PcpComponent):
+    TYPE = "pcp:infra:StackDashboard"
+
+    def __init__(
+        self,
+        name: str,
+        cfg: StackConfig,
+        metrics: LogMetrics,
+        *,
+        depends_on: list[pulumi.Resource],
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__(name, depends_on=depends_on, opts=opts)
+        names = Names(cfg.stack, cfg.project)
+        self.dashboard = gcp.monitoring.Dashboard(
+            f"{names.prefix}-dashboard",
+            project=cfg.project,
+            dashboard_json=json.dumps(dashboard(cfg), sort_keys=True),
+            opts=self.child_opts(*metrics.metrics.values()),
+        )
+        self.register_outputs({"dashboard": self.dashboard.id})

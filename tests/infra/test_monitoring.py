@@ -253,3 +253,30 @@ def test_alerts_notify_the_channels_from_stack_config(mock_runs: dict[str, Stack
         got = alert["inputs"]["notificationChannels"]
         assert len(got) == 2 and all(c.startswith("projects/pcp-test-project/notificationChannels/")
                                      for c in got), got
+
+
+DASHBOARD = "gcp:monitoring/dashboard:Dashboard"
+
+
+def test_the_dashboard_charts_registered_metrics_and_the_workers(any_run: StackRun) -> None:
+    [board] = any_run.of_type(DASHBOARD)
+    spec = json.loads(board["inputs"]["dashboardJson"])
+    assert spec["displayName"] == f"pcp {any_run.stack}"
+    widgets = spec["gridLayout"]["widgets"]
+    titles = " | ".join(w["title"] for w in widgets)
+    for topic in ("Runs ended", "Worker VM time", "Heals by kind", "Function retries",
+                  "Idle fleet"):
+        assert topic in titles, titles
+    registered = set(metrics(any_run))
+    used = set()
+    for widget in widgets:
+        for data in widget["xyChart"]["dataSets"]:
+            query = data["timeSeriesQuery"]["timeSeriesFilter"]["filter"]
+            used.update(USER_METRIC.findall(query))
+            assert 'metric.type="' in query
+    assert used and used <= registered, used - registered
+    heals = next(w for w in widgets if w["title"].startswith("Heals"))
+    assert len(heals["xyChart"]["dataSets"]) == len(Heal)
+    workers = next(w for w in widgets if w["title"].startswith("Worker VM time"))
+    query = workers["xyChart"]["dataSets"][0]["timeSeriesQuery"]["timeSeriesFilter"]["filter"]
+    assert f'metadata.user_labels."pcp-stack"="{any_run.stack}"' in query
