@@ -1,10 +1,10 @@
 """Log-based metrics: counters over the control plane's structured log lines, per stack.
 
 Each metric's filter names only fields the code really logs (the stable fields of
-docs/architecture.md, "Log lines"); tests/infra/test_monitoring.py emits those lines from the
-real code and matches them against these filters. The filters use a small subset of the
-Logging query language: comparisons `FIELD = "string"`, `FIELD = true`, `FIELD > number`,
-`FIELD >= number`, joined by `AND`, nothing else.
+docs/architecture.md, "Log lines and metrics"); tests/infra/test_monitoring.py emits those
+lines from the real code and matches them against these filters. The filters use a small
+subset of the Logging query language: comparisons `FIELD = "string"`, `FIELD = true`,
+`FIELD > number`, `FIELD >= number`, joined by `AND`, nothing else.
 
 A dashboard per stack (`StackDashboard`) charts these counters and the workers' uptime.
 Alert policies (`Alerts`) page the notification channel of `pcp:alert_email` or

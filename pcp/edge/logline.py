@@ -18,8 +18,8 @@ def log_outcome(settings: Settings, event: str, outcome: Outcome, run_id: str | 
                 **fields: Any) -> None:
     """The entry point's one line: what the service decided and how many races it lost.
 
-    Stable fields (docs/architecture.md, "Log lines"): `kinds`, `conflicts`, `end_reason`,
-    `end_status` and `ended` when runs ended, and `heals` on a sweep's line.
+    Stable fields (docs/architecture.md, "Log lines and metrics"): `kinds`, `conflicts`,
+    `end_reason`, `end_status` and `ended` when runs ended, and `heals` on a sweep's line.
     """
     severity = "WARNING" if outcome.errors else "INFO"
     known = None if run_id is None else outcome.transition.state.find(run_id)
