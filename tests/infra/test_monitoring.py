@@ -125,8 +125,18 @@ def _emit() -> None:
     svc.handle(StartRequest(run_id="r2", max_hours=1), at(10))
     ended = svc.sweep(at(10 + 24 * 60))
     log_outcome(settings, "sweep", ended, "r2")
+    # A kept-alive run whose markers' events were lost: the sweep ends it from the markers
+    # (lost_marker); a later sweep ends its lease (lease_ended).
+    t = 10 + 25 * 60
+    svc.handle(StartRequest(run_id="r4", keep_vm_alive=True), at(t))
+    for kind in ("booted", "done"):
+        for node in p.node_names:
+            m = marker("r4", node, kind, t + 1)
+            store.put(m.path, m.to_json())
+    log_outcome(settings, "sweep", svc.sweep(at(t + 2)), "r4")
+    log_outcome(settings, "sweep", svc.sweep(at(t + 2 + 60 * 3)), None)
     # A quiet sweep, an input that can never succeed, a transient failure.
-    log_outcome(settings, "sweep", svc.sweep(at(10 + 25 * 60)), None)
+    log_outcome(settings, "sweep", svc.sweep(at(t + 2 + 60 * 4)), None)
     reject_event(svc, settings, "sweep", "m-1", "not JSON", at(2000))
     with pytest.raises(RuntimeError), transient(settings, "sweep", None):
         raise RuntimeError("storage unavailable")
@@ -156,7 +166,7 @@ def test_every_metric_is_registered_for_every_stack(stack_run: StackRun) -> None
 
 
 #: Heals this test's scenario makes; the others are named by `Heal` (the code's own enum).
-MADE = {Heal.ORPHANS_STOPPED, Heal.DEADLINE_ENFORCED}
+MADE = {Heal.ORPHANS_STOPPED, Heal.DEADLINE_ENFORCED, Heal.LOST_MARKER, Heal.LEASE_ENDED}
 
 
 def test_each_filter_matches_the_lines_the_code_logs(mock_runs: dict[str, StackRun],
@@ -184,9 +194,12 @@ def test_what_each_metric_counts(mock_runs: dict[str, StackRun],
         return [e for e in emitted if matches(got[f"pcp-{STACK}-{what}"]["filter"], e)]
 
     assert [(e["run_id"], e["end_status"], e["end_reason"]) for e in hits("runs-ended")] == [
-        ("r1", "succeeded", "succeeded"), ("r2", "failed", "timed_out")]
+        ("r1", "succeeded", "succeeded"), ("r2", "failed", "timed_out"),
+        ("r4", "succeeded", "succeeded")]
+    assert [e["run_id"] for e in hits("heal-lost-marker")] == ["r4"]
+    assert len(hits("heal-lease-ended")) == 1
     assert [e["event"] for e in hits("heal-orphans-stopped")] == ["sweep"]
-    assert [e["event"] for e in hits("sweeps")] == ["sweep"] * 3  # not the failed or rejected
+    assert [e["event"] for e in hits("sweeps")] == ["sweep"] * 5  # not the failed or rejected
     assert [e["run_id"] for e in hits("heal-deadline-enforced")] == ["r2"]
     assert [e["event"] for e in hits("rejected")] == ["sweep"]
     assert [e["event"] for e in hits("cas-conflicts")] == ["start"]
