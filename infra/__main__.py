@@ -21,6 +21,7 @@ from pcp_infra.fleet import WorkerFleet  # noqa: E402
 from pcp_infra.functions import ControlFunctions  # noqa: E402
 from pcp_infra.identity import GithubFederation, ServiceAccounts, ServiceAgents  # noqa: E402
 from pcp_infra.messaging import Messaging  # noqa: E402
+from pcp_infra.monitoring import Alerts, LogMetrics, StackDashboard  # noqa: E402
 from pcp_infra.network import WorkerNetwork  # noqa: E402
 from pcp_infra.scheduler import SweepSchedule  # noqa: E402
 from pcp_infra.source import CodeArchives  # noqa: E402
@@ -43,6 +44,9 @@ functions = ControlFunctions(
     "functions", cfg, accounts, agents, bucket, messaging, code, depends_on=enabled
 )
 schedule = SweepSchedule("scheduler", cfg, messaging, depends_on=[*enabled, functions])
+metrics = LogMetrics("monitoring", cfg, depends_on=enabled)
+alerting = Alerts("alerts", cfg, metrics, depends_on=enabled)
+board = StackDashboard("dashboard", cfg, metrics, depends_on=enabled)
 
 # The CLI and the workflows read these (`pulumi stack output --json`).
 pulumi.export("stack", cfg.stack)
@@ -63,6 +67,9 @@ pulumi.export("function_source", code.functions_url)
 pulumi.export("agent_archive", code.agent_url)
 pulumi.export("agent_sha256", code.agent_sha256)
 pulumi.export("scheduler_job", schedule.job.name)
+pulumi.export("log_metrics", metrics.metric_names)
+pulumi.export("alert_policies", alerting.policy_names)
+pulumi.export("dashboard", board.dashboard.id)
 pulumi.export("service_accounts", accounts.emails)
 pulumi.export("workload_identity_provider", github.provider_name)
 pulumi.export("dispatch_service_account", accounts.emails["dispatch"])

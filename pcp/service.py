@@ -24,6 +24,7 @@ from pcp.core.commands import (
 )
 from pcp.core.errors import CapacityError, Conflict, CorruptState, PermanentError
 from pcp.core.events import Event, Reconcile, Rejected, StartFailed
+from pcp.core.heals import heal_of, heals
 from pcp.core.lifecycle import (
     Note,
     NoteKind,
@@ -198,6 +199,9 @@ class Service:
             "vms": [{"name": v.name, "status": v.status, "labels": v.labels} for v in vms],
             **seen,
             "reason": outcome.reason,
+            "kinds": [k.value for k in outcome.transition.kinds()],
+            "heals": heals(outcome.transition.notes),
+            "notes": [note_record(n) for n in outcome.transition.notes],
             "actions": [describe(c) for c in outcome.commands],
             "errors": outcome.errors,
         }
@@ -320,3 +324,11 @@ def describe(command: Command) -> dict[str, Any]:
                 "labels": dict(command.labels)}
     return {"command": "archive_run", "run_id": command.run.run_id,
             "status": command.run.status.value}
+
+
+def note_record(note: Note) -> dict[str, Any]:
+    """A sweep's note for its audit record: stable kind, run, end reason, heal, and text."""
+    heal = heal_of(note)
+    return {"kind": note.kind.value, "run_id": note.run_id,
+            "ended": None if note.ended is None else note.ended.value,
+            "heal": None if heal is None else heal.value, "text": note.text}

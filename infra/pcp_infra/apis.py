@@ -28,7 +28,8 @@ REQUIRED_APIS: tuple[str, ...] = (
     "artifactregistry.googleapis.com",  # function images
     "eventarc.googleapis.com",  # Pub/Sub triggers
     "cloudscheduler.googleapis.com",  # sweep ticks
-    "logging.googleapis.com",  # function, build and worker logs
+    "logging.googleapis.com",  # function, build and worker logs; log-based metrics
+    "monitoring.googleapis.com",  # alert policies, notification channels
 )
 
 

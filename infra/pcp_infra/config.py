@@ -62,6 +62,8 @@ DEFAULTS: Mapping[str, Any] = {
     "cachix_public_key": "",
     "nix_installer_url": "",
     "nix_substituter": "",
+    "alert_email": "",
+    "alert_pubsub_topic": "",
 }
 
 #: Stack sizes are bounded by the design (1..15 workers); larger needs a deliberate change here.
@@ -85,6 +87,10 @@ _CACHIX_KEY_RE = re.compile(r"^[A-Za-z0-9._-]+:[A-Za-z0-9+/]+={0,2}$")
 _INSTALLER_URL_RE = re.compile(r"^https://[A-Za-z0-9./_~+-]+$")
 # Plain http is allowed: Nix checks every path against the trusted keys, not the transport.
 _SUBSTITUTER_RE = re.compile(r"^https?://[A-Za-z0-9.:/_~+-]+$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_TOPIC_RE = re.compile(
+    r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$"
+)
 
 
 class ConfigError(ValueError):
@@ -193,6 +199,8 @@ class StackConfig:
     cachix_public_key: str
     nix_installer_url: str
     nix_substituter: str
+    alert_email: str = ""
+    alert_pubsub_topic: str = ""
 
     # ------------------------------------------------------------------ construction
 
@@ -308,6 +316,10 @@ class StackConfig:
             ),
             nix_substituter=_parse_optional(
                 "nix_substituter", v["nix_substituter"], _SUBSTITUTER_RE
+            ),
+            alert_email=_parse_optional("alert_email", v["alert_email"], _EMAIL_RE),
+            alert_pubsub_topic=_parse_optional(
+                "alert_pubsub_topic", v["alert_pubsub_topic"], _TOPIC_RE
             ),
         )
 

@@ -68,6 +68,8 @@ PROJECT_ROLES: dict[str, tuple[str, ...]] = {
         "roles/serviceusage.serviceUsageAdmin",
         "roles/run.admin",
         "roles/eventarc.admin",
+        "roles/logging.configWriter",  # log-based metrics
+        "roles/monitoring.editor",  # alert policies, notification channels
     ),
 }
 

@@ -14,7 +14,10 @@ from datetime import datetime
 
 from pcp.agent.log import Log
 from pcp.agent.record import RunView
-from pcp.core.messages import Assignment
+from pcp.core.messages import Assignment, dump
+from pcp.core.names import power_off_doc
+from pcp.core.ports import BlobStore
+from pcp.core.timefmt import iso
 
 DEFAULT_POWEROFF = "shutdown -h now"
 
@@ -35,6 +38,18 @@ def power_off_at(a: Assignment, record: RunView | None, now: datetime) -> tuple[
             until = min(record.keep_alive_until, a.deadline)
             return until, f"keep-alive lease until {until.isoformat()}"
     return a.deadline, "keep_vm_alive: waiting for the run to end, at most until its deadline"
+
+
+def record_power_off(store: BlobStore, a: Assignment, reason: str, now: datetime,
+                     log: Log) -> None:
+    """Write runs/<run>/<node>/power_off.json before powering off, so `pcp events` shows the
+    dead-man stop without Cloud Logging. Best effort: a failed write never keeps the VM up."""
+    try:
+        store.put(power_off_doc(a.run_id, a.node),
+                  dump({"run_id": a.run_id, "node": a.node, "attempt": a.attempt,
+                        "at": iso(now), "reason": reason, "kind": "dead_man_power_off"}))
+    except Exception as e:  # noqa: BLE001 - the switch must fire whatever storage does
+        log.warning("power_off_unrecorded", f"{type(e).__name__}: {e}")
 
 
 def parse_command(text: str) -> list[str]:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from pcp.agent.assignment import Metadata, MetadataError
 from pcp.agent.config import AgentConfig
-from pcp.agent.deadman import power_off, power_off_at
+from pcp.agent.deadman import power_off, power_off_at, record_power_off
 from pcp.agent.log import Log
 from pcp.agent.record import done_attempt, read_run
 from pcp.agent.session import Session
@@ -131,6 +131,7 @@ class Worker:
                 record = None
             when, why = power_off_at(a, record, datetime.now(UTC))
             if datetime.now(UTC) >= when:
+                record_power_off(store, a, why, datetime.now(UTC), log)
                 return self.power_off(why, log)
             wait = min(self.cfg.poll_interval, (when - datetime.now(UTC)).total_seconds())
             if self.agent_stop.wait(max(wait, 0.0)):

@@ -95,6 +95,11 @@ def marker_path(run_id: str, node: str, kind: str) -> str:
     return f"{MARKERS}{run_id}/{node}/{kind}.json"
 
 
+def power_off_doc(run_id: str, node: str) -> str:
+    """What a node's dead-man switch recorded just before it powered its VM off."""
+    return node_file(run_id, node, "power_off.json")
+
+
 def sweep_doc(stamp: str) -> str:
     """One sweep's audit record."""
     return f"{SWEEPS}{stamp}.json"
@@ -229,6 +234,10 @@ class Names:
     @property
     def scheduler_job(self) -> str:
         return f"{self.prefix}-sweep"
+
+    def log_metric(self, what: str) -> str:
+        """A log-based metric (infra/pcp_infra/monitoring.py): pcp-S-<what>."""
+        return f"{self.prefix}-{what}"
 
     # identity
     def service_account_id(self, role: str) -> str:

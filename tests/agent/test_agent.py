@@ -308,6 +308,13 @@ def test_run_writes_markers_logs_and_outputs_then_powers_off(cluster: Harness,
         heartbeat = json.loads(cluster.get(f"runs/{run_id}/{a.node}/heartbeat.json") or b"{}")
         assert heartbeat["node"] == a.node and heartbeat["phase"] == "exited"
         assert agent.poweroff.exists() == (a.role == "worker"), a.node
+        # The dead-man stop is on record for `pcp events`, written before the power-off.
+        power = json.loads(cluster.get(f"runs/{run_id}/{a.node}/power_off.json") or b"null")
+        if a.role == "worker":
+            assert power["kind"] == "dead_man_power_off" and power["node"] == a.node, power
+            assert power["attempt"] == 1 and power["reason"]
+        else:
+            assert power is None, power
     assert cluster.get(f"runs/{run_id}/shepherd/checkpoint.npz")
     assert cluster.store.list(f"markers/{run_id}/") == sorted(  # logs stay out of markers/
         f"markers/{run_id}/{a.node}/{kind}.json" for a in plan_ for kind in ("booted", "done"))

@@ -194,3 +194,43 @@ def test_a_killed_function_server_heals_and_the_run_completes(tiny: Replica) -> 
                 return True
         return False
     assert healed_by_a_sweep(), "the run did not end through the sweeper's reconciliation"
+
+
+def test_pcp_events_shows_an_orphan_stop_and_a_dead_man_stop(tiny: Replica) -> None:
+    """The run's worker powers itself off (dead-man switch); then its VM comes up again with
+    no run (a person, or a lost stop) and the sweeper stops it. `pcp events`, reading only
+    the replica's bucket, shows both."""
+    from click.testing import CliRunner
+
+    from pcp.cli import cli
+    from pcp.cli.context import Context
+
+    run_id = "e2e-tiny-events"
+    start(tiny, run_id)
+    assert wait_final(tiny, run_id).status.value == "succeeded"
+    assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
+    wait_no_processes(run_id)
+    assert tiny.compute is not None
+    context = Context("tiny", store=tiny.store())
+
+    def events(*args: str) -> list[dict]:
+        result = CliRunner().invoke(cli, ["events", "--json", *args], obj=context)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["events"]
+
+    def orphan_stops() -> list[dict]:
+        return [r for r in events("--kind", "orphans_stopped") if VM in r["text"]]
+
+    before = len(orphan_stops())
+    tiny.compute.set_status(VM, "RUNNING")  # up again, no agent, no run: an orphan
+    orphans = wait_for("the sweep audit of the orphan stop",
+                       lambda: (o := orphan_stops()) and len(o) > before and o, 30)
+    assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
+    assert orphans[-1]["source"] == "sweep" and orphans[-1]["heal"] == "orphans_stopped"
+    ours = events("--run", run_id)
+    kinds = [r["kind"] for r in ours]
+    assert "run_ended" in kinds and "dead_man_power_off" in kinds, kinds
+    dead = next(r for r in ours if r["kind"] == "dead_man_power_off")
+    assert dead["text"].startswith("worker-0: ") and dead["source"] == "node"
+    assert next(r for r in ours if r["kind"] == "run_ended")["text"].startswith("succeeded")
+    assert orphans[-1]["at"] > dead["at"]

@@ -39,6 +39,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
             "pcp:sweep_interval_minutes=3",
             "pcp:cachix_cache=pcp-example",
             "pcp:cachix_public_key=pcp-example.cachix.org-1:AbCdEf0123456789+/AbCdEf0123456789=",
+            "pcp:alert_email=oncall@example.org",
+            "pcp:alert_pubsub_topic=projects/pcp-test-project/topics/pcp-alerts",
         ],
     ),
 }

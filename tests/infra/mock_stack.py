@@ -22,6 +22,7 @@ import json
 import runpy
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,9 @@ def _synthesized_outputs(typ: str, name: str, inputs: dict[str, Any]) -> tuple[s
             f"projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/"
             f"{inputs['workloadIdentityPoolId']}/providers/{inputs['workloadIdentityPoolProviderId']}"
         )
+        out = {"name": rid}
+    elif typ == "gcp:monitoring/notificationChannel:NotificationChannel":
+        rid = f"projects/{p}/notificationChannels/{zlib.crc32(name.encode())}"
         out = {"name": rid}
     elif typ == "gcp:projects/iAMCustomRole:IAMCustomRole":
         rid = f"projects/{p}/roles/{inputs['roleId']}"

@@ -211,6 +211,7 @@ STRING_MAP_KEYWORDS = {
     "environment_variables",
     "attribute_mapping",
     "custom_attributes",
+    "label_extractors",
     "attributes",
 }
 

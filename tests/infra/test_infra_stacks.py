@@ -792,7 +792,8 @@ def test_every_resource_lives_in_a_component(any_run):
         "pcp:infra:ProjectApis", "pcp:infra:ServiceAccounts", "pcp:infra:GithubFederation",
         "pcp:infra:StateBucket", "pcp:infra:Messaging", "pcp:infra:WorkerNetwork",
         "pcp:infra:WorkerFleet", "pcp:infra:ControlFunctions", "pcp:infra:SweepSchedule",
-        "pcp:infra:CodeArchives", "pcp:infra:ServiceAgents",
+        "pcp:infra:CodeArchives", "pcp:infra:ServiceAgents", "pcp:infra:LogMetrics",
+        "pcp:infra:Alerts", "pcp:infra:StackDashboard",
     }  # fmt: skip
     for r in any_run.custom:
         parent_type = r["parent"].split("::")[-2].split("$")[-1]
