@@ -1,0 +1,78 @@
+"""PyTorch through the binary contract: examples/torch-ddp on the small stack's replica.
+
+DistributedDataParallel with gloo on CPU (the CPU build of torch, a test-only requirement),
+three workers and the shepherd, in each rank layout, plus a run where one rank raises. A few
+steps each, so the tier stays small.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from pcp_dev.local.replica import Replica
+from tests.conftest import require_emulator
+from tests.e2e.helpers import metrics, start, wait_final, wait_no_processes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
+
+TRAINER = Path(__file__).resolve().parents[2] / "examples" / "torch-ddp" / "train.py"
+BINARY = f"python:{TRAINER}"
+NODES = ("shepherd", "worker-0", "worker-1", "worker-2")
+
+
+@pytest.fixture(autouse=True)
+def _torch() -> None:
+    if importlib.util.find_spec("torch") is None:
+        require_emulator("PyTorch (pip install torch==2.13.0)",
+                         ModuleNotFoundError("No module named 'torch'"))
+
+
+def exit_codes(replica: Replica, run_id: str) -> dict[str, int | None]:
+    done = wait_final(replica, run_id, timeout=120)
+    assert done.summary is not None
+    return {n["name"]: n["exit_code"] for n in done.summary["nodes"]}
+
+
+def test_ddp_all_nodes_layout(small_replica: Replica) -> None:
+    run_id = "e2e-torch-all-nodes"
+    start(small_replica, run_id, "--steps 4", binary=BINARY, layout="all-nodes")
+    assert exit_codes(small_replica, run_id) == dict.fromkeys(NODES, 0)
+    ranks = {n: metrics(small_replica, run_id, n) for n in NODES}
+    assert [ranks[n]["rank"] for n in NODES] == [0, 1, 2, 3]
+    assert {m["world_size"] for m in ranks.values()} == {4}
+    assert {m["local_rank"] for m in ranks.values()} == {0}
+    # DDP keeps the replicas in step: every rank saw the same averaged losses.
+    assert len({tuple(m["loss"]) for m in ranks.values()}) == 1
+    assert ranks["shepherd"]["steps_completed"] == 4
+    files = set(small_replica.store().list(f"runs/{run_id}/"))
+    assert f"runs/{run_id}/shepherd/checkpoint.pt" in files
+    wait_no_processes(run_id)
+
+
+def test_ddp_workers_only_layout(small_replica: Replica) -> None:
+    run_id = "e2e-torch-workers-only"
+    start(small_replica, run_id, "--steps 4", binary=BINARY, layout="workers-only")
+    assert exit_codes(small_replica, run_id) == dict.fromkeys(NODES, 0)
+    ranks = {f"worker-{i}": metrics(small_replica, run_id, f"worker-{i}") for i in range(3)}
+    assert [ranks[f"worker-{i}"]["rank"] for i in range(3)] == [0, 1, 2]
+    assert {m["world_size"] for m in ranks.values()} == {3}
+    shepherd = metrics(small_replica, run_id, "shepherd")
+    assert shepherd["hosted_store"] is True and shepherd["world_size"] == 3
+    assert shepherd["loss"] == ranks["worker-0"]["loss"]
+    files = set(small_replica.store().list(f"runs/{run_id}/"))
+    assert f"runs/{run_id}/worker-0/checkpoint.pt" in files
+    assert f"runs/{run_id}/shepherd/checkpoint.pt" not in files
+    wait_no_processes(run_id)
+
+
+def test_a_rank_that_raises_fails_the_run(small_replica: Replica) -> None:
+    run_id = "e2e-torch-raises"
+    start(small_replica, run_id, "--steps 4 --raise-on-rank 1 --raise-at-step 2 --timeout 60",
+          binary=BINARY, layout="workers-only")
+    done = wait_final(small_replica, run_id, timeout=120)
+    assert done.status.value == "failed", done.detail
+    assert "worker-1" in (done.detail or ""), done.detail
+    wait_no_processes(run_id)
