@@ -10,7 +10,8 @@ It runs three ways, from the same file:
 
 It reads only the standard variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
 and init_method="env://". Rank 0 writes ``metrics.json`` and ``checkpoint.pt`` to
-PCP_OUTPUT_DIR (default ./output); every other rank writes ``metrics.json`` too.
+PCP_OUTPUT_DIR (default ./output); every other node writes ``metrics.json`` too (a second
+process on the same node, under torchrun, ``metrics-rank<R>.json``).
 ``--raise-on-rank R --raise-at-step S`` makes rank R raise at step S (to test failure).
 """
 
@@ -51,7 +52,7 @@ def parse(argv: list[str]) -> tuple[str | None, argparse.Namespace]:
 
 def write_json(path: Path, obj: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
@@ -124,7 +125,10 @@ def train(args: argparse.Namespace, out: Path) -> int:
                    "final_loss": losses[-1] if losses else None,
                    "run_id": os.environ.get("PCP_RUN_ID"),
                    "elapsed_s": round(time.monotonic() - t0, 3)}
-        write_json(out / "metrics.json", {**metrics, "role": os.environ.get("PCP_ROLE")})
+        # One metrics.json per node; other processes of the same node (torchrun's
+        # --nproc-per-node > 1) write metrics-rank<R>.json beside it.
+        name = "metrics.json" if local_rank == 0 else f"metrics-rank{rank}.json"
+        write_json(out / name, {**metrics, "role": os.environ.get("PCP_ROLE")})
         if rank == 0:
             tmp = out / "checkpoint.pt.tmp"
             torch.save({"model": model.state_dict(), "step": len(losses)}, tmp)

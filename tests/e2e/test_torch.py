@@ -8,6 +8,10 @@ steps each, so the tier stays small.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,18 @@ def test_a_rank_that_raises_fails_the_run(small_replica: Replica) -> None:
     assert done.status.value == "failed", done.detail
     assert "worker-1" in (done.detail or ""), done.detail
     wait_no_processes(run_id)
+
+
+def test_the_same_script_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
+    """A stock torchrun launch: two processes on one node, LOCAL_RANK 0 and 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PCP_", "MASTER_"))}
+    env["PCP_OUTPUT_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(TRAINER), "--steps", "3", "--timeout", "60"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads((tmp_path / "metrics.json").read_text())
+    assert found["world_size"] == 2 and found["steps_completed"] == 3
+    assert json.loads((tmp_path / "metrics-rank1.json").read_text())["local_rank"] == 1
+    assert (tmp_path / "checkpoint.pt").is_file()
