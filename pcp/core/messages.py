@@ -265,6 +265,14 @@ def _binary(obj: JsonObj, what: str) -> str | dict[str, str] | None:
 
 # ---------------------------------------------------------------- start request
 
+
+def _metrics_node(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not NODE_RE.match(value):
+        raise PermanentError(f"{what}: metrics_node {value!r} must be shepherd or worker-<n>")
+    return value
+
 START_FIELDS = (
     "run_id",
     "stack",
@@ -275,6 +283,7 @@ START_FIELDS = (
     "max_restarts",
     "requested_by",
     "layout",
+    "metrics_node",
 )
 
 #: How ranks are numbered (docs/agent.md, "Rank layouts"): `all-nodes` makes the shepherd
@@ -282,6 +291,14 @@ START_FIELDS = (
 #: WORLD_SIZE = N and leaves the shepherd to host the rendezvous store as no rank.
 LAYOUTS = ("all-nodes", "workers-only")
 DEFAULT_LAYOUT = "all-nodes"
+
+
+def metrics_node_of(layout: str, named: str | None = None) -> str:
+    """The node whose metrics.json the run summary reads: the one the run names, else rank 0
+    of its layout (the shepherd in `all-nodes`, worker-0 in `workers-only`)."""
+    if named is not None:
+        return named
+    return "worker-0" if layout == "workers-only" else "shepherd"
 
 
 def validate_layout(value: object, what: str) -> str | None:
@@ -306,6 +323,8 @@ class StartRequest:
     stack: str | None = None
     #: The rank layout; None takes the stack's default.
     layout: str | None = None
+    #: The node whose metrics.json the run summary reads; None: rank 0 of the layout.
+    metrics_node: str | None = None
     #: The run's secret, drawn by the function that accepts the request (never on the wire:
     #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
     #: so a redelivered request still equals the one accepted.
@@ -348,6 +367,7 @@ class StartRequest:
             requested_by=_text(obj, "requested_by", what, 256),
             stack=stack,
             layout=validate_layout(obj.get("layout"), what),
+            metrics_node=_metrics_node(obj.get("metrics_node"), what),
         )
 
     def to_dict(self) -> JsonObj:
@@ -366,6 +386,8 @@ class StartRequest:
             out["stack"] = self.stack
         if self.layout is not None:
             out["layout"] = self.layout
+        if self.metrics_node is not None:
+            out["metrics_node"] = self.metrics_node
         return out
 
     def to_json(self) -> bytes:
@@ -774,6 +796,7 @@ class ShepherdCommand:
 __all__ = [
     "DEFAULT_LAYOUT",
     "LAYOUTS",
+    "metrics_node_of",
     "Assignment",
     "NodeMarker",
     "ShepherdCommand",

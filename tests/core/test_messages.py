@@ -278,3 +278,10 @@ def test_shepherd_command_round_trip_and_rules() -> None:
         ShepherdCommand.from_json(b'{"action": "start", "run_id": "exp-1"}')
     with pytest.raises(PermanentError, match="action must be start or stop"):
         ShepherdCommand.from_json(b'{"action": "pause", "run_id": "exp-1"}')
+
+
+def test_metrics_node_is_a_start_request_field() -> None:
+    req = StartRequest.from_json(b'{"run_id": "exp-1", "metrics_node": "worker-2"}')
+    assert req.metrics_node == "worker-2" and StartRequest.from_json(req.to_json()) == req
+    with pytest.raises(PermanentError, match="metrics_node 'gpu-1' must be shepherd or worker"):
+        StartRequest.from_json(b'{"run_id": "exp-1", "metrics_node": "gpu-1"}')

@@ -66,6 +66,9 @@ def test_ddp_workers_only_layout(small_replica: Replica) -> None:
     shepherd = metrics(small_replica, run_id, "shepherd")
     assert shepherd["hosted_store"] is True and shepherd["world_size"] == 3
     assert shepherd["loss"] == ranks["worker-0"]["loss"]
+    done = wait_final(small_replica, run_id)
+    assert done.summary is not None and done.summary["metrics_node"] == "worker-0"
+    assert done.summary["metrics"]["rank"] == 0 and done.summary["metrics"]["world_size"] == 3
     files = set(small_replica.store().list(f"runs/{run_id}/"))
     assert f"runs/{run_id}/worker-0/checkpoint.pt" in files
     assert f"runs/{run_id}/shepherd/checkpoint.pt" not in files
