@@ -750,6 +750,8 @@ def test_firewall_never_open_to_the_internet(any_run):
         for spec in a["ports"]
     )
     assert covered
+    # gloo and NCCL listen on ephemeral ports: the whole unprivileged range between workers.
+    assert any("1024-65535" in a["ports"] for a in tcp)
     ssh = rules[f"{any_run.prefix}-worker-ssh"]
     assert ssh["sourceRanges"] == ["35.235.240.0/20"]
     assert ssh["allows"] == [{"protocol": "tcp", "ports": ["22"]}]
