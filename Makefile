@@ -17,8 +17,9 @@ $(DEMO_STAMP): requirements-demo.txt pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(DEMO_STAMP)
 
-$(DEV_STAMP): $(DEMO_STAMP) requirements-dev.txt
+$(DEV_STAMP): $(DEMO_STAMP) requirements-dev.txt requirements-torch.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-torch.txt
 	touch $(DEV_STAMP)
 
 lint: $(DEV_STAMP)

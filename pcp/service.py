@@ -34,7 +34,7 @@ from pcp.core.lifecycle import (
     markers_could_move_run,
     markers_in,
 )
-from pcp.core.messages import NodeMarker, decode_json, dump
+from pcp.core.messages import NodeMarker, decode_json, dump, metrics_node_of
 from pcp.core.names import (
     STACK_DOC,
     corrupt_stack_doc,
@@ -281,7 +281,9 @@ class Service:
         files = [n for n in self.store.list(prefix)
                  if n not in (run_doc(run.run_id), summary_doc(run.run_id))]
         metrics = {}
-        blob = self.store.get(f"{prefix}shepherd/metrics.json")
+        node = metrics_node_of(run.request.layout or self.policy.default_layout,
+                               run.request.metrics_node)
+        blob = self.store.get(f"{prefix}{node}/metrics.json")
         if blob is not None:
             try:
                 raw = decode_json(blob.data, "metrics.json", limit=None)
@@ -305,6 +307,7 @@ class Service:
             "keep_alive_until": None if run.keep_alive_until is None else iso(run.keep_alive_until),
             "nodes": [n.to_dict() for n in run.nodes],
             "metrics": metrics,
+            "metrics_node": node,
             "files": files,
         }
 

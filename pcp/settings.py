@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pcp.core.messages import DEFAULT_LAYOUT, validate_layout
 from pcp.core.names import Names
 from pcp.core.policy import Policy
 
@@ -89,6 +90,8 @@ class Settings:
             sweep_interval_minutes=number("PCP_SWEEP_INTERVAL_MINUTES", 5),
             first_boot_grace_minutes=number("PCP_FIRST_BOOT_GRACE_MINUTES", 30),
             default_binary=env.get("PCP_BINARY") or None,
+            default_layout=validate_layout(env.get("PCP_LAYOUT") or None, "PCP_LAYOUT")
+            or DEFAULT_LAYOUT,
             worker_hourly_usd=number("PCP_WORKER_HOURLY_USD", 0),
             shepherd_hourly_usd=number("PCP_SHEPHERD_HOURLY_USD", 0),
         )
@@ -114,6 +117,7 @@ class Settings:
             "PCP_KEEP_ALIVE_HOURS": _num(p.keep_alive_hours),
             "PCP_SWEEP_INTERVAL_MINUTES": _num(p.sweep_interval_minutes),
             "PCP_BINARY": p.default_binary or "",
+            "PCP_LAYOUT": p.default_layout,
             "PCP_WORKER_HOURLY_USD": _num(p.worker_hourly_usd),
             "PCP_SHEPHERD_HOURLY_USD": _num(p.shepherd_hourly_usd),
             "PCP_FIRST_BOOT_GRACE_MINUTES": _num(p.first_boot_grace_minutes),

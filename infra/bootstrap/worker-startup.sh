@@ -205,7 +205,7 @@ After=network-online.target nix-daemon.service
 
 [Service]
 Type=simple
-ExecStart=/opt/pcp/venv/bin/python -m pcp.agent worker --work-dir /opt/pcp/work
+ExecStart=/opt/pcp/venv/bin/python -m pcp.agent worker --work-dir /opt/pcp/work --socket-ifname auto
 Environment=PYTHONUNBUFFERED=1
 # The agent powers the VM off itself when its work is done; systemd must not bring it back.
 Restart=no
@@ -251,6 +251,26 @@ start_agent() {
   log "the agent is started"
 }
 
+# Nix-built CUDA programs look for the driver's libraries (libcuda, libnvidia-*) under
+# /run/opengl-driver/lib, as on NixOS; a Debian image keeps them on the linker's path. Link
+# them there (a tmpfs: again at every boot). No driver (no GPU): nothing to do.
+# $1: the directory to link into (the default is what Nix programs look for).
+link_gpu_driver() {
+  local target=${1:-/run/opengl-driver/lib} cuda dir lib
+  cuda=$( (ldconfig -p 2>/dev/null || true) | awk '/libcuda\.so\.1 / {print $NF; exit}')
+  if [[ -z $cuda ]]; then
+    return 0
+  fi
+  dir=$(dirname "$(readlink -f "$cuda")")
+  mkdir -p "$target"
+  for lib in "$dir"/libcuda.so* "$dir"/libnvidia*.so*; do
+    if [[ -e $lib ]]; then
+      ln -sfn "$lib" "$target/"
+    fi
+  done
+  log "linked the NVIDIA driver libraries of $dir into $target"
+}
+
 main() {
   export HOME=${HOME:-/root} USER=${USER:-root}  # the Nix installer needs both
   exec 9>/run/pcp-bootstrap.lock
@@ -266,6 +286,7 @@ main() {
   install_python
   install_agent "$bucket"
   install_unit
+  link_gpu_driver
   local next
   next=$(after_bootstrap "$BOOTSTRAPPED")
   if [[ $next == poweroff ]]; then

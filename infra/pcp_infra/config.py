@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pcp.core.messages import LAYOUTS
 from pcp.core.names import (
     INSTALL_NVIDIA_DRIVER,
     META_CACHIX_CACHE,
@@ -52,6 +53,7 @@ DEFAULTS: Mapping[str, Any] = {
     "results_retention_days": 30,
     "sweep_interval_minutes": 5,
     "binary": "",
+    "layout": "all-nodes",
     "github_repository": REQUIRED,
     "worker_hourly_usd": "0.54",
     "shepherd_hourly_usd": "0",
@@ -128,6 +130,13 @@ def _parse_price(key: str, value: Any) -> float:
     return price
 
 
+def _parse_layout(value: Any) -> str:
+    layout = str(value or "").strip()
+    if layout not in LAYOUTS:
+        raise ConfigError(f"pcp:layout must be one of {', '.join(LAYOUTS)}, got {value!r}")
+    return layout
+
+
 def _parse_cidrs(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         text = value.strip()
@@ -190,6 +199,7 @@ class StackConfig:
     sweep_interval_minutes: int
     binary: str
     github_repository: str
+    layout: str
     worker_hourly_usd: float
     shepherd_hourly_usd: float
     bucket_location: str
@@ -302,6 +312,7 @@ class StackConfig:
             ),
             binary=str(v["binary"] or "").strip(),
             github_repository=repo,
+            layout=_parse_layout(v["layout"]),
             worker_hourly_usd=_parse_price("worker_hourly_usd", v["worker_hourly_usd"]),
             shepherd_hourly_usd=_parse_price("shepherd_hourly_usd", v["shepherd_hourly_usd"]),
             bucket_location=str(v["bucket_location"]).strip(),
@@ -374,7 +385,8 @@ class StackConfig:
             boot_timeout_minutes=self.boot_timeout_minutes,
             keep_alive_hours=self.keep_alive_hours,
             sweep_interval_minutes=self.sweep_interval_minutes,
-            default_binary=self.binary or None, worker_hourly_usd=self.worker_hourly_usd,
+            default_binary=self.binary or None, default_layout=self.layout,
+            worker_hourly_usd=self.worker_hourly_usd,
             shepherd_hourly_usd=self.shepherd_hourly_usd)
         return Settings(stack=self.stack, project=self.project, zone=self.zone,
                         bucket=bucket_name, policy=policy,

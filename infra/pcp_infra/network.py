@@ -57,7 +57,8 @@ class WorkerNetwork(PcpComponent):
         )
 
         self.firewalls: list[gcp.compute.Firewall] = [
-            # Worker <-> worker on the run's ports (torch rendezvous and collectives).
+            # Worker <-> worker on every unprivileged TCP port (and the run's ports): gloo and
+            # NCCL listen on ephemeral ports on every rank and either side of a pair may dial.
             gcp.compute.Firewall(
                 f"{prefix}-fw-worker-internal",
                 project=cfg.project,
@@ -65,12 +66,13 @@ class WorkerNetwork(PcpComponent):
                 network=self.network.id,
                 direction="INGRESS",
                 allows=[
-                    gcp.compute.FirewallAllowArgs(protocol="tcp", ports=list(cfg.worker_ports)),
+                    gcp.compute.FirewallAllowArgs(
+                        protocol="tcp", ports=sorted({"1024-65535", *cfg.worker_ports})),
                     gcp.compute.FirewallAllowArgs(protocol="icmp"),
                 ],
                 source_tags=[tag],
                 target_tags=[tag],
-                description="pcp workers talk to each other on the run's ports",
+                description="pcp workers talk to each other on every unprivileged TCP port",
                 opts=self.child_opts(),
             ),
             # SSH only through IAP TCP forwarding (`gcloud compute ssh --tunnel-through-iap`).

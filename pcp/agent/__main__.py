@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nix-bin-dir", metavar="DIR",
                    help="directory holding nix and nix-store (default: PATH, then the "
                    "multi-user profile)")
+    p.add_argument("--socket-ifname", metavar="IFACE",
+                   help="set NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME for the binary (unless "
+                   "already set); 'auto': the default route's interface")
     return p
 
 
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         grace=args.grace, upload_interval=args.upload_interval,
         poll_interval=args.poll_interval, output_interval=args.output_interval,
         boot_grace=args.boot_grace, nix_bin_dir=args.nix_bin_dir,
+        socket_ifname=args.socket_ifname or None,
         stop_upload_budget=args.stop_upload_budget, log_file=args.log_file,
         log_max_bytes=args.log_max_bytes, log_backups=args.log_backups)
     if cfg.log_file is not None:

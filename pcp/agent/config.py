@@ -25,6 +25,9 @@ class AgentConfig:
     boot_grace: float = 60.0  # how long a worker with no assignment waits before powering off
     progress_interval: float = 5.0  # "waiting for the shepherd" lines
     nix_bin_dir: str | None = None
+    #: NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME for the binary: an interface name, "auto" (the
+    #: interface of the default route: a VM's primary one), or None to leave them unset.
+    socket_ifname: str | None = None
     keep_runs: int = 3  # local work directories of older runs are deleted
     log_file: Path | None = None  # the agent's own rotated log (shepherd Mac); None: stdout
     log_max_bytes: int = 50 * 1024 * 1024

@@ -154,6 +154,7 @@ class Session:
     def launch(self, prefix: list[str]) -> Result:
         argv = prefix + self.a.argv(prefix[0])[1:]
         env = {**os.environ, **self.a.env(str(self.output))}
+        env.update({k: v for k, v in socket_env(self.cfg.socket_ifname).items() if k not in env})
         runner = Runner(argv, env, self.dir, self.stdout, self.stderr)
         self.uploader.marker("booted")
         started = time.monotonic()
@@ -240,3 +241,27 @@ def prune(work_dir: Path, keep: int, current: str) -> None:
         return
     for old in runs[max(keep - 1, 0):]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+SOCKET_VARS = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
+
+
+def default_route_interface(route_table: str = "/proc/net/route") -> str | None:
+    """The interface of the IPv4 default route (Linux), or None."""
+    try:
+        lines = Path(route_table).read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 2 and fields[1] == "00000000":
+            return fields[0]
+    return None
+
+
+def socket_env(ifname: str | None, route_table: str = "/proc/net/route") -> dict[str, str]:
+    """NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME for `--socket-ifname` (docs/agent.md)."""
+    if not ifname:
+        return {}
+    name = default_route_interface(route_table) if ifname == "auto" else ifname
+    return dict.fromkeys(SOCKET_VARS, name) if name else {}

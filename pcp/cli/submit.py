@@ -15,7 +15,7 @@ from pcp.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WAIT_TIMEOUT, fail
 from pcp.cli.options import FLAGS, console, context, echo_json, resources
 from pcp.cli.views import WaitTimeout, follow
 from pcp.core.errors import PermanentError
-from pcp.core.messages import StartRequest
+from pcp.core.messages import LAYOUTS, StartRequest
 from pcp.core.state import Status
 
 
@@ -43,6 +43,8 @@ def _binary(ref: str) -> Any:
                                               "platform -> store path")
 @click.option("--max-hours", type=float, help="deadline in hours (capped by the stack)")
 @click.option("--max-restarts", type=int, help="restarts after a lost node or boot timeout")
+@click.option("--layout", type=click.Choice(LAYOUTS), help="rank layout (docs/agent.md); "
+                                                          "default: the stack's")
 @click.option("--run-id", help="fix the run id (default r-YYYYMMDD-HHMMSS-xxxx)")
 @click.option("--wait", is_flag=True, help="follow the run until it ends; exit 0 on success")
 @click.option("--timeout", type=float, metavar="SECONDS", help="with --wait: stop waiting "
@@ -51,8 +53,9 @@ def _binary(ref: str) -> Any:
               help="with --wait: how often to read the state")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
-        max_hours: float | None, max_restarts: int | None, run_id: str | None, wait: bool,
-        timeout: float | None, poll: float, as_json: bool) -> None:
+        max_hours: float | None, max_restarts: int | None, layout: str | None,
+        run_id: str | None, wait: bool, timeout: float | None, poll: float,
+        as_json: bool) -> None:
     """Request a training run; print its id (and with --wait, follow it to the end)."""
     flags = click.get_current_context().meta.get(FLAGS, {})
     body: dict[str, Any] = {"run_id": run_id or new_run_id(utcnow()),
@@ -65,6 +68,8 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         body["max_hours"] = max_hours
     if max_restarts is not None:
         body["max_restarts"] = max_restarts
+    if layout is not None:
+        body["layout"] = layout
     if flags.get("stack"):
         body["stack"] = flags["stack"]
     try:  # the control plane's own parser: what fails here would be rejected there

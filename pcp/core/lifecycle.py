@@ -562,6 +562,7 @@ def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
             boot_deadline=run.started_at + policy.boot_timeout,
             keep_vm_alive=run.request.keep_vm_alive,
             secret=run.secret,
+            layout=run.request.layout or policy.default_layout,
         )
         for rank, name in enumerate(policy.node_names)
     )

@@ -265,6 +265,14 @@ def _binary(obj: JsonObj, what: str) -> str | dict[str, str] | None:
 
 # ---------------------------------------------------------------- start request
 
+
+def _metrics_node(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not NODE_RE.match(value):
+        raise PermanentError(f"{what}: metrics_node {value!r} must be shepherd or worker-<n>")
+    return value
+
 START_FIELDS = (
     "run_id",
     "stack",
@@ -274,7 +282,31 @@ START_FIELDS = (
     "max_hours",
     "max_restarts",
     "requested_by",
+    "layout",
+    "metrics_node",
 )
+
+#: How ranks are numbered (docs/agent.md, "Rank layouts"): `all-nodes` makes the shepherd
+#: rank 0 of WORLD_SIZE = nodes; `workers-only` makes the workers ranks 0..N-1 of
+#: WORLD_SIZE = N and leaves the shepherd to host the rendezvous store as no rank.
+LAYOUTS = ("all-nodes", "workers-only")
+DEFAULT_LAYOUT = "all-nodes"
+
+
+def metrics_node_of(layout: str, named: str | None = None) -> str:
+    """The node whose metrics.json the run summary reads: the one the run names, else rank 0
+    of its layout (the shepherd in `all-nodes`, worker-0 in `workers-only`)."""
+    if named is not None:
+        return named
+    return "worker-0" if layout == "workers-only" else "shepherd"
+
+
+def validate_layout(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if value not in LAYOUTS:
+        raise PermanentError(f"{what}: layout must be one of {', '.join(LAYOUTS)}, got {value!r}")
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -289,6 +321,10 @@ class StartRequest:
     max_restarts: int = 0
     requested_by: str | None = None
     stack: str | None = None
+    #: The rank layout; None takes the stack's default.
+    layout: str | None = None
+    #: The node whose metrics.json the run summary reads; None: rank 0 of the layout.
+    metrics_node: str | None = None
     #: The run's secret, drawn by the function that accepts the request (never on the wire:
     #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
     #: so a redelivered request still equals the one accepted.
@@ -330,6 +366,8 @@ class StartRequest:
             max_restarts=_int(obj, "max_restarts", what, 0, MAX_RESTARTS, 0),
             requested_by=_text(obj, "requested_by", what, 256),
             stack=stack,
+            layout=validate_layout(obj.get("layout"), what),
+            metrics_node=_metrics_node(obj.get("metrics_node"), what),
         )
 
     def to_dict(self) -> JsonObj:
@@ -346,6 +384,10 @@ class StartRequest:
             out["requested_by"] = self.requested_by
         if self.stack is not None:
             out["stack"] = self.stack
+        if self.layout is not None:
+            out["layout"] = self.layout
+        if self.metrics_node is not None:
+            out["metrics_node"] = self.metrics_node
         return out
 
     def to_json(self) -> bytes:
@@ -543,6 +585,7 @@ ASSIGNMENT_FIELDS = (
     "boot_deadline",
     "keep_vm_alive",
     "secret",
+    "layout",
 )
 
 
@@ -571,6 +614,7 @@ class Assignment:
     #: The run's secret: only its nodes receive it (this assignment, the shepherd command),
     #: never a label or a log line. The binary gets it as PCP_RUN_SECRET (docs/agent.md).
     secret: str = field(default="", repr=False)
+    layout: str = DEFAULT_LAYOUT
 
     @property
     def vm(self) -> str:
@@ -591,22 +635,44 @@ class Assignment:
         return [executable, "worker", f"--head-node={self.head_node}", *self.args]
 
     def env(self, output_dir: str) -> dict[str, str]:
-        return {
+        """The binary's environment (the table in docs/agent.md, "Rank layouts").
+
+        `rank` is the node's index (shepherd 0, worker-i i); the torch variables follow the
+        layout. The shepherd's MASTER_ADDR is the loopback address: the store it hosts (or the
+        one rank 0 starts in `all-nodes`) listens on every interface, and its public name may
+        not be reachable from inside (NAT hairpin).
+        """
+        workers = self.num_nodes - 1
+        env = {
             "PCP_RUN_ID": self.run_id,
             "PCP_ATTEMPT": str(self.attempt),
             "PCP_STACK": self.stack,
             "PCP_NODE": self.node,
             "PCP_ROLE": self.role,
+            "PCP_LAYOUT": self.layout,
             "PCP_NODE_RANK": str(self.rank),
             "PCP_NUM_NODES": str(self.num_nodes),
+            "PCP_NUM_WORKERS": str(workers),
             "PCP_HEAD_NODE": self.head_node,
             "PCP_OUTPUT_DIR": output_dir,
-            "MASTER_ADDR": self.head_host,
+            "MASTER_ADDR": "127.0.0.1" if self.role == "shepherd" else self.head_host,
             "MASTER_PORT": str(self.port),
-            "RANK": str(self.rank),
-            "WORLD_SIZE": str(self.num_nodes),
             **({"PCP_RUN_SECRET": self.secret} if self.secret else {}),
         }
+        if self.role == "worker":
+            env["PCP_WORKER_RANK"] = str(self.rank - 1)
+        if self.layout == "workers-only":
+            env["WORLD_SIZE"] = str(workers)
+            if self.role == "worker":
+                # The shepherd hosts the store: every rank, rank 0 too, is a client of it.
+                env.update(RANK=str(self.rank - 1), GROUP_RANK=str(self.rank - 1),
+                           TORCHELASTIC_USE_AGENT_STORE="True")
+        else:
+            env.update(RANK=str(self.rank), GROUP_RANK=str(self.rank),
+                       WORLD_SIZE=str(self.num_nodes))
+        if "RANK" in env:
+            env.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", GROUP_WORLD_SIZE=env["WORLD_SIZE"])
+        return env
 
     def to_dict(self) -> JsonObj:
         return {
@@ -625,6 +691,7 @@ class Assignment:
             "boot_deadline": iso(self.boot_deadline),
             "keep_vm_alive": self.keep_vm_alive,
             **({"secret": self.secret} if self.secret else {}),
+            **({"layout": self.layout} if self.layout != DEFAULT_LAYOUT else {}),
         }
 
     def to_json(self) -> bytes:
@@ -665,6 +732,7 @@ class Assignment:
             boot_deadline=parse_time(obj.get("boot_deadline"), f"{what}: boot_deadline"),
             keep_vm_alive=_bool(obj, "keep_vm_alive", what),
             secret=validate_secret(obj.get("secret"), what),
+            layout=validate_layout(obj.get("layout"), what) or DEFAULT_LAYOUT,
         )
 
     @classmethod
@@ -726,6 +794,9 @@ class ShepherdCommand:
 
 
 __all__ = [
+    "DEFAULT_LAYOUT",
+    "LAYOUTS",
+    "metrics_node_of",
     "Assignment",
     "NodeMarker",
     "ShepherdCommand",

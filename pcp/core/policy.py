@@ -23,6 +23,8 @@ class Policy:
     keep_alive_hours: float = 2.0
     sweep_interval_minutes: float = 5.0
     default_binary: str | None = None
+    #: The rank layout of a run whose request names none (docs/agent.md, "Rank layouts").
+    default_layout: str = "all-nodes"
     worker_hourly_usd: float = 0.0
     shepherd_hourly_usd: float = 0.0
     #: A VM that has never been given a run and was created less than this long ago is still

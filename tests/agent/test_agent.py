@@ -264,7 +264,8 @@ def script(path: Path, body: str) -> Path:
 ARGV_DUMP = """import json, os, sys
 out = os.environ["PCP_OUTPUT_DIR"]
 env = {k: v for k, v in os.environ.items() if k.startswith("PCP_") or k in
-       ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+       ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NCCL_SOCKET_IFNAME",
+        "GLOO_SOCKET_IFNAME")}
 with open(os.path.join(out, "argv.json"), "w") as f:
     json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": env}, f)
 print("binary ran", flush=True)
@@ -393,6 +394,18 @@ def test_shell_metacharacters_reach_the_binary_as_literal_arguments(
     assert seen["env"]["PCP_OUTPUT_DIR"].endswith(f"{run_id}/1/output")
     assert seen["cwd"].endswith(f"{run_id}/1")
     assert agent.poweroff.exists()
+
+
+def test_the_binary_gets_the_socket_interface_and_local_rank(
+        harness: Harness, head: int, tmp_path: Path) -> None:
+    run_id = new_run()
+    binary = script(tmp_path / "dump-argv", ARGV_DUMP)
+    a = assignments(run_id, harness.stack, 1, head, (), binary=str(binary))[1]
+    agent = harness.worker(a, "worker-0", "--socket-ifname", "eth9")
+    assert agent.wait() == 0, agent.text()
+    seen = json.loads(harness.get(f"runs/{run_id}/worker-0/argv.json") or b"{}")
+    assert seen["env"]["NCCL_SOCKET_IFNAME"] == seen["env"]["GLOO_SOCKET_IFNAME"] == "eth9"
+    assert seen["env"]["LOCAL_RANK"] == "0" and seen["env"]["PCP_WORKER_RANK"] == "0"
 
 
 @pytest.mark.parametrize("case", ["missing", "stale"])

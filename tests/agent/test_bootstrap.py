@@ -84,6 +84,8 @@ def test_systemd_unit_runs_the_worker_agent_and_lets_it_finish() -> None:
     argv = shlex.split(service["ExecStart"])
     assert argv[:4] == ["/opt/pcp/venv/bin/python", "-m", "pcp.agent", "worker"]
     assert build_parser().parse_args(argv[3:]).role == "worker"
+    # gloo and NCCL bind to the VM's primary interface (docs/agent.md)
+    assert build_parser().parse_args(argv[3:]).socket_ifname == "auto"
     assert service["Restart"] == "no"  # the agent powers the VM off; nothing restarts it
     assert service["KillMode"] == "mixed" and service["KillSignal"] == "SIGTERM"
     # grace, then uploads (a Spot VM is cut off after 30 s anyway; a standard one after 120)
@@ -207,3 +209,38 @@ def test_the_startup_script_powers_off_after_the_first_boot() -> None:
     assert main.index('next=$(after_bootstrap "$BOOTSTRAPPED")') < main.index("start_agent\n")
     assert "shutdown -h now\n    return 0" in main
     assert "readonly BOOTSTRAPPED=$PCP/bootstrap.done" in text
+
+
+# ---------------------------------------------------------------- the GPU driver for Nix
+
+
+def link_gpu_driver(tmp_path: Path, ldconfig_output: str) -> subprocess.CompletedProcess[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "ldconfig"
+    fake.write_text(f"#!/bin/sh\ncat <<'OUT'\n{ldconfig_output}OUT\n")
+    fake.chmod(0o755)
+    return subprocess.run(
+        ["bash", "-c", 'source "$1"; set -euo pipefail; link_gpu_driver "$2"', "boot",
+         str(STARTUP), str(tmp_path / "opengl-driver" / "lib")],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+
+
+def test_the_nvidia_driver_libraries_are_linked_where_nix_programs_look(tmp_path: Path) -> None:
+    driver = tmp_path / "usr-lib"
+    driver.mkdir()
+    for name in ("libcuda.so.1", "libcuda.so.550.54", "libnvidia-ml.so.1", "libz.so.1"):
+        (driver / name).write_text("")
+    done = link_gpu_driver(tmp_path, f"\tlibcuda.so.1 (libc6,x86-64) => {driver}/libcuda.so.1\n")
+    assert done.returncode == 0, done.stderr
+    linked = tmp_path / "opengl-driver" / "lib"
+    assert sorted(p.name for p in linked.iterdir()) == [
+        "libcuda.so.1", "libcuda.so.550.54", "libnvidia-ml.so.1"]
+    assert (linked / "libcuda.so.1").resolve() == driver / "libcuda.so.1"
+
+
+def test_no_driver_links_nothing(tmp_path: Path) -> None:
+    done = link_gpu_driver(tmp_path, "\tlibz.so.1 (libc6,x86-64) => /usr/lib/libz.so.1\n")
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "opengl-driver").exists()

@@ -36,6 +36,19 @@ def test_start_on_idle_stack_starts_every_node() -> None:
     assert "accepted" in t.reason and "starting" in t.reason
 
 
+@pytest.mark.parametrize(("requested", "default", "expected"), [
+    (None, "all-nodes", "all-nodes"), (None, "workers-only", "workers-only"),
+    ("workers-only", "all-nodes", "workers-only"), ("all-nodes", "workers-only", "all-nodes")])
+def test_the_layout_comes_from_the_request_else_the_stack(
+        requested: str | None, default: str, expected: str) -> None:
+    t = Stack(policy(workers=2, default_layout=default))(req("r1", layout=requested))
+    start, shepherd = of(t, StartNodes)[0], of(t, CommandShepherd)[0]
+    assert isinstance(start, StartNodes) and isinstance(shepherd, CommandShepherd)
+    assert shepherd.command.assignment is not None
+    layouts = {a.layout for a in (*start.assignments, shepherd.command.assignment)}
+    assert layouts == {expected}
+
+
 def test_start_while_busy_queues_fifo() -> None:
     s = Stack()
     s(req("r1"))

@@ -219,6 +219,57 @@ def test_assignment_argv_and_env() -> None:
     assert Assignment.from_json(worker.to_json()) == worker
 
 
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+              "GROUP_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "MASTER_ADDR", "MASTER_PORT")
+PCP_RANKS = ("PCP_LAYOUT", "PCP_NODE_RANK", "PCP_NUM_NODES", "PCP_WORKER_RANK",
+             "PCP_NUM_WORKERS")
+
+
+def layout_env(layout: str, node: str, rank: int) -> dict[str, str]:
+    a = assignment(node=node, role="shepherd" if node == "shepherd" else "worker", rank=rank,
+                   num_nodes=4, layout=layout)
+    env = a.env("/out")
+    assert Assignment.from_json(a.to_json()) == a
+    return {k: env[k] for k in TORCH_VARS + PCP_RANKS if k in env}
+
+
+def test_all_nodes_layout_numbers_the_shepherd_rank_0() -> None:
+    assert layout_env("all-nodes", "shepherd", 0) == {
+        "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+        "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "9000", "PCP_LAYOUT": "all-nodes", "PCP_NODE_RANK": "0",
+        "PCP_NUM_NODES": "4", "PCP_NUM_WORKERS": "3"}
+    assert layout_env("all-nodes", "worker-2", 3) == {
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+        "GROUP_RANK": "3", "GROUP_WORLD_SIZE": "4", "MASTER_ADDR": "mac.example",
+        "MASTER_PORT": "9000", "PCP_LAYOUT": "all-nodes", "PCP_NODE_RANK": "3",
+        "PCP_NUM_NODES": "4", "PCP_WORKER_RANK": "2", "PCP_NUM_WORKERS": "3"}
+
+
+def test_workers_only_layout_leaves_the_shepherd_no_rank() -> None:
+    assert layout_env("workers-only", "shepherd", 0) == {
+        "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9000",
+        "PCP_LAYOUT": "workers-only", "PCP_NODE_RANK": "0", "PCP_NUM_NODES": "4",
+        "PCP_NUM_WORKERS": "3"}
+    assert layout_env("workers-only", "worker-0", 1) == {
+        "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+        "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "3", "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "MASTER_ADDR": "mac.example", "MASTER_PORT": "9000", "PCP_LAYOUT": "workers-only",
+        "PCP_NODE_RANK": "1", "PCP_NUM_NODES": "4", "PCP_WORKER_RANK": "0",
+        "PCP_NUM_WORKERS": "3"}
+
+
+def test_layout_is_a_start_request_field() -> None:
+    req = StartRequest.from_json(b'{"run_id": "exp-1", "layout": "workers-only"}')
+    assert req.layout == "workers-only"
+    assert StartRequest.from_json(req.to_json()) == req
+    assert StartRequest.from_json(b'{"run_id": "exp-1"}').layout is None
+    with pytest.raises(PermanentError, match="layout must be one of all-nodes, workers-only"):
+        StartRequest.from_json(b'{"run_id": "exp-1", "layout": "gpus-only"}')
+    with pytest.raises(PermanentError, match="layout must be one of"):
+        Assignment.from_dict({**assignment().to_dict(), "layout": "x"})
+
+
 def test_shepherd_command_round_trip_and_rules() -> None:
     cmd = ShepherdCommand("start", "exp-1", 1, assignment(node="shepherd", role="shepherd",
                                                           rank=0))
@@ -227,3 +278,10 @@ def test_shepherd_command_round_trip_and_rules() -> None:
         ShepherdCommand.from_json(b'{"action": "start", "run_id": "exp-1"}')
     with pytest.raises(PermanentError, match="action must be start or stop"):
         ShepherdCommand.from_json(b'{"action": "pause", "run_id": "exp-1"}')
+
+
+def test_metrics_node_is_a_start_request_field() -> None:
+    req = StartRequest.from_json(b'{"run_id": "exp-1", "metrics_node": "worker-2"}')
+    assert req.metrics_node == "worker-2" and StartRequest.from_json(req.to_json()) == req
+    with pytest.raises(PermanentError, match="metrics_node 'gpu-1' must be shepherd or worker"):
+        StartRequest.from_json(b'{"run_id": "exp-1", "metrics_node": "gpu-1"}')

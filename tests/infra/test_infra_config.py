@@ -143,7 +143,7 @@ def test_function_environment_is_all_strings():
     assert set(env) == {
         "PCP_STACK", "PCP_PROJECT", "PCP_ZONE", "PCP_BUCKET", "PCP_WORKER_COUNT",
         "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
-        "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY",
+        "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY", "PCP_LAYOUT",
         "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
         "PCP_FIRST_BOOT_GRACE_MINUTES",
     }  # fmt: skip
@@ -236,3 +236,13 @@ def test_object_inputs_use_args_classes_not_dict_literals():
                 if kw.arg is not None and is_dict and kw.arg not in STRING_MAP_KEYWORDS:
                     offenders.append(f"{path.name}:{value.lineno} {kw.arg}=")
     assert not offenders, offenders
+
+
+def test_layout_is_a_stack_default():
+    def env(cfg: StackConfig) -> dict[str, str]:
+        return cfg.function_environment("b", timeout_seconds=60)
+
+    assert env(parse())["PCP_LAYOUT"] == "all-nodes"
+    assert env(parse(layout="workers-only"))["PCP_LAYOUT"] == "workers-only"
+    with pytest.raises(ConfigError, match="pcp:layout must be one of all-nodes, workers-only"):
+        parse(layout="gpus-only")

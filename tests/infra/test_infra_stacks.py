@@ -49,7 +49,7 @@ PCP_ENV = {
     "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
     "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY",
     "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
-    "PCP_FIRST_BOOT_GRACE_MINUTES",
+    "PCP_FIRST_BOOT_GRACE_MINUTES", "PCP_LAYOUT",
 }  # fmt: skip
 
 #: The event-driven maximum (Cloud Functions 2nd gen): every function may wait on VM stops,
@@ -320,6 +320,7 @@ def test_functions_environment(any_run):
         "PCP_KEEP_ALIVE_HOURS": cfg["pcp:keep_alive_hours"],
         "PCP_SWEEP_INTERVAL_MINUTES": cfg["pcp:sweep_interval_minutes"],
         "PCP_BINARY": cfg["pcp:binary"],
+        "PCP_LAYOUT": cfg.get("pcp:layout", "all-nodes"),
         "PCP_WORKER_HOURLY_USD": cfg["pcp:worker_hourly_usd"],
         "PCP_SHEPHERD_HOURLY_USD": cfg["pcp:shepherd_hourly_usd"],
         # not a stack setting: the policy's default, written so the contract is complete
@@ -749,6 +750,8 @@ def test_firewall_never_open_to_the_internet(any_run):
         for spec in a["ports"]
     )
     assert covered
+    # gloo and NCCL listen on ephemeral ports: the whole unprivileged range between workers.
+    assert any("1024-65535" in a["ports"] for a in tcp)
     ssh = rules[f"{any_run.prefix}-worker-ssh"]
     assert ssh["sourceRanges"] == ["35.235.240.0/20"]
     assert ssh["allows"] == [{"protocol": "tcp", "ports": ["22"]}]

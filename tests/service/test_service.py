@@ -336,3 +336,20 @@ def test_progress_alone_writes_nothing_and_the_document_changes_with_the_run() -
     assert doc.active is not None and doc.active.status.value == "running"
     # the document holds no node progress: that lives in the markers
     assert all(n.phase.value == "pending" for n in doc.active.nodes)
+
+
+@pytest.mark.parametrize(("fields", "node"), [
+    ({}, "shepherd"), ({"layout": "all-nodes"}, "shepherd"),
+    ({"layout": "workers-only"}, "worker-0"),
+    ({"layout": "workers-only", "metrics_node": "worker-1"}, "worker-1"),
+    ({"metrics_node": "worker-1"}, "worker-1")])
+def test_the_summary_takes_the_metrics_of_rank_0_or_the_node_the_run_names(
+        fields: dict[str, str], node: str) -> None:
+    svc, store, _, _ = make(policy(workers=2))
+    svc.handle(req("r1", **fields), at(0))
+    for name in ("shepherd", "worker-0", "worker-1"):
+        store.put(f"runs/r1/{name}/metrics.json", json.dumps({"from": name}).encode())
+        svc.handle_marker(write_marker(store, marker("r1", name, "done", 5)), at(5))
+    summary = json.loads(store.get(summary_doc("r1")).data)  # type: ignore[union-attr]
+    assert summary["status"] == "succeeded"
+    assert summary["metrics"] == {"from": node} and summary["metrics_node"] == node

@@ -222,7 +222,7 @@ def fake_pcp(tmp_path: Path) -> Path:
 
 
 def wait(fake_pcp: Path, tmp_path: Path, *, exit_code: int, seconds_left: int,
-         training_config: str = "", keep: str = "false"):  # noqa: ANN201
+         training_config: str = "", keep: str = "false", layout: str = "stack-default"):  # noqa: ANN201
     assert shutil.which("timeout"), "coreutils timeout is needed (the runner has it)"
     args_file = tmp_path / "pcp-args"
     env = {
@@ -233,6 +233,7 @@ def wait(fake_pcp: Path, tmp_path: Path, *, exit_code: int, seconds_left: int,
         "RUN_ID": "gh-1-1",
         "KEEP_VM_ALIVE": keep,
         "TRAINING_CONFIG": training_config,
+        "LAYOUT": layout,
     }
     proc, out, _ = run_script(step_by_id("run")["run"], env, tmp_path)
     argv = args_file.read_text().splitlines() if args_file.exists() else []
@@ -277,6 +278,13 @@ def test_inputs_stay_single_arguments(fake_pcp, tmp_path) -> None:  # noqa: ANN0
     assert option(argv, "--config") == config
     assert "--keep-vm-alive" in argv
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_layout_input_becomes_the_layout_flag(fake_pcp, tmp_path) -> None:  # noqa: ANN001
+    _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100, layout="workers-only")
+    assert option(argv, "--layout") == "workers-only"
+    _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100)
+    assert "--layout" not in argv  # the stack's default
 
 
 def test_the_wait_is_backed_up_by_timeout() -> None:
