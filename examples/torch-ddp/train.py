@@ -47,6 +47,8 @@ def parse(argv: list[str]) -> tuple[str | None, argparse.Namespace]:
     parser.add_argument("--raise-on-rank", type=int, default=None)
     parser.add_argument("--raise-at-step", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--peer-loss-grace", type=float, default=5.0,
+                        help="seconds the shepherd lingers after a rank failed")
     return mode, parser.parse_args(argv[1:] if mode else argv)
 
 
@@ -67,7 +69,10 @@ def host_store(args: argparse.Namespace, out: Path) -> int:
     print(f"shepherd: store on port {os.environ['MASTER_PORT']} for {world} ranks", flush=True)
     while store.add(FINISHED, 0) < world:
         if store.check([FAILED]):
-            print("shepherd: a rank failed", flush=True)
+            # Linger so that the failing rank's own exit comes first and the run's reason
+            # names it, not the store that noticed (pcp ends a run at its first failure).
+            print(f"shepherd: rank {store.get(FAILED).decode()} failed", flush=True)
+            time.sleep(args.peer_loss_grace)
             return 1
         if time.monotonic() - t0 > args.timeout:
             print("shepherd: timed out waiting for the ranks", flush=True)
