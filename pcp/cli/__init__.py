@@ -14,7 +14,7 @@ from pcp import __version__
 from pcp.cli.control import stop, sweep
 from pcp.cli.doctor import doctor
 from pcp.cli.errors import PcpGroup
-from pcp.cli.inspect import logs, queue, results, runs, status
+from pcp.cli.inspect import logs, queue, results, runs, status, watch
 from pcp.cli.local import local
 from pcp.cli.shepherd import shepherd
 from pcp.cli.submit import run
@@ -30,7 +30,8 @@ def cli() -> None:
     """
 
 
-for command in (run, status, runs, queue, logs, results, stop, sweep, doctor, local, shepherd):
+for command in (run, watch, status, runs, queue, logs, results, stop, sweep, doctor, local,
+                shepherd):
     cli.add_command(command)
 
 

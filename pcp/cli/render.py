@@ -85,6 +85,18 @@ def outcome(view: RunView) -> str:
     return f"run {view.run_id} {view.status.value}{why}{detail}"
 
 
+def failure_text(found: Iterable[Any], run_id: str, stack: str) -> str:
+    """Plain lines for stderr: each failing node's exit, the end of its stderr, and the
+    command that prints all of its output."""
+    out = []
+    for f in found:
+        how = f"signal {f.signal}" if f.signal else f"exit code {f.exit_code}"
+        out.append(f"{f.node} failed with {how}; the last lines of its stderr:")
+        out += [f"  | {line}" for line in f.stderr_tail] or ["  (its stderr is empty)"]
+        out.append(f"all of its output: pcp logs {run_id} --node {f.node} --stack {stack}")
+    return "".join(line + "\n" for line in out)
+
+
 # ---------------------------------------------------------------- progress
 
 
@@ -270,12 +282,14 @@ def queue_table(state: StackState, now: datetime) -> RenderableType:
 
 def runs_table(rows: Iterable[dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False)
-    for col in ("run", "status", "reason", "started", "duration", "est. cost", "detail"):
+    table.add_column("run", no_wrap=True)  # an id is what a person copies: never folded
+    for col in ("status", "reason", "started", "duration", "est. cost", "config", "detail"):
         table.add_column(col)
     for r in rows:
         table.add_row(escape(r["run_id"]), styled(r["status"]), escape(r["reason"] or "-"),
                       when(r["started_at"]), duration(r["duration_s"]),
-                      cost(r["estimated_cost_usd"]), escape(r["detail"] or ""))
+                      cost(r["estimated_cost_usd"]), escape(r.get("training_config") or "-"),
+                      escape(r["detail"] or ""))
     return table
 
 

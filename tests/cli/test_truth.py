@@ -1,0 +1,176 @@
+"""The CLI says what is true: a reused run id, a request it changed or refuses, a run state
+its nodes contradict, why a run failed, and which run a short name means."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import timedelta
+
+import pytest
+from rich.console import Console
+
+from pcp.cli.render import runs_table
+from pcp.core.names import run_doc
+from tests.cli.conftest import POLICY, T0
+
+pytestmark = pytest.mark.cli
+
+USAGE = ("usage: train [-h] [--lr LR] [--steps STEPS]\n"
+         "train: error: unrecognized arguments: --lrr 0.1\n")
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.output
+    assert lines and lines[-1].startswith("pcp: error: "), result.output
+    return lines[-1]
+
+
+def fail_with_usage(stack, run_id: str) -> None:
+    """A run whose worker exits 2 after printing the trainer's usage error on stderr."""
+    stack.start(run_id, training_config="--lrr 0.1")
+    for node in POLICY.node_names:
+        stack.marker(run_id, node, "booted", T0 + timedelta(minutes=1))
+    stack.store.put(f"runs/{run_id}/worker-0/stderr.log", USAGE.encode())
+    stack.store.put(f"runs/{run_id}/worker-0/stdout.log", b"loading data\n")
+    stack.marker(run_id, "worker-0", "done", T0 + timedelta(minutes=2), exit_code=2,
+                 duration_s=60.0)
+    stack.marker(run_id, "shepherd", "done", T0 + timedelta(minutes=2), exit_code=0,
+                 duration_s=60.0)
+
+
+# ---------------------------------------------------------------- 1: a reused run id
+
+
+def test_reused_run_id_with_another_request_is_refused(stack, invoke) -> None:
+    stack.start("myexp", training_config="--lr 0.1")
+    stack.finish("myexp", {})
+    result = invoke(["run", "--run-id", "myexp", "--config", "--lr 0.5", "--wait",
+                     "--poll", "0.01"], obj=stack.context)
+    assert result.exit_code == 2, result.output
+    assert "run id 'myexp' is already used" in error_line(result)
+    assert "succeeded" not in result.stdout and "0.125" not in result.stdout
+    assert stack.published("start") == []
+
+
+def test_reused_run_id_with_the_same_request_is_the_same_run(stack, invoke) -> None:
+    stack.start("myexp", training_config="--lr 0.1")
+    stack.finish("myexp", {})
+    result = invoke(["run", "--run-id", "myexp", "--config", "--lr 0.1", "--wait",
+                     "--poll", "0.01"], obj=stack.context)
+    assert result.exit_code == 0, result.output
+    assert "this is the same run, not a new one" in result.stderr
+    assert stack.published("start") == []
+
+
+# ---------------------------------------------------------------- 4: no contradicting frame
+
+
+def test_an_ended_run_is_never_shown_with_pending_nodes(stack, invoke) -> None:
+    stack.start("r-x")
+    at_start = stack.store.get(run_doc("r-x")).data  # archived when the run started
+    stack.finish("r-x", {})
+    stack.store.put(run_doc("r-x"), at_start)  # the final record not yet archived
+    out = invoke(["status", "r-x"], obj=stack.context).stdout
+    assert "succeeded" in out and "pending" not in out
+    data = json.loads(invoke(["status", "r-x", "--json"], obj=stack.context).stdout)
+    assert data["status"] == "succeeded" and data["run"] is None
+
+
+# ---------------------------------------------------------------- 5: no silent changes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--poll", "0", "--wait"], "'--poll': 0.0 is not in the range"),
+    (["--timeout", "60"], "--timeout only applies with --wait"),
+    (["--binary", "not a ref"], "--binary 'not a ref' is not a flake reference"),
+    (["--binary", '{"x86_64-linux": "a b"}'], "--binary for x86_64-linux 'a b'"),
+])
+def test_a_request_that_would_be_changed_or_fail_later_is_refused(stack, invoke, args,
+                                                                  message) -> None:
+    result = invoke(["run", *args], obj=stack.context)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert stack.bus.messages == []
+
+
+def test_max_hours_capped_by_the_stack_is_said(stack, invoke, control_plane) -> None:
+    control_plane(stack.store, stack.bus, {})
+    result = invoke(["run", "--run-id", "r-long", "--max-hours", "999", "--wait",
+                     "--poll", "0.01", "--timeout", "20"], obj=stack.context)
+    assert result.exit_code == 0, result.output
+    assert "max_hours 999 capped to the stack limit 6" in result.stderr
+
+
+# ---------------------------------------------------------------- 7: a failure says why
+
+
+def test_failed_run_prints_the_exit_the_stderr_and_the_logs_command(stack, invoke) -> None:
+    fail_with_usage(stack, "r-typo")
+    result = invoke(["status", "r-typo"], obj=stack.context)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "worker-0 failed with exit code 2" in out
+    assert "unrecognized arguments: --lrr 0.1" in out  # the trainer's own usage error
+    assert "pcp logs r-typo --node worker-0 --stack tiny" in out
+
+
+def test_watch_of_a_failed_run_says_why_and_exits_1(stack, invoke) -> None:
+    fail_with_usage(stack, "r-typo")
+    result = invoke(["watch", "r-typo", "--poll", "0.01"], obj=stack.context)
+    assert result.exit_code == 1, result.output
+    assert "unrecognized arguments: --lrr 0.1" in result.stdout
+    assert "pcp logs r-typo --node worker-0" in result.stdout
+    assert "worker-0 exited with code 2" in error_line(result)
+
+
+def test_logs_can_print_one_stream(stack, invoke) -> None:
+    fail_with_usage(stack, "r-typo")
+    out = invoke(["logs", "r-typo", "--node", "worker-0", "--stream", "stderr"],
+                 obj=stack.context).stdout
+    assert "unrecognized arguments" in out and "loading data" not in out
+
+
+# ---------------------------------------------------------------- 8: re-attach and refer
+
+
+def test_watch_and_status_w_follow_a_run_to_its_end(stack, invoke) -> None:
+    stack.start("r-20261129-120000-abcd")
+    stack.finish("r-20261129-120000-abcd", {})
+    for args in (["watch", "r-20261129-120000-abcd"], ["status", "-w", "latest"]):
+        result = invoke([*args, "--poll", "0.01"], obj=stack.context)
+        assert result.exit_code == 0, result.output
+        assert "succeeded" in result.stdout and "0.125" in result.stdout
+
+
+def test_latest_and_unique_prefixes_name_a_run(stack, invoke) -> None:
+    stack.start("r-20261129-120000-abcd")
+    stack.finish("r-20261129-120000-abcd", {})
+    stack.start("r-20261129-130000-ef01", now=T0 + timedelta(hours=1))
+    data = json.loads(invoke(["status", "latest", "--json"], obj=stack.context).stdout)
+    assert data["run_id"] == "r-20261129-130000-ef01"
+    data = json.loads(invoke(["status", "r-20261129-12", "--json"], obj=stack.context).stdout)
+    assert data["run_id"] == "r-20261129-120000-abcd"
+    out = invoke(["logs", "r-20261129-12", "--node", "worker-0"], obj=stack.context).stdout
+    assert "worker-0: step 1" in out
+    result = invoke(["status", "r-2026"], obj=stack.context)
+    assert result.exit_code == 1
+    assert "'r-2026' names 2 runs" in error_line(result)
+
+
+def test_runs_shows_the_config_and_never_folds_an_id_at_80_columns(stack, invoke) -> None:
+    run_id = "gh-12345678-run-with-a-long-name-1"
+    stack.start(run_id, training_config="--lr 0.1 --steps 100")
+    stack.finish(run_id, {"worker-0": 1})
+    out = invoke(["runs"], obj=stack.context).stdout
+    assert "--lr 0.1 --steps 100" in out
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(runs_table(
+        [dict(row, detail="x" * 60) for row in _rows(invoke, stack)]))
+    assert run_id in buf.getvalue()
+
+
+def _rows(invoke, stack) -> list[dict]:
+    return json.loads(invoke(["runs", "--json"], obj=stack.context).stdout)["runs"]
+
