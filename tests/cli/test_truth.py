@@ -82,7 +82,7 @@ def test_an_ended_run_is_never_shown_with_pending_nodes(stack, invoke) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--poll", "0", "--wait"], "'--poll': 0.0 is not in the range"),
+    (["--poll", "0"], "'--poll': 0.0 is not in the range"),
     (["--timeout", "60"], "--timeout only applies with --wait"),
     (["--binary", "not a ref"], "--binary 'not a ref' is not a flake reference"),
     (["--binary", '{"x86_64-linux": "a b"}'], "--binary for x86_64-linux 'a b'"),
