@@ -131,6 +131,9 @@ class Progress:
         self.quiet = quiet
         self.started = monotonic()
         self.last = ""
+        self.view: RunView | None = None
+        #: The latest line each node wrote to its log, shown under the node table.
+        self.latest: dict[str, str] = {}
         self.live = (Live(console=console, auto_refresh=False)
                      if console.is_terminal and not quiet else None)
 
@@ -146,9 +149,11 @@ class Progress:
     def __call__(self, view: RunView | None) -> None:
         if self.quiet:
             return
+        self.view = view
         elapsed = self.monotonic() - self.started
         if self.live is not None:
-            self.live.update(progress_table(view, self.run_id, elapsed), refresh=True)
+            self.live.update(progress_table(view, self.run_id, elapsed, self.latest),
+                             refresh=True)
             return
         line = progress_line(view, self.run_id, elapsed)
         if line != self.last:
@@ -156,8 +161,18 @@ class Progress:
             self.console.print(f"[{int(elapsed):>5d}s] {line}", markup=False)
 
 
-def progress_table(view: RunView | None, run_id: str, elapsed: float) -> RenderableType:
-    """The live display on a terminal, redrawn at every poll."""
+    def tick(self) -> None:
+        """Between polls: redraw the live display so its clock moves every second."""
+        if self.live is not None and not self.quiet:
+            elapsed = self.monotonic() - self.started
+            self.live.update(progress_table(self.view, self.run_id, elapsed, self.latest),
+                             refresh=True)
+
+
+def progress_table(view: RunView | None, run_id: str, elapsed: float,
+                   latest: dict[str, str] | None = None) -> RenderableType:
+    """The live display on a terminal, redrawn every second: the run, its nodes and the
+    latest line each node wrote to its log."""
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]run[/]", escape(run_id), "[bold]elapsed[/]", duration(elapsed))
     if view is None:
@@ -169,7 +184,15 @@ def progress_table(view: RunView | None, run_id: str, elapsed: float) -> Rendera
         head.add_row("[bold]queue[/]", f"position {view.position}")
     if view.run is None or not view.run.nodes:
         return head
-    return Group(head, nodes_table(view.run))
+    parts: list[RenderableType] = [head, nodes_table(view.run)]
+    if latest:
+        lines = Table(box=None, pad_edge=False, show_header=False)
+        lines.add_column("node", style="bold", no_wrap=True)
+        lines.add_column("latest line", overflow="ellipsis", no_wrap=True)
+        for node in sorted(latest):
+            lines.add_row(escape(node), escape(latest[node]))
+        parts.append(lines)
+    return Group(*parts)
 
 
 def nodes_table(run: Run) -> Table:

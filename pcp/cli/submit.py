@@ -13,7 +13,16 @@ import click
 from pcp.cli.context import Context, requested_by, utcnow
 from pcp.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WAIT_TIMEOUT, fail
 from pcp.cli.options import FLAGS, console, context, echo_json, resources
-from pcp.cli.views import ACCEPT_WITHIN_S, NotAccepted, WaitTimeout, failures, find_run, follow
+from pcp.cli.views import (
+    ACCEPT_WITHIN_S,
+    LogTail,
+    NotAccepted,
+    WaitTimeout,
+    failures,
+    find_run,
+    follow,
+    last_lines,
+)
 from pcp.core.errors import PermanentError
 from pcp.core.messages import StartRequest
 from pcp.core.state import Status
@@ -176,7 +185,11 @@ def wait_for(ctx: Context, run_id: str, *, timeout: float | None, poll: float,
 
     said: list[str] = []
 
+    tail = LogTail(ctx.store, run_id, stream="stdout")
+
     def show_and_note(view: Any) -> None:
+        if view is not None and not quiet and show.live is not None:
+            last_lines(tail.poll(), show.latest)
         show(view)
         note = capped(view)
         if note and not said and not quiet:
@@ -188,7 +201,7 @@ def wait_for(ctx: Context, run_id: str, *, timeout: float | None, poll: float,
         with Progress(console(), run_id, ctx.monotonic, quiet=quiet) as show:
             return follow(ctx.store, run_id, on_view=show_and_note, sleep=ctx.sleep,
                           monotonic=ctx.monotonic, poll=poll, timeout=timeout,
-                          accept_within=accept_within)
+                          accept_within=accept_within, on_tick=show.tick)
     except NotAccepted as e:
         fail(str(e), EXIT_WAIT_TIMEOUT)
     except KeyboardInterrupt:

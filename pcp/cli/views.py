@@ -362,13 +362,15 @@ def failures(store: BlobStore, view: RunView, lines: int = 10) -> list[NodeFailu
 def follow(store: BlobStore, run_id: str, *, on_view: Callable[[RunView | None], None],
            sleep: Callable[[float], None], monotonic: Callable[[], float],
            poll: float, timeout: float | None, settle: float = 15.0,
-           accept_within: float | None = ACCEPT_WITHIN_S) -> RunView:
+           accept_within: float | None = ACCEPT_WITHIN_S,
+           on_tick: Callable[[], None] | None = None) -> RunView:
     """Poll until the run ends; `on_view` sees every poll (None: not accepted yet).
 
     The end is saved in the stack document a moment before the summary is archived, so an
     ended run is polled up to `settle` seconds more for its summary (metrics, cost).
     A request still unaccepted after `accept_within` seconds raises `NotAccepted`; one
     unaccepted when `timeout` passes raises it too (there is no run that goes on).
+    Between polls `on_tick` is called every second (a live clock need not wait for a poll).
     """
     started = monotonic()
     ended_at: float | None = None
@@ -389,4 +391,21 @@ def follow(store: BlobStore, run_id: str, *, on_view: Callable[[RunView | None],
                               f"`pcp doctor` and the start function's logs")
         elif timeout is not None and waited >= timeout:
             raise WaitTimeout(f"gave up waiting for run {run_id} after {timeout:g} s")
-        sleep(poll)
+        if on_tick is None:
+            sleep(poll)
+            continue
+        left = poll
+        while left > 1e-9:
+            step = min(1.0, left)
+            sleep(step)
+            left -= step
+            on_tick()
+
+
+def last_lines(chunks: list[tuple[str, bytes]], into: dict[str, str]) -> dict[str, str]:
+    """Keep the latest non-empty line each node wrote (`LogTail.poll` chunks), by node."""
+    for name, data in chunks:
+        lines = [ln for ln in data.decode("utf-8", errors="replace").splitlines() if ln.strip()]
+        if lines:
+            into[name.split("/", 1)[0]] = lines[-1][-200:]
+    return into

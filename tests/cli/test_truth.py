@@ -10,7 +10,8 @@ from datetime import timedelta
 import pytest
 from rich.console import Console
 
-from pcp.cli.render import runs_table
+from pcp.cli.render import Progress, runs_table
+from pcp.cli.views import WaitTimeout, find_run, follow, last_lines
 from pcp.core.names import run_doc
 from tests.cli.conftest import POLICY, T0
 
@@ -174,3 +175,40 @@ def test_runs_shows_the_config_and_never_folds_an_id_at_80_columns(stack, invoke
 def _rows(invoke, stack) -> list[dict]:
     return json.loads(invoke(["runs", "--json"], obj=stack.context).stdout)["runs"]
 
+
+
+# ---------------------------------------------------------------- 6: a live view
+
+
+def test_the_live_clock_moves_every_second_between_polls(stack) -> None:
+    stack.start("r-t")
+    clock, ticks = [0.0], []
+    with pytest.raises(WaitTimeout):
+        follow(stack.store, "r-t", on_view=lambda v: None,
+               sleep=lambda s: clock.__setitem__(0, clock[0] + s),
+               monotonic=lambda: clock[0], poll=5, timeout=10,
+               on_tick=lambda: ticks.append(clock[0]))
+    assert ticks == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+
+
+def test_the_live_view_shows_each_nodes_latest_line_and_a_ticking_clock(stack) -> None:
+    stack.start("r-live")
+    stack.marker("r-live", "worker-0", "booted", T0 + timedelta(minutes=1))
+    view = find_run(stack.store, "r-live")
+    buf, clock = io.StringIO(), [0.0]
+    terminal = Console(file=buf, force_terminal=True, width=100, color_system=None)
+    with Progress(terminal, "r-live", lambda: clock[0]) as show:
+        show.latest.update({"worker-0": "step 40/100 loss 0.3125"})
+        show(view)
+        for _ in range(3):
+            clock[0] += 1
+            show.tick()
+    out = buf.getvalue()
+    assert "step 40/100 loss 0.3125" in out
+    assert all(f"{s}s" in out for s in (1, 2, 3))  # redrawn every second, not every poll
+
+
+def test_last_lines_keeps_each_nodes_latest_line() -> None:
+    latest = last_lines([("worker-0/stdout.log", b"step 1\nstep 2\n\n"),
+                         ("shepherd/stdout.log", b"loss 0.5")], {})
+    assert latest == {"worker-0": "step 2", "shepherd": "loss 0.5"}
