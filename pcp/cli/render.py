@@ -51,7 +51,14 @@ def duration(seconds: float | None) -> str:
 
 
 def cost(usd: Any) -> str:
-    return "-" if usd is None else f"${float(usd):.2f}"
+    """Dollars and cents; under a cent, the fraction of a cent (never a $0.00 that the JSON
+    contradicts)."""
+    if usd is None:
+        return "-"
+    usd = float(usd)
+    if 0 < abs(usd) < 0.01:
+        return f"${usd:.4f}"
+    return f"${usd:.2f}"
 
 
 def when(t: datetime | str | None) -> str:
@@ -303,7 +310,7 @@ def queue_table(state: StackState, now: datetime) -> RenderableType:
     return table
 
 
-def runs_table(rows: Iterable[dict[str, Any]]) -> Table:
+def runs_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False)
     table.add_column("run", no_wrap=True)  # an id is what a person copies: never folded
     for col in ("status", "reason", "started", "duration", "est. cost", "config", "detail"):
@@ -313,6 +320,14 @@ def runs_table(rows: Iterable[dict[str, Any]]) -> Table:
                       when(r["started_at"]), duration(r["duration_s"]),
                       cost(r["estimated_cost_usd"]), escape(r.get("training_config") or "-"),
                       escape(r["detail"] or ""))
+    costs = [float(r["estimated_cost_usd"]) for r in rows
+             if r["estimated_cost_usd"] is not None]
+    durations = [float(r["duration_s"]) for r in rows if r["duration_s"] is not None]
+    if len(rows) > 1 and (costs or durations):
+        table.add_section()
+        table.add_row(f"total ({len(rows)} runs)", "", "", "",
+                      duration(sum(durations)) if durations else "-",
+                      cost(sum(costs)) if costs else "-", "", "")
     return table
 
 

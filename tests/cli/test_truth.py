@@ -212,3 +212,32 @@ def test_last_lines_keeps_each_nodes_latest_line() -> None:
     latest = last_lines([("worker-0/stdout.log", b"step 1\nstep 2\n\n"),
                          ("shepherd/stdout.log", b"loss 0.5")], {})
     assert latest == {"worker-0": "step 2", "shepherd": "loss 0.5"}
+
+
+# ---------------------------------------------------------------- --help
+
+
+def test_top_level_help_lists_every_command_whole_at_80_columns(invoke) -> None:
+    from pcp.cli import cli
+
+    result = invoke(["--help"], env={"COLUMNS": "80"})
+    lines = result.stdout.splitlines()
+    commands = lines[lines.index("Commands:") + 1:]
+    assert {line.split()[0] for line in commands if line.strip()} == set(cli.commands)
+    assert all(len(line) <= 80 and not line.endswith("...") for line in commands)
+
+
+# ---------------------------------------------------------------- 11: costs
+
+
+def test_costs_in_text_match_the_json_and_runs_has_totals(stack, invoke) -> None:
+    from pcp.cli.render import cost
+
+    assert cost(0.004) == "$0.0040" and cost(0.05) == "$0.05" and cost(0) == "$0.00"
+    for run_id in ("r-a", "r-b"):
+        stack.start(run_id)
+        stack.finish(run_id, {})
+    rows = _rows(invoke, stack)
+    out = invoke(["runs"], obj=stack.context).stdout
+    total = sum(r["estimated_cost_usd"] for r in rows)
+    assert "total (2 runs)" in out and f"${total:.2f}" in out and "1h00m00s" in out
