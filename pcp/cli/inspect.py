@@ -169,11 +169,12 @@ def logs(run_id: str, node: str | None, stream: str, keep: bool, poll: float) ->
 @click.command()
 @resources
 @click.argument("run_id")
-@click.option("--dest", required=True, type=click.Path(file_okay=False),
-              help="directory to download runs/RUN_ID/ into")
+@click.option("--dest", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="where to put the run's directory: files land in DEST/RUN_ID/")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def results(run_id: str, dest: str, as_json: bool) -> None:
-    """Download everything under runs/RUN_ID/ and print the files and the summary."""
+    """Download everything under runs/RUN_ID/ into DEST/RUN_ID/ (so one run never
+    overwrites another's files) and print the files and the summary."""
     from pcp.cli.render import run_renderable
 
     ctx = context()
@@ -181,7 +182,7 @@ def results(run_id: str, dest: str, as_json: bool) -> None:
     view = find_run(ctx.store, run_id)
     if view is None:
         unknown_run(ctx, run_id)
-    root = Path(dest)
+    root = Path(dest) / run_id
     files = download(ctx.store, run_id, root)
     if as_json:
         echo_json({"run_id": run_id, "dest": str(root), "files": files, "run": view.to_dict()})

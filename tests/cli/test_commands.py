@@ -338,8 +338,8 @@ def test_results_downloads_the_run(stack, invoke, tmp_path) -> None:
     stack.start("r-res")
     stack.finish("r-res", {})
     stack.store.put("runs/r-res/worker-0/ckpt/step-100.pt", b"\x00weights")
-    dest = tmp_path / "out"
-    result = invoke(["results", "r-res", "--dest", str(dest)], obj=stack.context)
+    dest = tmp_path / "out" / "r-res"  # DEST/RUN_ID/: one run never overwrites another's
+    result = invoke(["results", "r-res", "--dest", str(tmp_path / "out")], obj=stack.context)
     assert result.exit_code == 0, result.output
     assert (dest / "worker-0" / "ckpt" / "step-100.pt").read_bytes() == b"\x00weights"
     assert json.loads((dest / "summary.json").read_text())["status"] == "succeeded"

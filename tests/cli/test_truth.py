@@ -241,3 +241,20 @@ def test_costs_in_text_match_the_json_and_runs_has_totals(stack, invoke) -> None
     out = invoke(["runs"], obj=stack.context).stdout
     total = sum(r["estimated_cost_usd"] for r in rows)
     assert "total (2 runs)" in out and f"${total:.2f}" in out and "1h00m00s" in out
+
+
+# ---------------------------------------------------------------- 9: results
+
+
+def test_results_go_into_run_dirs_under_the_current_directory(stack, invoke, tmp_path,
+                                                               monkeypatch) -> None:
+    for run_id in ("r-one", "r-two"):
+        stack.start(run_id)
+        stack.finish(run_id, {})
+    monkeypatch.chdir(tmp_path)
+    for run_id in ("r-one", "r-two"):
+        result = invoke(["results", run_id], obj=stack.context)
+        assert result.exit_code == 0, result.output
+    for run_id in ("r-one", "r-two"):
+        summary = json.loads((tmp_path / run_id / "summary.json").read_text())
+        assert summary["run_id"] == run_id
