@@ -201,7 +201,8 @@ def wait_for(ctx: Context, run_id: str, *, timeout: float | None, poll: float,
         with Progress(console(), run_id, ctx.monotonic, quiet=quiet) as show:
             return follow(ctx.store, run_id, on_view=show_and_note, sleep=ctx.sleep,
                           monotonic=ctx.monotonic, poll=poll, timeout=timeout,
-                          accept_within=accept_within, on_tick=show.tick)
+                          accept_within=accept_within, on_tick=show.tick,
+                          check=ctx.check_backend)
     except NotAccepted as e:
         fail(str(e), EXIT_WAIT_TIMEOUT)
     except KeyboardInterrupt:

@@ -363,19 +363,23 @@ def follow(store: BlobStore, run_id: str, *, on_view: Callable[[RunView | None],
            sleep: Callable[[float], None], monotonic: Callable[[], float],
            poll: float, timeout: float | None, settle: float = 15.0,
            accept_within: float | None = ACCEPT_WITHIN_S,
-           on_tick: Callable[[], None] | None = None) -> RunView:
+           on_tick: Callable[[], None] | None = None,
+           check: Callable[[], None] | None = None) -> RunView:
     """Poll until the run ends; `on_view` sees every poll (None: not accepted yet).
 
     The end is saved in the stack document a moment before the summary is archived, so an
     ended run is polled up to `settle` seconds more for its summary (metrics, cost).
     A request still unaccepted after `accept_within` seconds raises `NotAccepted`; one
     unaccepted when `timeout` passes raises it too (there is no run that goes on).
-    Between polls `on_tick` is called every second (a live clock need not wait for a poll).
+    Between polls `on_tick` is called every second (a live clock need not wait for a poll);
+    before each poll `check` may raise when the backend is gone.
     """
     started = monotonic()
     ended_at: float | None = None
     seen = False
     while True:
+        if check is not None:
+            check()
         view = find_run(store, run_id)
         on_view(view)
         seen = seen or view is not None

@@ -258,3 +258,45 @@ def test_results_go_into_run_dirs_under_the_current_directory(stack, invoke, tmp
     for run_id in ("r-one", "r-two"):
         summary = json.loads((tmp_path / run_id / "summary.json").read_text())
         assert summary["run_id"] == run_id
+
+
+# ---------------------------------------------------------------- 2: a dead backend
+
+
+def test_a_replica_that_dies_during_wait_is_said_in_one_line(stack, invoke) -> None:
+    from pcp.cli.context import ReplicaDown
+
+    polls = []
+
+    def gone() -> None:
+        polls.append(1)
+        if len(polls) > 2:
+            raise ReplicaDown("the local replica of stack tiny is not running (nothing "
+                              "answers at http://127.0.0.1:1): run `pcp local up --stack tiny`")
+
+    stack.context.check_backend = gone  # type: ignore[method-assign]
+    stack.start("r-dead")
+    result = invoke(["run", "--run-id", "r-dead2", "--wait", "--poll", "0.01", "--timeout",
+                     "5"], obj=stack.context)
+    assert result.exit_code == 1, result.output
+    assert "the local replica of stack tiny is not running" in error_line(result)
+    assert len(polls) == 3
+
+
+def test_the_replica_check_fails_in_seconds_when_nothing_answers() -> None:
+    import socket
+    import time as _time
+
+    from pcp.cli.config import Config
+    from pcp.cli.context import CloudContext, ReplicaDown
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = CloudContext(Config("tiny", "pcp-local", "pcp-tiny-pcp-local", local=True,
+                              storage_endpoint=f"http://127.0.0.1:{port}",
+                              pubsub_host=f"127.0.0.1:{port}"))
+    started = _time.monotonic()
+    with pytest.raises(ReplicaDown, match="pcp local up --stack tiny"):
+        ctx.check_backend()
+    assert _time.monotonic() - started < 5
