@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from pcp.cli.views import Overview, RunView
+from pcp.cli.views import Overview, RunView, TrainingProgress
 from pcp.core.state import NodePhase, NodeState, Run, StackState, Status
 from pcp.core.timefmt import iso
 
@@ -92,6 +92,22 @@ def outcome(view: RunView) -> str:
     return f"run {view.run_id} {view.status.value}{why}{detail}"
 
 
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """A loss curve in one line of block characters (the last `width` points, binned)."""
+    if not values:
+        return ""
+    if len(values) > width:
+        size = len(values) / width
+        values = [sum(b) / len(b) for i in range(width)
+                  if (b := values[int(i * size):int((i + 1) * size)] or [values[-1]])]
+    lo, hi = min(values), max(values)
+    span = hi - lo or 1.0
+    return "".join(SPARKS[min(7, int((v - lo) / span * 7 + 0.5))] for v in values)
+
+
 def failure_text(found: Iterable[Any], run_id: str, stack: str) -> str:
     """Plain lines for stderr: each failing node's exit, the end of its stderr, and the
     command that prints all of its output."""
@@ -141,6 +157,7 @@ class Progress:
         self.view: RunView | None = None
         #: The latest line each node wrote to its log, shown under the node table.
         self.latest: dict[str, str] = {}
+        self.training = TrainingProgress()
         self.live = (Live(console=console, auto_refresh=False)
                      if console.is_terminal and not quiet else None)
 
@@ -159,7 +176,7 @@ class Progress:
         self.view = view
         elapsed = self.monotonic() - self.started
         if self.live is not None:
-            self.live.update(progress_table(view, self.run_id, elapsed, self.latest),
+            self.live.update(progress_table(view, self.run_id, elapsed, self.latest, self.training),
                              refresh=True)
             return
         line = progress_line(view, self.run_id, elapsed)
@@ -172,12 +189,14 @@ class Progress:
         """Between polls: redraw the live display so its clock moves every second."""
         if self.live is not None and not self.quiet:
             elapsed = self.monotonic() - self.started
-            self.live.update(progress_table(self.view, self.run_id, elapsed, self.latest),
+            self.live.update(progress_table(self.view, self.run_id, elapsed, self.latest,
+                                                self.training),
                              refresh=True)
 
 
 def progress_table(view: RunView | None, run_id: str, elapsed: float,
-                   latest: dict[str, str] | None = None) -> RenderableType:
+                   latest: dict[str, str] | None = None,
+                   training: TrainingProgress | None = None) -> RenderableType:
     """The live display on a terminal, redrawn every second: the run, its nodes and the
     latest line each node wrote to its log."""
     head = Table.grid(padding=(0, 2))
@@ -192,6 +211,13 @@ def progress_table(view: RunView | None, run_id: str, elapsed: float,
     if view.run is None or not view.run.nodes:
         return head
     parts: list[RenderableType] = [head, nodes_table(view.run)]
+    if training is not None and (training.step is not None or training.loss is not None):
+        said = [f"step {training.step}" if training.step is not None else "",
+                f"loss {training.loss:.4g}" if training.loss is not None else ""]
+        line = "[bold]training[/]  " + "  ".join(x for x in said if x)
+        if len(training.losses) > 1:
+            line += f"  {sparkline(training.losses)}"
+        parts.append(line)
     if latest:
         lines = Table(box=None, pad_edge=False, show_header=False)
         lines.add_column("node", style="bold", no_wrap=True)

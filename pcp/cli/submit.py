@@ -189,7 +189,9 @@ def wait_for(ctx: Context, run_id: str, *, timeout: float | None, poll: float,
 
     def show_and_note(view: Any) -> None:
         if view is not None and not quiet and show.live is not None:
-            last_lines(tail.poll(), show.latest)
+            chunks = tail.poll()
+            last_lines(chunks, show.latest)
+            show.training.read(chunks)
         show(view)
         note = capped(view)
         if note and not said and not quiet:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -404,6 +404,49 @@ def follow(store: BlobStore, run_id: str, *, on_view: Callable[[RunView | None],
             sleep(step)
             left -= step
             on_tick()
+
+
+#: A binary reports its progress as stdout lines `pcp-progress step=N loss=X [key=value ...]`
+#: (the binary contract, docs/agent.md); the live view shows the latest and a loss curve.
+PROGRESS_PREFIX = "pcp-progress "
+
+
+@dataclass
+class TrainingProgress:
+    """What the binaries said of their training: the latest step and loss, and the losses."""
+
+    step: int | None = None
+    loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    #: The one node whose lines count (the first to report; every rank may print the same).
+    node: str | None = None
+
+    def read(self, chunks: list[tuple[str, bytes]]) -> TrainingProgress:
+        for name, data in chunks:
+            text = data.decode("utf-8", errors="replace")
+            node = name.split("/", 1)[0]
+            if self.node is None and PROGRESS_PREFIX in text:
+                self.node = node
+            if node != self.node:
+                continue
+            for line in text.splitlines():
+                if not line.startswith(PROGRESS_PREFIX):
+                    continue
+                fields = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
+                try:
+                    step = int(fields["step"]) if "step" in fields else None
+                    loss = float(fields["loss"]) if "loss" in fields else None
+                except ValueError:
+                    continue
+                if loss is not None and loss != loss:  # NaN: nothing to draw
+                    loss = None
+                if step is not None and (self.step is None or step >= self.step):
+                    self.step = step
+                if loss is not None:
+                    self.loss = loss
+                    self.losses.append(loss)
+                    del self.losses[:-500]
+        return self
 
 
 def last_lines(chunks: list[tuple[str, bytes]], into: dict[str, str]) -> dict[str, str]:

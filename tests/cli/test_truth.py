@@ -300,3 +300,26 @@ def test_the_replica_check_fails_in_seconds_when_nothing_answers() -> None:
     with pytest.raises(ReplicaDown, match="pcp local up --stack tiny"):
         ctx.check_backend()
     assert _time.monotonic() - started < 5
+
+
+def test_the_live_view_shows_the_trainings_step_loss_and_curve(stack) -> None:
+    from pcp.cli.render import sparkline
+    from pcp.cli.views import TrainingProgress
+
+    chunks = [("shepherd/stdout.log", b"".join(
+        f"pcp-progress step={i} loss={1 / i:.4f}\n".encode() for i in range(1, 11))),
+        ("worker-0/stdout.log", b"pcp-progress step=99 loss=9\n"),  # counted once: one node
+        ("shepherd/stdout.log", b"pcp-progress step=x loss=oops\nnot progress\n")]
+    training = TrainingProgress().read(chunks)
+    assert (training.step, training.loss, len(training.losses)) == (10, 0.1, 10)
+    curve = sparkline(training.losses)
+    assert len(curve) == 10 and curve[0] == "█" and curve[-1] == "▁"
+    stack.start("r-tr")
+    stack.marker("r-tr", "worker-0", "booted", T0 + timedelta(minutes=1))
+    buf = io.StringIO()
+    terminal = Console(file=buf, force_terminal=True, width=100, color_system=None)
+    with Progress(terminal, "r-tr", lambda: 0.0) as show:
+        show.training.read(chunks)
+        show(find_run(stack.store, "r-tr"))
+    out = buf.getvalue()
+    assert "step 10" in out and "loss 0.1" in out and curve in out
