@@ -9,7 +9,15 @@ import click
 from pcp.cli.context import Context
 from pcp.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, fail
 from pcp.cli.options import console, context, echo_json, resources, run_arg, unknown_run
-from pcp.cli.views import LogTail, download, failures, find_run, overview, recent_runs
+from pcp.cli.views import (
+    LogTail,
+    TrainingProgress,
+    download,
+    failures,
+    find_run,
+    overview,
+    recent_runs,
+)
 from pcp.core.names import NODE_RE
 from pcp.core.state import StackState, Status
 
@@ -50,7 +58,8 @@ def status(run_id: str | None, fmt: str, as_json: bool, watch_it: bool, poll: fl
     if fmt == "json":
         echo_json(view.to_dict())
     elif fmt == "markdown":
-        click.echo(markdown(view, ctx.stack), nl=False)
+        losses = TrainingProgress().read(LogTail(ctx.store, run_id, stream="stdout").poll())
+        click.echo(markdown(view, ctx.stack, losses.losses), nl=False)
     else:
         console().print(run_renderable(view, ctx.stack))
         if view.status is Status.FAILED:

@@ -365,8 +365,19 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
-def markdown(view: RunView, stack: str) -> str:
-    """The GitHub job summary: status, durations, cost, nodes and final metrics."""
+def mermaid_loss(losses: list[float], points: int = 100) -> list[str]:
+    """The loss curve as a Mermaid chart (GitHub draws it in a job summary)."""
+    if len(losses) > points:  # every k-th point, and always the last
+        k = -(-len(losses) // points)
+        losses = losses[::k] if (len(losses) - 1) % k == 0 else [*losses[::k], losses[-1]]
+    return ["", "```mermaid", "xychart-beta", '    title "loss"',
+            f'    x-axis "report" 1 --> {len(losses)}',
+            "    line [" + ", ".join(f"{v:.6g}" for v in losses) + "]", "```"]
+
+
+def markdown(view: RunView, stack: str, losses: list[float] | None = None) -> str:
+    """The GitHub job summary: status, durations, cost, nodes, final metrics and (from the
+    binary's `pcp-progress` lines) the loss curve."""
     icon = {Status.SUCCEEDED: "✅", Status.FAILED: "❌", Status.CANCELLED: "⚠️",
             Status.REJECTED: "⛔"}.get(view.status, "⏳")
     lines = [f"### {icon} Training run `{_md(view.run_id)}` on stack `{_md(stack)}`: "
@@ -392,4 +403,6 @@ def markdown(view: RunView, stack: str) -> str:
             lines.append(f"| {_md(key)} | {_md(view.metrics[key])} |")
     else:
         lines += ["", "_no final metrics (runs/<id>/shepherd/metrics.json) were written_"]
+    if losses is not None and len(losses) > 1:
+        lines += mermaid_loss(losses)
     return "\n".join(lines) + "\n"

@@ -323,3 +323,14 @@ def test_the_live_view_shows_the_trainings_step_loss_and_curve(stack) -> None:
         show(find_run(stack.store, "r-tr"))
     out = buf.getvalue()
     assert "step 10" in out and "loss 0.1" in out and curve in out
+
+
+def test_the_job_summary_draws_the_loss_curve_as_a_mermaid_chart(stack, invoke) -> None:
+    stack.start("r-md")
+    stack.finish("r-md", {})
+    stack.store.put("runs/r-md/shepherd/stdout.log", b"".join(
+        f"pcp-progress step={i} loss={1 / i:.3f}\n".encode() for i in range(1, 301)))
+    out = invoke(["status", "r-md", "--format", "markdown"], obj=stack.context).stdout
+    chart = out[out.index("```mermaid"):]
+    assert "xychart-beta" in chart and "line [1, 0.25," in chart and "0.003]" in chart
+    assert len(chart.split("line [")[1].split(",")) <= 101
