@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -334,3 +335,18 @@ def test_the_job_summary_draws_the_loss_curve_as_a_mermaid_chart(stack, invoke) 
     chart = out[out.index("```mermaid"):]
     assert "xychart-beta" in chart and "line [1, 0.25," in chart and "0.003]" in chart
     assert len(chart.split("line [")[1].split(",")) <= 101
+
+
+# ---------------------------------------------------------------- 10: from any directory
+
+
+def test_the_replica_is_found_from_any_directory_of_the_checkout(tmp_path) -> None:
+    from pcp.cli.config import local_dir
+
+    checkout = tmp_path / "pcp"
+    (checkout / ".git").mkdir(parents=True)
+    (checkout / "docs" / "deep").mkdir(parents=True)
+    assert local_dir({}, checkout / "docs" / "deep") == checkout.resolve() / ".pcp-local"
+    (checkout / ".pcp-local").mkdir()
+    assert local_dir({}, checkout / "docs") == checkout.resolve() / ".pcp-local"
+    assert local_dir({"PCP_LOCAL_DIR": "/x"}, checkout) == Path("/x")
