@@ -260,6 +260,10 @@ def run_renderable(view: RunView, stack: str) -> RenderableType:
         grid.add_row("[bold]accepted[/]", when(run.accepted_at))
         if run.deadline is not None:
             grid.add_row("[bold]deadline[/]", when(run.deadline))
+        cap = next((e.reason.split("; ", 1)[-1] for e in run.history
+                    if "capped to the stack limit" in (e.reason or "")), None)
+        if cap:
+            grid.add_row("[bold]note[/]", escape(cap))
     grid.add_row("[bold]started[/]", when(view.started_at))
     grid.add_row("[bold]ended[/]", when(view.ended_at))
     grid.add_row("[bold]duration[/]", duration(view.duration_s))

@@ -350,3 +350,9 @@ def test_the_replica_is_found_from_any_directory_of_the_checkout(tmp_path) -> No
     (checkout / ".pcp-local").mkdir()
     assert local_dir({}, checkout / "docs") == checkout.resolve() / ".pcp-local"
     assert local_dir({"PCP_LOCAL_DIR": "/x"}, checkout) == Path("/x")
+
+
+def test_status_says_when_the_stack_capped_max_hours(stack, invoke) -> None:
+    stack.start("r-cap", max_hours=999)
+    out = invoke(["status", "r-cap"], obj=stack.context).stdout
+    assert "max_hours 999 capped to the stack limit 6" in out
