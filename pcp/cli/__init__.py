@@ -15,7 +15,7 @@ from pcp.cli.control import stop, sweep
 from pcp.cli.doctor import doctor
 from pcp.cli.errors import PcpGroup
 from pcp.cli.events import events
-from pcp.cli.inspect import logs, queue, results, runs, status
+from pcp.cli.inspect import logs, queue, results, runs, status, watch
 from pcp.cli.local import local
 from pcp.cli.shepherd import shepherd
 from pcp.cli.submit import run
@@ -31,8 +31,25 @@ def cli() -> None:
     """
 
 
-for command in (run, status, runs, queue, logs, results, events, stop, sweep, doctor, local,
-                shepherd):
+#: One line each in `pcp --help`, whole at 80 columns (click would cut the docstrings).
+SHORT_HELP = {
+    run: "Request a training run; with --wait, follow it live to its end.",
+    watch: "Follow a run live until it ends (again after Ctrl-C).",
+    status: "A run's status and failure cause, or the whole stack.",
+    runs: "Recent runs: status, duration, cost and training config.",
+    queue: "The active run and the runs waiting behind it.",
+    logs: "Print (or follow) a run's stdout and stderr, per node.",
+    results: "Download a run's files and print its summary.",
+    events: "What the control plane did and healed (sweeps, runs, power-offs).",
+    stop: "Stop a run, take it off the queue or end its lease.",
+    sweep: "Run the stack's sweeper now (the safety net).",
+    doctor: "Check credentials, bucket, topics, scheduler and quotas.",
+    local: "Start or stop the local replica of the cloud.",
+    shepherd: "Install the shepherd daemon on the head-node Mac.",
+}
+
+for command, text in SHORT_HELP.items():
+    command.short_help = text
     cli.add_command(command)
 
 

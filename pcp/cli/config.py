@@ -174,8 +174,19 @@ def load_outputs(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def local_dir(env: Mapping[str, str]) -> Path:
-    return Path(env.get(LOCAL_DIR_ENV) or DEFAULT_LOCAL_DIR)
+def local_dir(env: Mapping[str, str], cwd: Path | None = None) -> Path:
+    """$PCP_LOCAL_DIR, else the `.pcp-local` of the checkout we are in, from any of its
+    directories: the nearest one up the tree, else the one beside the checkout's `.git`, else
+    `.pcp-local` here."""
+    if env.get(LOCAL_DIR_ENV):
+        return Path(env[LOCAL_DIR_ENV])
+    here = (cwd or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if (directory / DEFAULT_LOCAL_DIR).is_dir():
+            return directory / DEFAULT_LOCAL_DIR
+        if (directory / ".git").exists():
+            return directory / DEFAULT_LOCAL_DIR
+    return Path(DEFAULT_LOCAL_DIR)
 
 
 def local_state_file(directory: Path, stack: str) -> Path:

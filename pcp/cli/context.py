@@ -164,6 +164,11 @@ class Context:
     def job_name(self) -> str | None:
         return None if self.config is None else self.config.job_name
 
+    def check_backend(self) -> None:
+        """Raise `ReplicaDown` at once when the backend is known to be gone (between the
+        polls of a wait, so a dead replica is said in seconds, not after a 120 s timeout).
+        A plain Context has nothing to check."""
+
     def _make_store(self) -> BlobStore:
         raise RuntimeError("this context has no store")
 
@@ -241,6 +246,10 @@ class CloudContext(Context):
             raise ReplicaDown(f"the local replica of stack {self.stack} is not running (nothing "
                               f"answers at {endpoint}): run `pcp local up --stack "
                               f"{self.stack}`") from None
+
+    def check_backend(self) -> None:
+        if self.config is not None and self.config.local and self.config.storage_endpoint:
+            self._check_replica(self.config.storage_endpoint)
 
     def _make_store(self) -> BlobStore:
         from pcp.adapters.gcs_store import GcsStore

@@ -8,7 +8,7 @@ import click
 
 from pcp.cli.context import requested_by
 from pcp.cli.errors import EXIT_USAGE, fail
-from pcp.cli.options import context, resources, unknown_run
+from pcp.cli.options import context, resources, run_arg, unknown_run
 from pcp.cli.views import find_run
 from pcp.core.errors import PermanentError
 from pcp.core.messages import StopRequest, SweepTick
@@ -23,12 +23,13 @@ from pcp.core.messages import StopRequest, SweepTick
 @click.option("--missing-ok", is_flag=True, help="an unknown run is not an error")
 def stop(run_id: str, reason: str, grace: float, missing_ok: bool) -> None:
     """Stop a run (or remove it from the queue, or end its keep-alive lease)."""
+    ctx = context()
+    run_id = run_arg(ctx, run_id)
     try:
         request = StopRequest.from_json(json.dumps(
             {"run_id": run_id, "reason": reason, "requested_by": requested_by()}))
     except PermanentError as e:
         fail(str(e), EXIT_USAGE)
-    ctx = context()
     started = ctx.monotonic()
     view = find_run(ctx.store, run_id)
     while view is None and ctx.monotonic() - started < grace:

@@ -6,11 +6,20 @@ from pathlib import Path
 
 import click
 
+from pcp.cli.context import Context
 from pcp.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, fail
-from pcp.cli.options import console, context, echo_json, resources, unknown_run
-from pcp.cli.views import LogTail, download, find_run, overview, recent_runs
+from pcp.cli.options import console, context, echo_json, resources, run_arg, unknown_run
+from pcp.cli.views import (
+    LogTail,
+    TrainingProgress,
+    download,
+    failures,
+    find_run,
+    overview,
+    recent_runs,
+)
 from pcp.core.names import NODE_RE
-from pcp.core.state import StackState
+from pcp.core.state import StackState, Status
 
 
 @click.command()
@@ -19,13 +28,18 @@ from pcp.core.state import StackState
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),
               default="text", show_default=True, help="markdown: a GitHub job summary")
 @click.option("--json", "as_json", is_flag=True, help="same as --format json")
-def status(run_id: str | None, fmt: str, as_json: bool) -> None:
+@click.option("--watch", "-w", "watch_it", is_flag=True, help="follow RUN_ID live (pcp watch)")
+@click.option("--poll", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, metavar="SECONDS", help="with --watch: how often to poll")
+def status(run_id: str | None, fmt: str, as_json: bool, watch_it: bool, poll: float) -> None:
     """A run's status; without RUN_ID the stack's active run, queue, lease and recent ends."""
-    from pcp.cli.render import markdown, overview_renderable, run_renderable
+    from pcp.cli.render import failure_text, markdown, overview_renderable, run_renderable
 
     fmt = "json" if as_json else fmt
     ctx = context()
     if run_id is None:
+        if watch_it:
+            fail("--watch needs a RUN_ID (or `latest`)", EXIT_USAGE)
         if fmt == "markdown":
             fail("--format markdown needs a RUN_ID", EXIT_USAGE)
         ov = overview(ctx.store, ctx.stack)
@@ -34,15 +48,45 @@ def status(run_id: str | None, fmt: str, as_json: bool) -> None:
         else:
             console().print(overview_renderable(ov, ctx.clock()))
         return
+    run_id = run_arg(ctx, run_id)
+    if watch_it:
+        watch_run(ctx, run_id, poll=poll)
+        return
     view = find_run(ctx.store, run_id)
     if view is None:
         unknown_run(ctx, run_id)
     if fmt == "json":
         echo_json(view.to_dict())
     elif fmt == "markdown":
-        click.echo(markdown(view, ctx.stack), nl=False)
+        losses = TrainingProgress().read(LogTail(ctx.store, run_id, stream="stdout").poll())
+        click.echo(markdown(view, ctx.stack, losses.losses), nl=False)
     else:
         console().print(run_renderable(view, ctx.stack))
+        if view.status is Status.FAILED:
+            click.echo(failure_text(failures(ctx.store, view), run_id, ctx.stack), nl=False)
+
+
+def watch_run(ctx: Context, run_id: str, *, poll: float) -> None:
+    """The live view of `pcp run --wait`, for a run requested earlier (after Ctrl-C)."""
+    from pcp.cli.render import run_renderable
+    from pcp.cli.submit import finish, wait_for
+
+    if find_run(ctx.store, run_id) is None:
+        unknown_run(ctx, run_id)
+    view = wait_for(ctx, run_id, timeout=None, poll=poll, quiet=False)
+    console().print(run_renderable(view, ctx.stack))
+    finish(ctx, view, quiet=False)
+
+
+@click.command()
+@resources
+@click.argument("run_id")
+@click.option("--poll", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, metavar="SECONDS", help="how often to read the state")
+def watch(run_id: str, poll: float) -> None:
+    """Follow a run live until it ends (re-attach after Ctrl-C); exit 0 on success."""
+    ctx = context()
+    watch_run(ctx, run_arg(ctx, run_id), poll=poll)
 
 
 @click.command()
@@ -92,13 +136,17 @@ def queue(as_json: bool) -> None:
 @click.argument("run_id")
 @click.option("--node", help="only this node (shepherd, worker-0, ...)")
 @click.option("--follow", "-f", "keep", is_flag=True, help="print new output until the run ends")
-@click.option("--poll", type=float, default=3.0, show_default=True, metavar="SECONDS")
-def logs(run_id: str, node: str | None, keep: bool, poll: float) -> None:
+@click.option("--stream", type=click.Choice(["both", "stdout", "stderr"]), default="both",
+              show_default=True, help="which of the node's outputs to print")
+@click.option("--poll", type=click.FloatRange(min=0, min_open=True), default=3.0,
+              show_default=True, metavar="SECONDS")
+def logs(run_id: str, node: str | None, stream: str, keep: bool, poll: float) -> None:
     """Print a run's stdout.log and stderr.log (runs/RUN_ID/NODE/)."""
     if node is not None and not NODE_RE.match(node):
         fail(f"--node {node!r}: use shepherd or worker-<n>", EXIT_USAGE)
     ctx = context()
-    tail = LogTail(ctx.store, run_id, node)
+    run_id = run_arg(ctx, run_id)
+    tail = LogTail(ctx.store, run_id, node, None if stream == "both" else stream)
     current: list[str] = []
 
     def show_new() -> bool:
@@ -130,18 +178,20 @@ def logs(run_id: str, node: str | None, keep: bool, poll: float) -> None:
 @click.command()
 @resources
 @click.argument("run_id")
-@click.option("--dest", required=True, type=click.Path(file_okay=False),
-              help="directory to download runs/RUN_ID/ into")
+@click.option("--dest", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="where to put the run's directory: files land in DEST/RUN_ID/")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def results(run_id: str, dest: str, as_json: bool) -> None:
-    """Download everything under runs/RUN_ID/ and print the files and the summary."""
+    """Download everything under runs/RUN_ID/ into DEST/RUN_ID/ (so one run never
+    overwrites another's files) and print the files and the summary."""
     from pcp.cli.render import run_renderable
 
     ctx = context()
+    run_id = run_arg(ctx, run_id)
     view = find_run(ctx.store, run_id)
     if view is None:
         unknown_run(ctx, run_id)
-    root = Path(dest)
+    root = Path(dest) / run_id
     files = download(ctx.store, run_id, root)
     if as_json:
         echo_json({"run_id": run_id, "dest": str(root), "files": files, "run": view.to_dict()})

@@ -68,3 +68,13 @@ def console() -> Any:
 def unknown_run(ctx: Context, run_id: str) -> NoReturn:
     fail(f"unknown run {run_id!r} on stack {ctx.stack}: not active, queued, recent or "
          f"archived in {ctx.bucket} (see `pcp runs`)")
+
+
+def run_arg(ctx: Context, text: str) -> str:
+    """RUN_ID as a person types it: the id, a unique prefix of one, or `latest`."""
+    from pcp.cli.views import resolve_run_id
+
+    try:
+        return resolve_run_id(ctx.store, text)
+    except LookupError as e:
+        fail(f"{e} (see `pcp runs`)")

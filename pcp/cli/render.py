@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from pcp.cli.views import Overview, RunView
+from pcp.cli.views import Overview, RunView, TrainingProgress
 from pcp.core.state import NodePhase, NodeState, Run, StackState, Status
 from pcp.core.timefmt import iso
 
@@ -51,7 +51,14 @@ def duration(seconds: float | None) -> str:
 
 
 def cost(usd: Any) -> str:
-    return "-" if usd is None else f"${float(usd):.2f}"
+    """Dollars and cents; under a cent, the fraction of a cent (never a $0.00 that the JSON
+    contradicts)."""
+    if usd is None:
+        return "-"
+    usd = float(usd)
+    if 0 < abs(usd) < 0.01:
+        return f"${usd:.4f}"
+    return f"${usd:.2f}"
 
 
 def when(t: datetime | str | None) -> str:
@@ -83,6 +90,34 @@ def outcome(view: RunView) -> str:
     why = f" ({view.reason})" if view.reason and view.reason != view.status.value else ""
     detail = f": {view.detail}" if view.detail else ""
     return f"run {view.run_id} {view.status.value}{why}{detail}"
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """A loss curve in one line of block characters (the last `width` points, binned)."""
+    if not values:
+        return ""
+    if len(values) > width:
+        size = len(values) / width
+        values = [sum(b) / len(b) for i in range(width)
+                  if (b := values[int(i * size):int((i + 1) * size)] or [values[-1]])]
+    lo, hi = min(values), max(values)
+    span = hi - lo or 1.0
+    return "".join(SPARKS[min(7, int((v - lo) / span * 7 + 0.5))] for v in values)
+
+
+def failure_text(found: Iterable[Any], run_id: str, stack: str) -> str:
+    """Plain lines for stderr: each failing node's exit, the end of its stderr, and the
+    command that prints all of its output."""
+    out = []
+    for f in found:
+        how = f"signal {f.signal}" if f.signal else f"exit code {f.exit_code}"
+        out.append(f"{f.node} failed with {how}; the last lines of its stderr:")
+        out += [f"  | {line}" for line in f.stderr_tail] or ["  (its stderr is empty)"]
+        out.append(f"all of its output: pcp logs {run_id} --node {f.node} --stack {stack}")
+    return "".join(line + "\n" for line in out)
 
 
 # ---------------------------------------------------------------- progress
@@ -119,6 +154,10 @@ class Progress:
         self.quiet = quiet
         self.started = monotonic()
         self.last = ""
+        self.view: RunView | None = None
+        #: The latest line each node wrote to its log, shown under the node table.
+        self.latest: dict[str, str] = {}
+        self.training = TrainingProgress()
         self.live = (Live(console=console, auto_refresh=False)
                      if console.is_terminal and not quiet else None)
 
@@ -134,9 +173,11 @@ class Progress:
     def __call__(self, view: RunView | None) -> None:
         if self.quiet:
             return
+        self.view = view
         elapsed = self.monotonic() - self.started
         if self.live is not None:
-            self.live.update(progress_table(view, self.run_id, elapsed), refresh=True)
+            self.live.update(progress_table(view, self.run_id, elapsed, self.latest, self.training),
+                             refresh=True)
             return
         line = progress_line(view, self.run_id, elapsed)
         if line != self.last:
@@ -144,8 +185,20 @@ class Progress:
             self.console.print(f"[{int(elapsed):>5d}s] {line}", markup=False)
 
 
-def progress_table(view: RunView | None, run_id: str, elapsed: float) -> RenderableType:
-    """The live display on a terminal, redrawn at every poll."""
+    def tick(self) -> None:
+        """Between polls: redraw the live display so its clock moves every second."""
+        if self.live is not None and not self.quiet:
+            elapsed = self.monotonic() - self.started
+            self.live.update(progress_table(self.view, self.run_id, elapsed, self.latest,
+                                                self.training),
+                             refresh=True)
+
+
+def progress_table(view: RunView | None, run_id: str, elapsed: float,
+                   latest: dict[str, str] | None = None,
+                   training: TrainingProgress | None = None) -> RenderableType:
+    """The live display on a terminal, redrawn every second: the run, its nodes and the
+    latest line each node wrote to its log."""
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]run[/]", escape(run_id), "[bold]elapsed[/]", duration(elapsed))
     if view is None:
@@ -157,7 +210,22 @@ def progress_table(view: RunView | None, run_id: str, elapsed: float) -> Rendera
         head.add_row("[bold]queue[/]", f"position {view.position}")
     if view.run is None or not view.run.nodes:
         return head
-    return Group(head, nodes_table(view.run))
+    parts: list[RenderableType] = [head, nodes_table(view.run)]
+    if training is not None and (training.step is not None or training.loss is not None):
+        said = [f"step {training.step}" if training.step is not None else "",
+                f"loss {training.loss:.4g}" if training.loss is not None else ""]
+        line = "[bold]training[/]  " + "  ".join(x for x in said if x)
+        if len(training.losses) > 1:
+            line += f"  {sparkline(training.losses)}"
+        parts.append(line)
+    if latest:
+        lines = Table(box=None, pad_edge=False, show_header=False)
+        lines.add_column("node", style="bold", no_wrap=True)
+        lines.add_column("latest line", overflow="ellipsis", no_wrap=True)
+        for node in sorted(latest):
+            lines.add_row(escape(node), escape(latest[node]))
+        parts.append(lines)
+    return Group(*parts)
 
 
 def nodes_table(run: Run) -> Table:
@@ -192,6 +260,10 @@ def run_renderable(view: RunView, stack: str) -> RenderableType:
         grid.add_row("[bold]accepted[/]", when(run.accepted_at))
         if run.deadline is not None:
             grid.add_row("[bold]deadline[/]", when(run.deadline))
+        cap = next((e.reason.split("; ", 1)[-1] for e in run.history
+                    if "capped to the stack limit" in (e.reason or "")), None)
+        if cap:
+            grid.add_row("[bold]note[/]", escape(cap))
     grid.add_row("[bold]started[/]", when(view.started_at))
     grid.add_row("[bold]ended[/]", when(view.ended_at))
     grid.add_row("[bold]duration[/]", duration(view.duration_s))
@@ -268,14 +340,24 @@ def queue_table(state: StackState, now: datetime) -> RenderableType:
     return table
 
 
-def runs_table(rows: Iterable[dict[str, Any]]) -> Table:
+def runs_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False)
-    for col in ("run", "status", "reason", "started", "duration", "est. cost", "detail"):
+    table.add_column("run", no_wrap=True)  # an id is what a person copies: never folded
+    for col in ("status", "reason", "started", "duration", "est. cost", "config", "detail"):
         table.add_column(col)
     for r in rows:
         table.add_row(escape(r["run_id"]), styled(r["status"]), escape(r["reason"] or "-"),
                       when(r["started_at"]), duration(r["duration_s"]),
-                      cost(r["estimated_cost_usd"]), escape(r["detail"] or ""))
+                      cost(r["estimated_cost_usd"]), escape(r.get("training_config") or "-"),
+                      escape(r["detail"] or ""))
+    costs = [float(r["estimated_cost_usd"]) for r in rows
+             if r["estimated_cost_usd"] is not None]
+    durations = [float(r["duration_s"]) for r in rows if r["duration_s"] is not None]
+    if len(rows) > 1 and (costs or durations):
+        table.add_section()
+        table.add_row(f"total ({len(rows)} runs)", "", "", "",
+                      duration(sum(durations)) if durations else "-",
+                      cost(sum(costs)) if costs else "-", "", "")
     return table
 
 
@@ -287,8 +369,19 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
-def markdown(view: RunView, stack: str) -> str:
-    """The GitHub job summary: status, durations, cost, nodes and final metrics."""
+def mermaid_loss(losses: list[float], points: int = 100) -> list[str]:
+    """The loss curve as a Mermaid chart (GitHub draws it in a job summary)."""
+    if len(losses) > points:  # every k-th point, and always the last
+        k = -(-len(losses) // points)
+        losses = losses[::k] if (len(losses) - 1) % k == 0 else [*losses[::k], losses[-1]]
+    return ["", "```mermaid", "xychart-beta", '    title "loss"',
+            f'    x-axis "report" 1 --> {len(losses)}',
+            "    line [" + ", ".join(f"{v:.6g}" for v in losses) + "]", "```"]
+
+
+def markdown(view: RunView, stack: str, losses: list[float] | None = None) -> str:
+    """The GitHub job summary: status, durations, cost, nodes, final metrics and (from the
+    binary's `pcp-progress` lines) the loss curve."""
     icon = {Status.SUCCEEDED: "✅", Status.FAILED: "❌", Status.CANCELLED: "⚠️",
             Status.REJECTED: "⛔"}.get(view.status, "⏳")
     lines = [f"### {icon} Training run `{_md(view.run_id)}` on stack `{_md(stack)}`: "
@@ -314,4 +407,6 @@ def markdown(view: RunView, stack: str) -> str:
             lines.append(f"| {_md(key)} | {_md(view.metrics[key])} |")
     else:
         lines += ["", "_no final metrics (runs/<id>/shepherd/metrics.json) were written_"]
+    if losses is not None and len(losses) > 1:
+        lines += mermaid_loss(losses)
     return "\n".join(lines) + "\n"

@@ -13,7 +13,16 @@ import click
 from pcp.cli.context import Context, requested_by, utcnow
 from pcp.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WAIT_TIMEOUT, fail
 from pcp.cli.options import FLAGS, console, context, echo_json, resources
-from pcp.cli.views import WaitTimeout, follow
+from pcp.cli.views import (
+    ACCEPT_WITHIN_S,
+    LogTail,
+    NotAccepted,
+    WaitTimeout,
+    failures,
+    find_run,
+    follow,
+    last_lines,
+)
 from pcp.core.errors import PermanentError
 from pcp.core.messages import LAYOUTS, StartRequest
 from pcp.core.state import Status
@@ -24,13 +33,62 @@ def new_run_id(now: datetime) -> str:
     return f"r-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
+def _check_ref(ref: Any, what: str) -> None:
+    """A flake reference or a store path is one word: `not a ref` would only fail on the
+    nodes, later, with exit 127."""
+    if isinstance(ref, str) and (not ref or any(c.isspace() for c in ref)):
+        fail(f"{what} {ref!r} is not a flake reference or a store path (no spaces: e.g. "
+             "github:owner/repo#train, .#train or /nix/store/...-train)", EXIT_USAGE)
+
+
 def _binary(ref: str) -> Any:
     if not ref.lstrip().startswith("{"):
+        _check_ref(ref, "--binary")
         return ref
     try:
-        return json.loads(ref)
+        mapping = json.loads(ref)
     except ValueError as e:
         fail(f"--binary looks like a JSON platform map but is not JSON: {e}", EXIT_USAGE)
+    if isinstance(mapping, dict):
+        for platform, value in mapping.items():
+            _check_ref(value, f"--binary for {platform}")
+    return mapping
+
+
+#: What a request asks for; `requested_by` and `stack` say who and where, not what.
+SAME_REQUEST = ("keep_vm_alive", "training_config", "binary", "max_hours", "max_restarts")
+
+
+def _reused(ctx: Context, request: StartRequest) -> Any:
+    """The run that already has this id, or None. A different request under a used id is
+    refused: the control plane would drop it as a duplicate and the old run would be
+    reported as its result."""
+    view = find_run(ctx.store, request.run_id)
+    if view is None:
+        return None
+    old = view.run.request.to_dict() if view.run is not None else None
+    new = request.to_dict()
+    if old is None or any(old.get(k) != new.get(k) for k in SAME_REQUEST):
+        fail(f"run id {request.run_id!r} is already used on stack {ctx.stack} by a run "
+             f"({view.status.value}) with a different request: choose another --run-id "
+             f"(see `pcp status {request.run_id}`)", EXIT_USAGE)
+    return view
+
+
+def capped(view: Any) -> str | None:
+    """`max_hours 999 capped to the stack limit 6` when the stack shortened the request."""
+    run = view.run if view is not None else None
+    if run is None or run.request.max_hours is None:
+        return None
+    for entry in run.history:
+        text = entry.reason or ""
+        if "capped to the stack limit" in text:
+            return text.split("; ", 1)[-1]
+    if run.deadline is not None and run.started_at is not None:
+        hours = (run.deadline - run.started_at).total_seconds() / 3600
+        if hours < run.request.max_hours - 1e-6:
+            return f"max_hours {run.request.max_hours:g} capped to the stack limit {hours:g}"
+    return None
 
 
 @click.command()
@@ -47,10 +105,11 @@ def _binary(ref: str) -> Any:
                                                           "default: the stack's")
 @click.option("--run-id", help="fix the run id (default r-YYYYMMDD-HHMMSS-xxxx)")
 @click.option("--wait", is_flag=True, help="follow the run until it ends; exit 0 on success")
-@click.option("--timeout", type=float, metavar="SECONDS", help="with --wait: stop waiting "
-                                                                "after this long (exit 3)")
-@click.option("--poll", type=float, default=5.0, show_default=True, metavar="SECONDS",
-              help="with --wait: how often to read the state")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              metavar="SECONDS",
+              help="with --wait: stop waiting after this long (exit 3)")
+@click.option("--poll", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, metavar="SECONDS", help="with --wait: how often to poll")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         max_hours: float | None, max_restarts: int | None, layout: str | None,
@@ -58,6 +117,9 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         as_json: bool) -> None:
     """Request a training run; print its id (and with --wait, follow it to the end)."""
     flags = click.get_current_context().meta.get(FLAGS, {})
+    if timeout is not None and not wait:
+        fail("--timeout only applies with --wait (without it, pcp run returns at once)",
+             EXIT_USAGE)
     body: dict[str, Any] = {"run_id": run_id or new_run_id(utcnow()),
                             "keep_vm_alive": keep_vm_alive, "requested_by": requested_by()}
     if training_config is not None:
@@ -79,15 +141,22 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
     ctx = context()
     if request.stack is None:
         request = replace(request, stack=ctx.stack)
-    message_id = ctx.bus.publish("start", request.to_json(), {"run_id": request.run_id})
+    existing = _reused(ctx, request) if run_id is not None else None
+    if existing is not None:
+        click.echo(f"run {request.run_id} already exists with the same request "
+                   f"({existing.status.value}): this is the same run, not a new one", err=True)
+        message_id = None
+    else:
+        message_id = ctx.bus.publish("start", request.to_json(), {"run_id": request.run_id})
     if not wait:
         if as_json:
             echo_json({"run_id": request.run_id, "stack": ctx.stack, "message_id": message_id,
                        "request": request.to_dict()})
             return
         click.echo(request.run_id)
-        click.echo(f"requested on stack {ctx.stack} (message {message_id}); follow it with "
-                   f"`pcp status {request.run_id} --stack {ctx.stack}`", err=True)
+        if message_id is not None:
+            click.echo(f"requested on stack {ctx.stack} (message {message_id}); follow it "
+                       f"with `pcp watch {request.run_id} --stack {ctx.stack}`", err=True)
         return
     if not as_json:
         click.echo(request.run_id)
@@ -98,21 +167,51 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         from pcp.cli.render import run_renderable
 
         console().print(run_renderable(view, ctx.stack))
-    if view.status is not Status.SUCCEEDED:
-        from pcp.cli.render import outcome
+    finish(ctx, view, quiet=as_json)
 
-        fail(outcome(view))
+
+def finish(ctx: Context, view: Any, *, quiet: bool) -> None:
+    """Exit 0 on success; else say why (the failing nodes' exits and stderr) and fail."""
+    if view.status is Status.SUCCEEDED:
+        return
+    from pcp.cli.render import failure_text, outcome
+
+    if not quiet:
+        text = failure_text(failures(ctx.store, view), view.run_id, ctx.stack)
+        if text:
+            click.echo(text, nl=False)  # the run's report; the error stays one line
+    fail(outcome(view))
 
 
 def wait_for(ctx: Context, run_id: str, *, timeout: float | None, poll: float,
-             quiet: bool) -> Any:
+             quiet: bool, accept_within: float | None = ACCEPT_WITHIN_S) -> Any:
     """Follow a run to its end. Interrupting or timing out stops the waiting, not the run."""
     from pcp.cli.render import Progress
 
+    said: list[str] = []
+
+    tail = LogTail(ctx.store, run_id, stream="stdout")
+
+    def show_and_note(view: Any) -> None:
+        if view is not None and not quiet and show.live is not None:
+            chunks = tail.poll()
+            last_lines(chunks, show.latest)
+            show.training.read(chunks)
+        show(view)
+        note = capped(view)
+        if note and not said and not quiet:
+            said.append(note)
+            click.echo(f"pcp: note: {note} (the run ends at its deadline "
+                       f"{view.run.deadline:%Y-%m-%d %H:%M:%SZ})", err=True)
+
     try:
         with Progress(console(), run_id, ctx.monotonic, quiet=quiet) as show:
-            return follow(ctx.store, run_id, on_view=show, sleep=ctx.sleep,
-                          monotonic=ctx.monotonic, poll=poll, timeout=timeout)
+            return follow(ctx.store, run_id, on_view=show_and_note, sleep=ctx.sleep,
+                          monotonic=ctx.monotonic, poll=poll, timeout=timeout,
+                          accept_within=accept_within, on_tick=show.tick,
+                          check=ctx.check_backend)
+    except NotAccepted as e:
+        fail(str(e), EXIT_WAIT_TIMEOUT)
     except KeyboardInterrupt:
         click.echo(f"\nstopped waiting; run {run_id} goes on. To stop it: "
                    f"pcp stop {run_id} --stack {ctx.stack}", err=True)

@@ -7,8 +7,9 @@ say how. Only reads: the CLI never writes state, it publishes requests.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -149,6 +150,10 @@ def find_run(store: BlobStore, run_id: str, state: StackState | None = None) -> 
     recent = None if state is None else next(
         (r for r in state.recent if r.run_id == run_id), None)
     run = load_run(store, run_id)
+    if recent is not None and run is not None and run.phase is not Phase.ENDED:
+        # The record archived at the start, not yet replaced by the final one: its nodes
+        # still say pending, which the ended run contradicts. Show the end without them.
+        run = None
     if recent is not None:
         status = recent.status
     elif run is None:
@@ -202,7 +207,8 @@ def recent_runs(store: BlobStore, limit: int) -> list[dict[str, Any]]:
         rows.append({"run_id": run.run_id, "status": run.status.value, "reason": None,
                      "detail": "", "started_at": opt_iso(run.started_at), "ended_at": None,
                      "duration_s": None, "estimated_cost_usd": None,
-                     "requested_by": run.request.requested_by})
+                     "requested_by": run.request.requested_by,
+                     "training_config": shlex.join(run.request.training_args)})
     for line in state.recent:
         if len(rows) >= limit:
             break
@@ -213,10 +219,15 @@ def recent_runs(store: BlobStore, limit: int) -> list[dict[str, Any]]:
         duration = None
         if line.started_at is not None:
             duration = (line.ended_at - line.started_at).total_seconds()
+        archived = load_run(store, line.run_id)
+        request = archived.request if archived is not None else None
         rows.append({"run_id": line.run_id, "status": line.status.value,
                      "reason": line.reason.value, "detail": line.detail,
                      "started_at": opt_iso(line.started_at), "ended_at": iso(line.ended_at),
-                     "duration_s": duration, "estimated_cost_usd": cost, "requested_by": None})
+                     "duration_s": duration, "estimated_cost_usd": cost,
+                     "requested_by": None if request is None else request.requested_by,
+                     "training_config": None if request is None
+                     else shlex.join(request.training_args)})
     return rows[:limit]
 
 
@@ -245,10 +256,12 @@ class LogTail:
     what is past the previous length; a shorter object was started afresh (a new attempt).
     """
 
-    def __init__(self, store: BlobStore, run_id: str, node: str | None = None) -> None:
+    def __init__(self, store: BlobStore, run_id: str, node: str | None = None,
+                 stream: str | None = None) -> None:
         self.store = store
         self.prefix = run_prefix(run_id)
         self.node = node
+        self.stream = stream  # "stdout" or "stderr" for one of them; None for both
         self.offsets: dict[str, int] = {}
 
     @property
@@ -262,6 +275,8 @@ class LogTail:
             if not name.endswith(("/stdout.log", "/stderr.log")) or name.count("/") != 3:
                 continue
             if self.node is not None and name.split("/")[2] != self.node:
+                continue
+            if self.stream is not None and not name.endswith(f"/{self.stream}.log"):
                 continue
             blob = self.store.get(name)
             if blob is None:
@@ -279,23 +294,165 @@ class WaitTimeout(Exception):
     """`--timeout` passed before the run ended; the run itself goes on."""
 
 
+class NotAccepted(Exception):
+    """No control plane took the request within the time allowed: nothing runs."""
+
+
+#: How long a request may stay unaccepted before `follow` gives up (a function takes a
+#: request off Pub/Sub within seconds; minutes mean none is listening).
+ACCEPT_WITHIN_S = 120.0
+
+
+def resolve_run_id(store: BlobStore, text: str) -> str:
+    """`latest`, a unique prefix of a known run id, or the id itself.
+
+    Known runs are the active one, the queue, the recent ends and the archive (runs/).
+    A text that matches nothing is returned as written (the caller says it is unknown).
+    """
+    state = load_state(store) or StackState()
+    live = ([state.active] if state.active is not None else []) + list(state.queue)
+    known = [r.run_id for r in live] + [r.run_id for r in state.recent]
+    if text == "latest":
+        if state.active is not None:
+            return state.active.run_id
+        if state.recent:
+            return max(state.recent, key=lambda r: r.ended_at).run_id
+        if state.queue:
+            return state.queue[-1].run_id
+        raise LookupError("no run on this stack yet: `latest` names nothing")
+    if text in known:
+        return text
+    archived = {name.split("/")[1] for name in store.list("runs/")
+                if name.count("/") >= 2 and name.split("/")[1].startswith(text)}
+    matches = sorted({k for k in known if k.startswith(text)} | archived)
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise LookupError(f"{text!r} names {len(matches)} runs ({shown}): give more of the id")
+    return text
+
+
+@dataclass(frozen=True)
+class NodeFailure:
+    """Why a failed run failed, from one node: its exit and the end of its stderr."""
+
+    node: str
+    exit_code: int | None
+    signal: str | None
+    stderr_tail: tuple[str, ...]
+
+
+def failures(store: BlobStore, view: RunView, lines: int = 10) -> list[NodeFailure]:
+    """The nodes of an ended run that exited non-zero (or by a signal), with the last
+    `lines` lines of their stderr.log."""
+    if view.run is None:
+        return []
+    out = []
+    for n in view.run.nodes:
+        if n.exit_code in (None, 0) and not n.signal:
+            continue
+        blob = store.get(f"{run_prefix(view.run_id)}{n.name}/stderr.log")
+        text = b"" if blob is None else blob.data[-64 * 1024:]
+        tail = text.decode("utf-8", errors="replace").rstrip("\n").splitlines()[-lines:]
+        out.append(NodeFailure(n.name, n.exit_code, n.signal or None, tuple(tail)))
+    return out
+
+
 def follow(store: BlobStore, run_id: str, *, on_view: Callable[[RunView | None], None],
            sleep: Callable[[float], None], monotonic: Callable[[], float],
-           poll: float, timeout: float | None, settle: float = 15.0) -> RunView:
+           poll: float, timeout: float | None, settle: float = 15.0,
+           accept_within: float | None = ACCEPT_WITHIN_S,
+           on_tick: Callable[[], None] | None = None,
+           check: Callable[[], None] | None = None) -> RunView:
     """Poll until the run ends; `on_view` sees every poll (None: not accepted yet).
 
     The end is saved in the stack document a moment before the summary is archived, so an
     ended run is polled up to `settle` seconds more for its summary (metrics, cost).
+    A request still unaccepted after `accept_within` seconds raises `NotAccepted`; one
+    unaccepted when `timeout` passes raises it too (there is no run that goes on).
+    Between polls `on_tick` is called every second (a live clock need not wait for a poll);
+    before each poll `check` may raise when the backend is gone.
     """
     started = monotonic()
     ended_at: float | None = None
+    seen = False
     while True:
+        if check is not None:
+            check()
         view = find_run(store, run_id)
         on_view(view)
+        seen = seen or view is not None
+        waited = monotonic() - started
         if view is not None and view.final:
             ended_at = monotonic() if ended_at is None else ended_at
             if view.summary is not None or monotonic() - ended_at >= settle:
                 return view
-        elif timeout is not None and monotonic() - started >= timeout:
+        elif not seen and (accept_within is not None and waited >= accept_within or
+                           timeout is not None and waited >= timeout):
+            raise NotAccepted(f"no control plane accepted the request for run {run_id} "
+                              f"within {waited:.0f} s, so nothing runs: check the stack with "
+                              f"`pcp doctor` and the start function's logs")
+        elif timeout is not None and waited >= timeout:
             raise WaitTimeout(f"gave up waiting for run {run_id} after {timeout:g} s")
-        sleep(poll)
+        if on_tick is None:
+            sleep(poll)
+            continue
+        left = poll
+        while left > 1e-9:
+            step = min(1.0, left)
+            sleep(step)
+            left -= step
+            on_tick()
+
+
+#: A binary reports its progress as stdout lines `pcp-progress step=N loss=X [key=value ...]`
+#: (the binary contract, docs/agent.md); the live view shows the latest and a loss curve.
+PROGRESS_PREFIX = "pcp-progress "
+
+
+@dataclass
+class TrainingProgress:
+    """What the binaries said of their training: the latest step and loss, and the losses."""
+
+    step: int | None = None
+    loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    #: The one node whose lines count (the first to report; every rank may print the same).
+    node: str | None = None
+
+    def read(self, chunks: list[tuple[str, bytes]]) -> TrainingProgress:
+        for name, data in chunks:
+            text = data.decode("utf-8", errors="replace")
+            node = name.split("/", 1)[0]
+            if self.node is None and PROGRESS_PREFIX in text:
+                self.node = node
+            if node != self.node:
+                continue
+            for line in text.splitlines():
+                if not line.startswith(PROGRESS_PREFIX):
+                    continue
+                fields = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
+                try:
+                    step = int(fields["step"]) if "step" in fields else None
+                    loss = float(fields["loss"]) if "loss" in fields else None
+                except ValueError:
+                    continue
+                if loss is not None and loss != loss:  # NaN: nothing to draw
+                    loss = None
+                if step is not None and (self.step is None or step >= self.step):
+                    self.step = step
+                if loss is not None:
+                    self.loss = loss
+                    self.losses.append(loss)
+                    del self.losses[:-500]
+        return self
+
+
+def last_lines(chunks: list[tuple[str, bytes]], into: dict[str, str]) -> dict[str, str]:
+    """Keep the latest non-empty line each node wrote (`LogTail.poll` chunks), by node."""
+    for name, data in chunks:
+        lines = [ln for ln in data.decode("utf-8", errors="replace").splitlines() if ln.strip()]
+        if lines:
+            into[name.split("/", 1)[0]] = lines[-1][-200:]
+    return into

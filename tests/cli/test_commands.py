@@ -49,7 +49,7 @@ def test_run_publishes_a_valid_start_request(stack, invoke) -> None:
     assert request.keep_vm_alive and request.max_hours == 2.0 and request.max_restarts == 1
     assert request.binary == "github:example/trainer#train"
     assert request.requested_by == "octocat" and request.stack == "tiny"
-    assert f"pcp status {run_id}" in result.stderr
+    assert f"pcp watch {run_id}" in result.stderr
 
 
 def test_run_json_with_fixed_id_and_platform_map(stack, invoke) -> None:
@@ -152,14 +152,30 @@ def test_run_wait_json(stack, invoke, control_plane) -> None:
 
 
 def test_run_wait_timeout_leaves_the_run_alone(stack, invoke) -> None:
+    def accept(seconds: float) -> None:  # the control plane takes the request, nodes are slow
+        for data in stack.published("start"):
+            stack.service.handle(StartRequest.from_json(data), stack.t0)
+        time.sleep(0.005)
+
+    stack.context.sleep = accept
     result = invoke(["run", "--run-id", "r-slow", "--wait", "--poll", "0.01", "--timeout",
                      "0.05"], obj=stack.context)
     assert result.exit_code == 3
     error = one_line_error(result)
     assert "gave up waiting for run r-slow" in error and "pcp status r-slow" in error
-    assert "waiting for the control plane to accept the request" in result.stdout
+    assert "the run goes on" in error
     assert [StartRequest.from_json(d).run_id for d in stack.published("start")] == ["r-slow"]
     assert stack.published("stop") == []
+
+
+def test_run_wait_timeout_never_says_an_unaccepted_run_goes_on(stack, invoke) -> None:
+    result = invoke(["run", "--run-id", "r-lost", "--wait", "--poll", "0.01", "--timeout",
+                     "0.05"], obj=stack.context)
+    assert result.exit_code == 3
+    error = one_line_error(result)
+    assert "no control plane accepted the request for run r-lost" in error
+    assert "pcp doctor" in error and "goes on" not in error
+    assert "waiting for the control plane to accept the request" in result.stdout
 
 
 def test_run_wait_ctrl_c_does_not_stop_the_run(stack, invoke) -> None:
@@ -322,8 +338,8 @@ def test_results_downloads_the_run(stack, invoke, tmp_path) -> None:
     stack.start("r-res")
     stack.finish("r-res", {})
     stack.store.put("runs/r-res/worker-0/ckpt/step-100.pt", b"\x00weights")
-    dest = tmp_path / "out"
-    result = invoke(["results", "r-res", "--dest", str(dest)], obj=stack.context)
+    dest = tmp_path / "out" / "r-res"  # DEST/RUN_ID/: one run never overwrites another's
+    result = invoke(["results", "r-res", "--dest", str(tmp_path / "out")], obj=stack.context)
     assert result.exit_code == 0, result.output
     assert (dest / "worker-0" / "ckpt" / "step-100.pt").read_bytes() == b"\x00weights"
     assert json.loads((dest / "summary.json").read_text())["status"] == "succeeded"

@@ -117,8 +117,9 @@ def test_reads_stop_and_results(local_stack, invoke, stack_over, tmp_path) -> No
     driver.finish("r-a", {})
     result = invoke(["results", "r-a", "--dest", str(tmp_path / "res"), "--json"], env=env)
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "res" / "summary.json").read_text())["status"] == "succeeded"
-    assert (tmp_path / "res" / "worker-0" / "stdout.log").read_text() == "worker-0: step 1\n"
+    got = tmp_path / "res" / "r-a"  # DEST/RUN_ID/
+    assert json.loads((got / "summary.json").read_text())["status"] == "succeeded"
+    assert (got / "worker-0" / "stdout.log").read_text() == "worker-0: step 1\n"
     assert "worker-0: step 1" in invoke(["logs", "r-a", "--node", "worker-0"], env=env).stdout
 
 

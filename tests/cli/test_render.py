@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from pcp.cli.render import duration, progress_line, progress_table
-from pcp.cli.views import WaitTimeout, find_run, follow
+from pcp.cli.views import NotAccepted, WaitTimeout, find_run, follow
 from pcp.core.names import summary_doc
 
 pytestmark = pytest.mark.cli
@@ -70,11 +70,20 @@ def test_follow_waits_for_the_summary_a_moment(stack) -> None:
 
 
 def test_follow_timeout(stack) -> None:
+    stack.start("r-slow")
     clock = [0.0]
     with pytest.raises(WaitTimeout, match="after 2 s"):
-        follow(stack.store, "r-never", on_view=lambda v: None,
+        follow(stack.store, "r-slow", on_view=lambda v: None,
                sleep=lambda s: clock.__setitem__(0, clock[0] + s),
                monotonic=lambda: clock[0], poll=1, timeout=2)
+
+
+def test_follow_gives_up_on_a_request_no_function_accepts(stack) -> None:
+    clock = [0.0]
+    with pytest.raises(NotAccepted, match="within 120 s.*pcp doctor"):
+        follow(stack.store, "r-never", on_view=lambda v: None,
+               sleep=lambda s: clock.__setitem__(0, clock[0] + s),
+               monotonic=lambda: clock[0], poll=5, timeout=None)
 
 
 def test_markup_in_user_strings_is_printed_as_written(stack, invoke) -> None:
