@@ -15,25 +15,14 @@ from typing import Any
 import click
 
 from pcp.cli.options import console, context, echo_json, resources
-from pcp.core.errors import CorruptState, PermanentError
-from pcp.core.messages import decode_json
+from pcp.cli.views import load_json
+from pcp.core.errors import CorruptState
 from pcp.core.names import RUNS, SWEEPS, run_doc
 from pcp.core.ports import BlobStore
 from pcp.core.state import Run
 
 DEAD_MAN = "dead_man_power_off"
 POWER_OFF_FILE = "power_off.json"
-
-
-def _json(store: BlobStore, name: str) -> dict[str, Any] | None:
-    blob = store.get(name)
-    if blob is None:
-        return None
-    try:
-        obj = decode_json(blob.data, name, limit=None)
-    except PermanentError:
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def _row(at: Any, kind: str, run_id: Any, source: str, text: Any,
@@ -45,7 +34,7 @@ def _row(at: Any, kind: str, run_id: Any, source: str, text: Any,
 def sweep_rows(store: BlobStore, name: str) -> list[dict[str, Any]]:
     """One row per note of one sweep audit; an audit written before notes were kept gives
     one row per kind."""
-    record = _json(store, name)
+    record = load_json(store, name)
     if record is None:
         return []
     at = record.get("at")
@@ -75,7 +64,7 @@ def run_rows(store: BlobStore, run_id: str) -> list[dict[str, Any]]:
                 rows.append(_row(h.at.isoformat(), f"run_{phase}", run_id, "run", text))
     for name in store.list(f"{RUNS}{run_id}/"):
         if name.endswith(f"/{POWER_OFF_FILE}") and name.count("/") == 3:
-            record = _json(store, name) or {}
+            record = load_json(store, name) or {}
             rows.append(_row(record.get("at"), DEAD_MAN, run_id, "node",
                              f"{record.get('node')}: {record.get('reason')}"))
     return rows
