@@ -21,10 +21,12 @@ import re
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from pcp_dev.local.loopback import LoopbackServer
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer",
                         "upgrade", "proxy-connection", "content-length", "host"})
@@ -127,13 +129,12 @@ class GcsProxy:
         self._busy: set[tuple[str, str]] = set()  # mutations under way, by object
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
 
     @property
     def endpoint(self) -> str:
         assert self._server is not None, "the proxy is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://127.0.0.1:{self._server.port}"
 
     def count(self, kind: str) -> None:
         with self._lock:
@@ -190,20 +191,13 @@ class GcsProxy:
 
     def start(self) -> GcsProxy:
         handler = type("Handler", (_Handler,), {"proxy": self, "local": threading.local()})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        daemon=True, name="gcs-proxy")
-        self._thread.start()
+        self._server = LoopbackServer(handler, "gcs-proxy")
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     def __enter__(self) -> GcsProxy:
         return self.start()

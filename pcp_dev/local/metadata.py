@@ -17,12 +17,13 @@ on every request, so a `setMetadata` on the local Compute endpoint is visible at
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from pcp_dev.local.loopback import LoopbackServer
 
 PREFIX = "/computeMetadata/v1/instance/"
 
@@ -33,15 +34,14 @@ class MetadataServer:
     def __init__(self, lookup: Callable[[], dict[str, str]], name: str) -> None:
         self.lookup = lookup
         self.name = name
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
 
     @property
     def host(self) -> str:
         """`127.0.0.1:PORT`, the value for GCE_METADATA_HOST."""
         if self._server is None:
             raise RuntimeError("MetadataServer is not started")
-        return f"127.0.0.1:{self._server.server_address[1]}"
+        return f"127.0.0.1:{self._server.port}"
 
     @property
     def url(self) -> str:
@@ -49,20 +49,13 @@ class MetadataServer:
 
     def start(self) -> MetadataServer:
         handler = type("Handler", (_Handler,), {"metadata": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        daemon=True, name=f"metadata-{self.name}")
-        self._thread.start()
+        self._server = LoopbackServer(handler, f"metadata-{self.name}")
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
+            self._server.close()
+        self._server = None
 
     def __enter__(self) -> MetadataServer:
         return self.start()

@@ -36,6 +36,19 @@ def stack(store: MemoryStore) -> StackState:
     return StackState.from_json(blob.data)
 
 
+def lose_first_race(store: MemoryStore) -> None:
+    """The next write of the stack document loses a compare-and-swap race (once)."""
+    original_put, lost = store.put, {"once": False}
+
+    def put(name: str, data: bytes, **kw: object) -> int:
+        if name == STACK_DOC and not lost["once"]:
+            lost["once"] = True
+            raise Conflict(name)
+        return original_put(name, data, **kw)  # type: ignore[arg-type]
+
+    store.put = put  # type: ignore[method-assign]
+
+
 def test_a_whole_run_through_the_service() -> None:
     svc, store, fleet, bus = make(policy(workers=2))
     svc.handle(req("r1"), at(0))
@@ -212,15 +225,7 @@ def test_after_a_lost_race_every_marker_in_the_bucket_is_folded_into_one_write()
         m = marker("r1", node, "done", 5)
         store.put(m.path, m.to_json(), metadata=m.to_metadata())
         paths.append(m.path)
-    original_put, lost = store.put, {"once": False}
-
-    def lose_first_race(name: str, data: bytes, **kw: object) -> int:
-        if name == STACK_DOC and not lost["once"]:
-            lost["once"] = True
-            raise Conflict(name)
-        return original_put(name, data, **kw)  # type: ignore[arg-type]
-
-    store.put = lose_first_race  # type: ignore[method-assign]
+    lose_first_race(store)
     out = svc.handle_marker(paths[3], at(5))
     assert out.conflicts == 1
     assert "succeeded: all 16 nodes exited with code 0" in out.reason
@@ -299,15 +304,7 @@ def test_the_current_run_is_read_when_each_vm_is_stopped_not_before() -> None:
 def test_a_retry_after_a_lost_race_is_stamped_with_a_fresh_clock() -> None:
     svc, store, _, _ = make()
     svc.clock = lambda: at(7)
-    original_put, lost = store.put, {"once": False}
-
-    def lose_first_race(name: str, data: bytes, **kw: object) -> int:
-        if name == STACK_DOC and not lost["once"]:
-            lost["once"] = True
-            raise Conflict(name)
-        return original_put(name, data, **kw)  # type: ignore[arg-type]
-
-    store.put = lose_first_race  # type: ignore[method-assign]
+    lose_first_race(store)
     out = svc.handle(req("r1"), at(0))
     assert out.conflicts == 1
     active = stack(store).active
