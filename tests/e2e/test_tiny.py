@@ -223,8 +223,9 @@ def test_pcp_events_shows_an_orphan_stop_and_a_dead_man_stop(tiny: Replica) -> N
 
     before = len(orphan_stops())
     tiny.compute.set_status(VM, "RUNNING")  # up again, no agent, no run: an orphan
+    # A sweep every 5 s; each poll is a `pcp events` process, slow on a loaded machine.
     orphans = wait_for("the sweep audit of the orphan stop",
-                       lambda: (o := orphan_stops()) and len(o) > before and o, 30)
+                       lambda: (o := orphan_stops()) and len(o) > before and o, 60)
     assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
     assert orphans[-1]["source"] == "sweep" and orphans[-1]["heal"] == "orphans_stopped"
     ours = events("--run", run_id)
