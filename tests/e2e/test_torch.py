@@ -81,7 +81,9 @@ def test_a_rank_that_raises_fails_the_run(small_replica: Replica) -> None:
           binary=BINARY, layout="workers-only")
     done = wait_final(small_replica, run_id, timeout=120)
     assert done.status.value == "failed", done.detail
-    assert "worker-1" in (done.detail or ""), done.detail
+    # Fail fast ends the run at the first non-zero exit: the raising rank, or a peer whose
+    # collective broke a moment earlier (gloo), so either worker may be named.
+    assert "worker-" in (done.detail or "") and "exited with code" in (done.detail or "")
     wait_no_processes(run_id)
 
 
