@@ -6,7 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pcp.core.messages import DEFAULT_LAYOUT, validate_layout
+from pcp.core.errors import PermanentError
+from pcp.core.messages import DEFAULT_LAYOUT, GpuIdle, validate_layout
 from pcp.core.names import Names
 from pcp.core.policy import Policy
 
@@ -79,6 +80,11 @@ class Settings:
                                 f"{FUNCTION_TIMEOUT_MARGIN_SECONDS:g} (the margin kept after "
                                 f"Compute Engine waits), got {raw!r}")
         stack = env["PCP_STACK"]
+        try:
+            gpu_idle = (GpuIdle.parse(env["PCP_GPU_IDLE"], "PCP_GPU_IDLE")
+                        if env.get("PCP_GPU_IDLE") else None)
+        except PermanentError as e:
+            raise SettingsError(str(e)) from None
         policy = Policy(
             stack=stack,
             worker_count=int(count),
@@ -94,6 +100,7 @@ class Settings:
             or DEFAULT_LAYOUT,
             worker_hourly_usd=number("PCP_WORKER_HOURLY_USD", 0),
             shepherd_hourly_usd=number("PCP_SHEPHERD_HOURLY_USD", 0),
+            default_gpu_idle=gpu_idle,
         )
         return cls(stack=stack, project=env["PCP_PROJECT"], zone=env["PCP_ZONE"],
                    bucket=env["PCP_BUCKET"], policy=policy,
@@ -123,6 +130,8 @@ class Settings:
             "PCP_FIRST_BOOT_GRACE_MINUTES": _num(p.first_boot_grace_minutes),
             "PCP_FUNCTION_TIMEOUT_SECONDS": _num(self.function_timeout_seconds),
         }
+        if p.default_gpu_idle is not None:
+            env["PCP_GPU_IDLE"] = p.default_gpu_idle.text
         if self.compute_endpoint:
             env["PCP_COMPUTE_ENDPOINT"] = self.compute_endpoint
         return env

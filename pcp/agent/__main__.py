@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-grace", type=float, default=60.0, metavar="S",
                    help="worker: wait this long for an assignment before powering off "
                    "(default 60)")
+    p.add_argument("--gpu-interval", type=float, default=_DEFAULTS.gpu_interval, metavar="S",
+                   help="nvidia-smi utilization samples for the heartbeat and the gpu_idle "
+                   f"watchdog (default {_DEFAULTS.gpu_interval:g})")
+    p.add_argument("--gpu-minute-seconds", type=float, default=_DEFAULTS.gpu_minute_seconds,
+                   metavar="S", help="how long one minute of a gpu_idle policy lasts (default "
+                   "60; shorter only to rehearse the watchdog locally)")
     p.add_argument("--log-file", type=Path, metavar="FILE",
                    help="write the agent's output to FILE and rotate it there (the shepherd "
                    "Mac); default: stdout")
@@ -82,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("grace", "upload_interval", "poll_interval", "output_interval", "boot_grace",
-                 "stop_upload_budget"):
+                 "stop_upload_budget", "gpu_interval"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.gpu_minute_seconds <= 0:
+        parser.error("--gpu-minute-seconds must be positive")
     for name in ("log_max_bytes", "log_backups"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -96,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         boot_grace=args.boot_grace, nix_bin_dir=args.nix_bin_dir,
         socket_ifname=args.socket_ifname or None,
         stop_upload_budget=args.stop_upload_budget, log_file=args.log_file,
-        log_max_bytes=args.log_max_bytes, log_backups=args.log_backups)
+        log_max_bytes=args.log_max_bytes, log_backups=args.log_backups,
+        gpu_interval=args.gpu_interval, gpu_minute_seconds=args.gpu_minute_seconds)
     if cfg.log_file is not None:
         use_log_file(LogFile(cfg.log_file, cfg.log_max_bytes, cfg.log_backups))
     log = Log(stack=cfg.stack or "", role=cfg.role)

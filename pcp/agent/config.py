@@ -28,6 +28,9 @@ class AgentConfig:
     #: NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME for the binary: an interface name, "auto" (the
     #: interface of the default route: a VM's primary one), or None to leave them unset.
     socket_ifname: str | None = None
+    gpu_interval: float = 10.0  # nvidia-smi utilization samples (heartbeat, GPU-idle watchdog)
+    #: How long one minute of a gpu_idle policy lasts: 60, shorter only to rehearse it locally.
+    gpu_minute_seconds: float = 60.0
     keep_runs: int = 3  # local work directories of older runs are deleted
     log_file: Path | None = None  # the agent's own rotated log (shepherd Mac); None: stdout
     log_max_bytes: int = 50 * 1024 * 1024

@@ -23,6 +23,7 @@ from pcp.agent import gpu
 from pcp.agent.binary import NOT_REALISED, BinaryError, Realiser
 from pcp.agent.config import AgentConfig
 from pcp.agent.log import Log
+from pcp.agent.notices import NoticeWatch
 from pcp.agent.record import RunView, read_run
 from pcp.agent.runner import CANNOT_EXECUTE, Exit, Runner
 from pcp.agent.ticker import Task, Ticker
@@ -38,12 +39,19 @@ class Result:
     booted: bool
     exit: Exit | None  # None when no done marker was written
     stopped: str | None = None  # why the agent stopped the binary (or the wait), if it did
+    end_reason: str | None = None  # the done marker's end_reason (gpu_idle, maintenance, ...)
 
 
 class Session:
     def __init__(self, a: Assignment, store: BlobStore, cfg: AgentConfig, log: Log,
-                 agent_stop: threading.Event, gpus: str | None = None) -> None:
+                 agent_stop: threading.Event, gpus: str | None = None,
+                 notices_host: str | None = None) -> None:
         self.a = a
+        #: The metadata server to watch for maintenance and preemption notices (worker VMs).
+        self.notices_host = notices_host
+        self.end_reason: str | None = None
+        self.gpu_samples: list[gpu.GpuSample] | None = None
+        self.gpu_error: str | None = None
         self.gpus = gpus  # the worker's pcp-gpu-count metadata, checked before anything runs
         self.store = store
         self.cfg = cfg
@@ -68,6 +76,12 @@ class Session:
         if not self._stop.is_set():
             self.stop_reason = reason
             self._stop.set()
+
+    def end(self, reason: str, text: str) -> None:
+        """End the node for `reason` (its done marker says so): a notice or the watchdog."""
+        if not self._stop.is_set():
+            self.end_reason = reason
+            self.request_stop(text)
 
     def stopping(self) -> str | None:
         if self._stop.is_set():
@@ -166,31 +180,75 @@ class Session:
         self.runner = runner
         self.log.info("binary_started", f"pid {runner.pid}", argv=argv)
         up = self.uploader
-        ticker = Ticker([
+        watch = (NoticeWatch(self.notices_host, self.end, self.log).start()
+                 if self.notices_host else None)
+        tasks = [
             Task("upload_logs", self.cfg.upload_interval,
                  lambda: up.logs(self.stdout, self.stderr)),
-            Task("heartbeat", self.cfg.upload_interval,
-                 lambda: up.heartbeat("running", runner.pid)),
+            Task("heartbeat", self.cfg.upload_interval, lambda: self._heartbeat(runner.pid)),
             Task("watch_run", self.cfg.poll_interval, self._watch_run),
             Task("upload_output", self.cfg.output_interval, lambda: up.output(self.output)),
-        ], self.log)
+        ]
+        sampler = self._gpu_sampler(time.monotonic())
+        if sampler is not None:
+            tasks.insert(0, Task("gpu_sample", self.cfg.gpu_interval, sampler))
+        ticker = Ticker(tasks, self.log)
         stopped: str | None = None
-        while runner.poll() is None:
-            why = self.stopping()
-            if why is not None and stopped is None:
-                stopped = why
-                self.log.info("stopping_binary", why, grace_s=self.cfg.grace)
-                self._note(f"stopping the binary: {why}")
-                runner.terminate(self.cfg.grace)
-            runner.tick()
-            ticker.tick()
-            time.sleep(LOOP_SECONDS)
+        ending: str | None = None
+        try:
+            while runner.poll() is None:
+                why = self.stopping()
+                if why is not None and stopped is None:
+                    stopped, ending = why, self.end_reason
+                    self.log.info("stopping_binary", why, grace_s=self.cfg.grace,
+                                  **({"end_reason": ending} if ending else {}))
+                    self._note(f"stopping the binary: {why}")
+                    runner.terminate(self.cfg.grace)
+                runner.tick()
+                ticker.tick()
+                time.sleep(LOOP_SECONDS)
+        finally:
+            if watch is not None:
+                watch.stop()
         runner.reap_group()
         result = runner.exit()
         self.log.info("binary_exited", f"exit code {result.exit_code}", exit_code=result.exit_code,
                       signal=result.signal, duration_s=result.duration_s)
-        self._finish(result, heartbeat=True)
-        return Result(True, result, stopped)
+        self._finish(result, heartbeat=True, end_reason=ending)
+        return Result(True, result, stopped, ending)
+
+    def _gpu_sampler(self, started: float) -> Callable[[], None] | None:
+        """The GPU task: sample nvidia-smi for the heartbeat and apply the gpu_idle policy.
+        None on a node without nvidia-smi (the shepherd Mac, a CPU stack)."""
+        policy = self.a.gpu_idle
+        if shutil.which(gpu.NVIDIA_SMI) is None:
+            if policy is not None:
+                self.log.warning("gpu_idle_unenforced", f"gpu_idle policy {policy.text} is not "
+                                 f"enforced on {self.a.node}: {gpu.NVIDIA_SMI} is not installed")
+            return None
+        watch = gpu.IdleWatch(policy, started, self.cfg.gpu_minute_seconds) if policy else None
+        if watch is not None:
+            self.log.info("gpu_idle_policy", f"ending the node if every GPU stays below "
+                          f"{policy.below_percent:g}% for {policy.minutes:g} min after the "
+                          f"first {policy.after_minutes:g} min", policy=policy.text)
+
+        def sample() -> None:
+            try:
+                self.gpu_samples, self.gpu_error = gpu.sample(), None
+            except gpu.SampleError as e:
+                if self.gpu_error is None:
+                    self.log.warning("gpu_sample_failed", str(e))
+                self.gpu_samples, self.gpu_error = None, str(e)
+            if watch is not None:
+                broken = watch.observe(self.gpu_samples, time.monotonic())
+                if broken is not None:
+                    self.log.error("gpu_idle", broken)
+                    self.end("gpu_idle", broken)
+        return sample
+
+    def _heartbeat(self, pid: int | None, phase: str = "running") -> None:
+        gpus = None if self.gpu_samples is None else [s.to_dict() for s in self.gpu_samples]
+        self.uploader.heartbeat(phase, pid, gpus=gpus, gpu_error=self.gpu_error)
 
     # ------------------------------------------------------------ helpers
 
@@ -200,24 +258,26 @@ class Session:
         self._finish(result, heartbeat=False)
         return Result(False, result, None)
 
-    def _finish(self, result: Exit, heartbeat: bool) -> None:
+    def _finish(self, result: Exit, heartbeat: bool, end_reason: str | None = None) -> None:
         """Upload what there is, then write done; an upload failure never loses done.
 
         When the agent itself was told to stop (a VM stop: 30 s in all on a Spot VM), the
-        output uploads get `stop_upload_budget` seconds, so done is still written in time."""
-        until = (time.monotonic() + self.cfg.stop_upload_budget
-                 if self.agent_stop.is_set() else None)
+        output uploads get `stop_upload_budget` seconds, so done is still written in time; so
+        they do after a maintenance or preemption notice, which leaves as little time."""
+        short = self.agent_stop.is_set() or end_reason in ("maintenance", "preempted")
+        until = time.monotonic() + self.cfg.stop_upload_budget if short else None
         steps: list[tuple[str, Callable[[], object]]] = [
             ("upload_logs", lambda: self.uploader.logs(self.stdout, self.stderr, True)),
             ("upload_output", lambda: self.uploader.output(self.output, until))]
         if heartbeat:
-            steps.append(("heartbeat", lambda: self.uploader.heartbeat("exited", None)))
+            steps.append(("heartbeat", lambda: self._heartbeat(None, "exited")))
         for name, step in steps:
             try:
                 step()
             except Exception as e:  # noqa: BLE001 - done must still be written
                 self.log.error("upload_failed", f"{name}: {type(e).__name__}: {e}")
-        self.uploader.marker("done", result.exit_code, result.signal, result.duration_s)
+        self.uploader.marker("done", result.exit_code, result.signal, result.duration_s,
+                             end_reason=end_reason)
 
     def _watch_run(self) -> None:
         self.record = read_run(self.store, self.a.run_id)

@@ -92,22 +92,31 @@ class Uploader:
                              f"file(s) before done: {', '.join(left[:10])}", files=len(left))
         return sent
 
-    def heartbeat(self, phase: str, pid: int | None, now: datetime | None = None) -> None:
+    def heartbeat(self, phase: str, pid: int | None, now: datetime | None = None,
+                  gpus: list[dict[str, Any]] | None = None, gpu_error: str | None = None) -> None:
+        """heartbeat.json; `gpus`: the last nvidia-smi sample, one entry per GPU (`index`,
+        `utilization_percent`, `memory_used_mib`), `gpu_error` why the last sample failed."""
         body: dict[str, Any] = {
             "run_id": self.a.run_id, "node": self.a.node, "attempt": self.a.attempt,
             "at": iso(now or datetime.now(UTC)), "host": self.host, "phase": phase, "pid": pid,
         }
+        if gpus is not None:
+            body["gpus"] = gpus
+        if gpu_error is not None:
+            body["gpu_error"] = gpu_error
         self.store.put(self.prefix + "heartbeat.json",
                        json.dumps(body, sort_keys=True).encode())
 
     def marker(self, kind: str, exit_code: int | None = None, signal: str | None = None,
-               duration_s: float | None = None, tries: int = 3) -> NodeMarker:
+               duration_s: float | None = None, tries: int = 3,
+               end_reason: str | None = None) -> NodeMarker:
         """Write booted or done. Retried (on top of the client's own retries of 5xx and 429):
         a lost done marker leaves the run waiting for the sweeper."""
         marker = NodeMarker(run_id=self.a.run_id, node=self.a.node,
                             kind="booted" if kind == "booted" else "done",
                             attempt=self.a.attempt, at=datetime.now(UTC), exit_code=exit_code,
-                            signal=signal, duration_s=duration_s, host=self.host)
+                            signal=signal, duration_s=duration_s, host=self.host,
+                            end_reason=end_reason if kind == "done" else None)
         for attempt in range(tries):
             try:
                 self.store.put(marker.path, marker.to_json(), metadata=marker.to_metadata())
@@ -118,5 +127,6 @@ class Uploader:
                 self.log.warning("marker_retry", f"writing {marker.path} failed: {e}")
                 time.sleep(2**attempt)
         self.log.info(f"marker_{kind}", f"wrote {marker.path}", exit_code=exit_code,
-                      signal=signal, duration_s=duration_s)
+                      signal=signal, duration_s=duration_s,
+                      **({"end_reason": end_reason} if end_reason else {}))
         return marker

@@ -89,7 +89,7 @@ class Worker:
             log.info("run_over", f"not starting: {over}")
         else:
             Session(a, store, self.cfg, log, self.agent_stop,
-                    gpus=self._meta(META_GPU_COUNT)).run()
+                    gpus=self._meta(META_GPU_COUNT), notices_host=self.metadata.host).run()
         if self.agent_stop.is_set():
             log.info("agent_exit", "SIGTERM: leaving the VM to whoever stops it")
             return 0

@@ -189,7 +189,8 @@ def markers_could_move_run(marker: NodeMarker, markers: tuple[NodeMarker, ...],
     neither reads nor writes the stack document."""
     mine = [m for m in (*markers, marker) if m.attempt == marker.attempt]
     done = {m.node for m in mine if m.kind == "done"}
-    if any(m.kind == "done" and (m.exit_code != 0 or m.signal is not None) for m in mine):
+    if any(m.kind == "done" and (m.exit_code != 0 or m.signal is not None
+                                 or m.end_reason is not None) for m in mine):
         return True
     if set(nodes) <= done:
         return True
@@ -343,7 +344,8 @@ def _on_marker(tx: _Tx, m: NodeMarker) -> None:
         tx.note(NoteKind.MARKER_DUPLICATE, m.run_id, f"duplicate done marker from {m.node}: no-op")
         return
     done = replace(node, phase=NodePhase.DONE, booted_at=node.booted_at or m.at, done_at=m.at,
-                   exit_code=m.exit_code, signal=m.signal, duration_s=m.duration_s)
+                   exit_code=m.exit_code, signal=m.signal, duration_s=m.duration_s,
+                   end_reason=m.end_reason)
     _set_node(tx, done, NoteKind.NODE_EXITED, f"{m.node} exited {_exit_text(done)}")
 
 
@@ -361,9 +363,21 @@ def _progress(tx: _Tx, now: datetime, policy: Policy) -> None:
     failed = sorted((n for n in run.nodes if n.phase is NodePhase.DONE and n.failed),
                     key=lambda n: (n.done_at or now, n.name))
     if failed:
-        _end(tx, Reason.FAILED, f"{failed[0].name} exited {_exit_text(failed[0])}", now, policy)
+        first = failed[0]
+        if first.end_reason is not None:  # the node's agent ended it and said why
+            _end(tx, Reason(first.end_reason), f"{first.name}: {_END_TEXT[first.end_reason]} "
+                 f"(exited {_exit_text(first)})", now, policy)
+        else:
+            _end(tx, Reason.FAILED, f"{first.name} exited {_exit_text(first)}", now, policy)
     elif run.nodes and all(n.phase is NodePhase.DONE for n in run.nodes):
         _end(tx, Reason.SUCCEEDED, f"all {len(run.nodes)} nodes exited with code 0", now, policy)
+
+
+_END_TEXT = {
+    Reason.GPU_IDLE.value: "every GPU stayed idle past the run's gpu_idle policy",
+    Reason.MAINTENANCE.value: "host maintenance notice",
+    Reason.PREEMPTED.value: "Spot VM preempted",
+}
 
 
 def _exit_text(node: NodeState) -> str:
@@ -563,6 +577,7 @@ def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
             keep_vm_alive=run.request.keep_vm_alive,
             secret=run.secret,
             layout=run.request.layout or policy.default_layout,
+            gpu_idle=run.request.gpu_idle or policy.default_gpu_idle,
         )
         for rank, name in enumerate(policy.node_names)
     )

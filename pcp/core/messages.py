@@ -263,6 +263,93 @@ def _binary(obj: JsonObj, what: str) -> str | dict[str, str] | None:
     raise PermanentError(f"{what}: binary must be a string or a platform map")
 
 
+# ---------------------------------------------------------------- GPU-idle policy
+
+GPU_IDLE_FIELDS = ("below_percent", "minutes", "after_minutes")
+MAX_GPU_IDLE_MINUTES = 7 * 24 * 60
+_DURATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smh]?)$")
+_DURATION_UNIT = {"s": 1 / 60, "m": 1.0, "": 1.0, "h": 60.0}
+
+
+def _number(obj: JsonObj, key: str, what: str, lo: float, hi: float, default: float | None,
+            lo_open: bool = False) -> float:
+    v = obj.get(key, default)
+    if v is None:
+        raise PermanentError(f"{what}: {key} is required")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise PermanentError(f"{what}: {key} must be a number, got {v!r}")
+    if (v <= lo if lo_open else v < lo) or v > hi:
+        bound = f"more than {lo:g}" if lo_open else f"at least {lo:g}"
+        raise PermanentError(f"{what}: {key} must be {bound} and at most {hi:g}, got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class GpuIdle:
+    """A run's GPU utilization policy (docs/agent.md, "GPU-idle watchdog"): the node ends with
+    reason `gpu_idle` when every GPU on it stays below `below_percent` utilization for
+    `minutes`, counted once `after_minutes` have passed since the binary started."""
+
+    below_percent: float
+    minutes: float
+    after_minutes: float = 0.0
+
+    @classmethod
+    @untrusted("gpu_idle")
+    def from_value(cls, value: object, what: str = "gpu_idle") -> GpuIdle | None:
+        """The wire form, {"below_percent": 5, "minutes": 15, "after_minutes": 10}; null: none."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise PermanentError(f"{what} must be an object like {{\"below_percent\": 5, "
+                                 f"\"minutes\": 15, \"after_minutes\": 10}}, got "
+                                 f"{type(value).__name__}")
+        check_fields(value, GPU_IDLE_FIELDS, what)
+        return cls(
+            below_percent=_number(value, "below_percent", what, 0, 100, None, lo_open=True),
+            minutes=_number(value, "minutes", what, 0, MAX_GPU_IDLE_MINUTES, None, lo_open=True),
+            after_minutes=_number(value, "after_minutes", what, 0, MAX_GPU_IDLE_MINUTES, 0.0),
+        )
+
+    @classmethod
+    def parse(cls, text: str, what: str = "--gpu-idle") -> GpuIdle:
+        """`PERCENT%:WINDOW[:GRACE]`, durations in s, m (the default) or h: `5%:15m:10m`."""
+        parts = text.strip().split(":")
+        if len(parts) not in (2, 3):
+            raise PermanentError(f"{what} {text!r}: expected PERCENT%:WINDOW[:GRACE], "
+                                 "e.g. 5%:15m:10m (below 5 % for 15 minutes, after the first 10)")
+        percent = parts[0].strip().removesuffix("%").strip()
+        try:
+            below = float(percent)
+        except ValueError:
+            raise PermanentError(f"{what} {text!r}: {parts[0]!r} is not a percentage") from None
+        minutes = [_minutes(p, what, text) for p in parts[1:]]
+        obj: JsonObj = {"below_percent": below, "minutes": minutes[0]}
+        if len(minutes) == 2:
+            obj["after_minutes"] = minutes[1]
+        policy = cls.from_value(obj, what)
+        assert policy is not None
+        return policy
+
+    def to_dict(self) -> JsonObj:
+        return {"below_percent": self.below_percent, "minutes": self.minutes,
+                "after_minutes": self.after_minutes}
+
+    @property
+    def text(self) -> str:
+        def num(v: float) -> str:  # read back exactly by `parse`
+            return str(int(v)) if float(v).is_integer() else repr(float(v))
+        return f"{num(self.below_percent)}%:{num(self.minutes)}m:{num(self.after_minutes)}m"
+
+
+def _minutes(part: str, what: str, text: str) -> float:
+    m = _DURATION_RE.match(part.strip())
+    if m is None:
+        raise PermanentError(f"{what} {text!r}: {part!r} is not a duration (use e.g. 90s, "
+                             "15m or 2h)")
+    return float(m.group(1)) * _DURATION_UNIT[m.group(2)]
+
+
 # ---------------------------------------------------------------- start request
 
 
@@ -284,6 +371,7 @@ START_FIELDS = (
     "requested_by",
     "layout",
     "metrics_node",
+    "gpu_idle",
 )
 
 #: How ranks are numbered (docs/agent.md, "Rank layouts"): `all-nodes` makes the shepherd
@@ -325,6 +413,8 @@ class StartRequest:
     layout: str | None = None
     #: The node whose metrics.json the run summary reads; None: rank 0 of the layout.
     metrics_node: str | None = None
+    #: The GPU-idle policy; None takes the stack's default (which may be none).
+    gpu_idle: GpuIdle | None = None
     #: The run's secret, drawn by the function that accepts the request (never on the wire:
     #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
     #: so a redelivered request still equals the one accepted.
@@ -368,6 +458,7 @@ class StartRequest:
             stack=stack,
             layout=validate_layout(obj.get("layout"), what),
             metrics_node=_metrics_node(obj.get("metrics_node"), what),
+            gpu_idle=GpuIdle.from_value(obj.get("gpu_idle"), f"{what}: gpu_idle"),
         )
 
     def to_dict(self) -> JsonObj:
@@ -388,6 +479,8 @@ class StartRequest:
             out["layout"] = self.layout
         if self.metrics_node is not None:
             out["metrics_node"] = self.metrics_node
+        if self.gpu_idle is not None:
+            out["gpu_idle"] = self.gpu_idle.to_dict()
         return out
 
     def to_json(self) -> bytes:
@@ -429,7 +522,11 @@ class StopRequest:
 # ---------------------------------------------------------------- node markers
 
 MarkerKind = Literal["booted", "done"]
-MARKER_FIELDS = ("run_id", "node", "attempt", "at", "exit_code", "signal", "duration_s", "host")
+MARKER_FIELDS = ("run_id", "node", "attempt", "at", "exit_code", "signal", "duration_s", "host",
+                 "end_reason")
+#: Why a node's agent ended it, when it did on its own (docs/agent.md): a done marker's
+#: `end_reason`, which becomes the run's reason (`pcp.core.state.NODE_END_REASONS`).
+NODE_END_REASONS = ("gpu_idle", "maintenance", "preempted")
 
 
 @dataclass(frozen=True)
@@ -445,6 +542,8 @@ class NodeMarker:
     signal: str | None = None
     duration_s: float | None = None
     host: str | None = None
+    #: Set when the agent ended the node itself: one of `NODE_END_REASONS`.
+    end_reason: str | None = None
 
     @staticmethod
     @untrusted("marker name")
@@ -487,8 +586,12 @@ class NodeMarker:
             raise PermanentError(f"{what}: duration_s must be a number or null")
         if kind == "done" and exit_code is None and signal is None:
             raise PermanentError(f"{what}: a done marker needs an exit_code or a signal")
+        end_reason = obj.get("end_reason")
+        if end_reason is not None and end_reason not in NODE_END_REASONS:
+            raise PermanentError(f"{what}: end_reason must be one of "
+                                 f"{', '.join(NODE_END_REASONS)} or null, got {end_reason!r}")
         if kind == "booted":  # how a node ended is said by `done` only (and written only there)
-            exit_code, signal, duration = None, None, None
+            exit_code, signal, duration, end_reason = None, None, None, None
         return cls(
             run_id=run_id,
             node=node,
@@ -499,6 +602,7 @@ class NodeMarker:
             signal=signal,
             duration_s=None if duration is None else float(duration),
             host=_text(obj, "host", what, 256),
+            end_reason=end_reason,
         )
 
     @classmethod
@@ -534,6 +638,8 @@ class NodeMarker:
         }
         if self.kind == "done":
             out.update(exit_code=self.exit_code, signal=self.signal, duration_s=self.duration_s)
+            if self.end_reason is not None:
+                out["end_reason"] = self.end_reason
         if self.host is not None:
             out["host"] = self.host
         return dump(out)
@@ -586,6 +692,7 @@ ASSIGNMENT_FIELDS = (
     "keep_vm_alive",
     "secret",
     "layout",
+    "gpu_idle",
 )
 
 
@@ -615,6 +722,8 @@ class Assignment:
     #: never a label or a log line. The binary gets it as PCP_RUN_SECRET (docs/agent.md).
     secret: str = field(default="", repr=False)
     layout: str = DEFAULT_LAYOUT
+    #: The run's GPU-idle policy (the request's, else the stack's), enforced by the agent.
+    gpu_idle: GpuIdle | None = None
 
     @property
     def vm(self) -> str:
@@ -692,6 +801,7 @@ class Assignment:
             "keep_vm_alive": self.keep_vm_alive,
             **({"secret": self.secret} if self.secret else {}),
             **({"layout": self.layout} if self.layout != DEFAULT_LAYOUT else {}),
+            **({"gpu_idle": self.gpu_idle.to_dict()} if self.gpu_idle is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -733,6 +843,7 @@ class Assignment:
             keep_vm_alive=_bool(obj, "keep_vm_alive", what),
             secret=validate_secret(obj.get("secret"), what),
             layout=validate_layout(obj.get("layout"), what) or DEFAULT_LAYOUT,
+            gpu_idle=GpuIdle.from_value(obj.get("gpu_idle"), f"{what}: gpu_idle"),
         )
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from pcp.core.messages import GpuIdle
 from pcp.core.names import STACK_SIZES, Names, node_names
 
 __all__ = ["STACK_SIZES", "Policy"]
@@ -34,6 +35,8 @@ class Policy:
     first_boot_grace_minutes: float = 30.0
     max_queue: int = 50
     recent_limit: int = 200
+    #: The GPU-idle policy of a run whose request sets none (`PCP_GPU_IDLE`); None: no watchdog.
+    default_gpu_idle: GpuIdle | None = None
 
     @property
     def names(self) -> Names:

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from pcp.core.errors import CorruptState, PermanentError
+from pcp.core.messages import NODE_END_REASONS as MARKER_END_REASONS
 from pcp.core.messages import StartRequest, decode_json, dump, validate_secret
 from pcp.core.timefmt import iso, opt_iso, opt_time, parse_time
 
@@ -48,6 +49,12 @@ class Reason(StrEnum):
     BOOT_TIMEOUT = "boot_timeout"
     NODE_LOST = "node_lost"
     REJECTED = "rejected"
+    #: A node's agent ended it: every GPU sat idle past the run's `gpu_idle` policy.
+    GPU_IDLE = "gpu_idle"
+    #: A node's agent ended it on a host-maintenance notice (`instance/maintenance-event`).
+    MAINTENANCE = "maintenance"
+    #: A node's agent ended it on a Spot preemption notice (`instance/preempted`).
+    PREEMPTED = "preempted"
 
 
 class Status(StrEnum):
@@ -68,13 +75,19 @@ STATUS_OF_REASON: dict[Reason, Status] = {
     Reason.BOOT_TIMEOUT: Status.FAILED,
     Reason.NODE_LOST: Status.FAILED,
     Reason.REJECTED: Status.REJECTED,
+    Reason.GPU_IDLE: Status.FAILED,
+    Reason.MAINTENANCE: Status.FAILED,
+    Reason.PREEMPTED: Status.FAILED,
 }
 STATUS_OF_PHASE = {
     Phase.QUEUED: Status.QUEUED,
     Phase.STARTING: Status.STARTING,
     Phase.RUNNING: Status.RUNNING,
 }
-RESTARTABLE = frozenset({Reason.NODE_LOST, Reason.BOOT_TIMEOUT})
+RESTARTABLE = frozenset({Reason.NODE_LOST, Reason.BOOT_TIMEOUT, Reason.MAINTENANCE,
+                         Reason.PREEMPTED})
+#: The reasons a node's own done marker may give (`NodeMarker.end_reason`, docs/agent.md).
+NODE_END_REASONS = frozenset(Reason(r) for r in MARKER_END_REASONS)
 
 
 class NodePhase(StrEnum):
@@ -92,10 +105,13 @@ class NodeState:
     exit_code: int | None = None
     signal: str | None = None
     duration_s: float | None = None
+    #: Why the node's agent ended it (a `NODE_END_REASONS` value), from its done marker.
+    end_reason: str | None = None
 
     @property
     def failed(self) -> bool:
-        return self.phase is NodePhase.DONE and (self.exit_code != 0 or self.signal is not None)
+        return self.phase is NodePhase.DONE and (self.exit_code != 0 or self.signal is not None
+                                                 or self.end_reason is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +122,7 @@ class NodeState:
             "exit_code": self.exit_code,
             "signal": self.signal,
             "duration_s": self.duration_s,
+            **({"end_reason": self.end_reason} if self.end_reason else {}),
         }
 
     @classmethod
@@ -118,6 +135,7 @@ class NodeState:
             exit_code=d.get("exit_code"),
             signal=d.get("signal"),
             duration_s=d.get("duration_s"),
+            end_reason=d.get("end_reason"),
         )
 
 

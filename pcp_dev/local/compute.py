@@ -418,6 +418,23 @@ class LocalCompute:
             if vm is not None:
                 self._terminated(vm)
 
+    def host_stop(self, name: str, boot: int, why: str) -> bool:
+        """Compute Engine stops the VM on its own (host maintenance, a Spot preemption), as
+        a stop call would, unless it was booted again since boot `boot` (`VmRecord.starts`).
+        Returns whether a stop began."""
+        with self._lock:
+            vm = self._vms.get(name)
+            if vm is None or vm.starts != boot or vm.status not in UP:
+                return False
+        log("NOTICE", "local_compute.host_stop", stack="", reason=f"{name}: {why}")
+        try:
+            finish = self._begin_stop(vm)
+        except _HttpError:
+            return False
+        if finish is not None:
+            self._in_background(finish, f"local-compute-host-stop-{name}")
+        return finish is not None
+
     def count(self, kind: str, vm: str | None = None) -> int:
         """API calls of one kind seen so far, for one VM or in total."""
         with self._lock:

@@ -107,6 +107,14 @@ class Options:
     # guest's shutdown) take this fraction of their real time: 0.01 makes a boot 0.3 s.
     compute_time_scale: float = 0.01
     extra_env: Mapping[str, str] = field(default_factory=dict)  # for the functions
+    # Worker "VMs" get the stand-in nvidia-smi (pcp_dev/local/nvidia_smi.py) on their PATH,
+    # reporting what `set_gpus` says (one idle GPU until then); False: no nvidia-smi at all.
+    nvidia_smi: bool = True
+    gpu_minute_seconds: float = 60.0  # one minute of a gpu_idle policy, for the agents
+    # How long after a notice Compute Engine stops the VM: about 30 s for a Spot preemption;
+    # a GPU VM's maintenance notice comes up to an hour ahead (shortened here).
+    preempt_notice_seconds: float = 30.0
+    maintenance_notice_seconds: float = 60.0
 
     @property
     def worker_count(self) -> int:
@@ -139,6 +147,10 @@ def functions_source() -> Path:
 
 
 # ---------------------------------------------------------------- the replica
+
+
+def o_stack_safe(stack: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in stack)
 
 
 class Replica:
@@ -216,7 +228,8 @@ class Replica:
             self.compute.add_instance(
                 vm, labels={LABEL_STACK: o.stack, LABEL_ROLE: "worker", LABEL_NODE: str(i)},
                 metadata={META_STACK: o.stack, META_BUCKET: o.bucket, META_PROJECT: o.project})
-            self.metadata[vm] = MetadataServer(self._lookup(vm), vm).start()
+            self.metadata[vm] = MetadataServer(self._lookup(vm), vm,
+                                               on_notice=self._notice_hook(vm)).start()
         for kind in FUNCTIONS:
             self.start_function(kind, source, wait=False)
         for kind in FUNCTIONS:
@@ -457,6 +470,44 @@ class Replica:
 
     # ------------------------------------------------------------ VMs as processes
 
+    def gpu_state(self, vm: str) -> Path:
+        return self.state_dir / "gpus" / o_stack_safe(self.options.stack) / vm
+
+    def set_gpus(self, vm: str, gpus: list[tuple[Any, Any]], mode: str = "ok") -> None:
+        """What the VM's stand-in nvidia-smi reports from now on: (utilization %, memory
+        MiB) per GPU, None for `[N/A]`; `mode` "no-devices" or "no-driver" for its failures."""
+        from pcp_dev.local.nvidia_smi import write_state
+
+        write_state(self.gpu_state(vm), gpus, mode)
+
+    def maintenance(self, vm: str, value: str = "TERMINATE_ON_HOST_MAINTENANCE") -> None:
+        """A host-maintenance notice on the VM: Compute Engine then stops it after
+        `maintenance_notice_seconds` (unless it was stopped and booted again meanwhile)."""
+        self.metadata[vm].notify("maintenance-event", value)
+
+    def preempt(self, vm: str) -> None:
+        """A Spot preemption: instance/preempted is TRUE; the VM stops after
+        `preempt_notice_seconds`."""
+        self.metadata[vm].notify("preempted", "TRUE")
+
+    def _notice_hook(self, vm: str) -> Any:
+        def on_notice(key: str, value: str) -> None:
+            delay = {"TERMINATE_ON_HOST_MAINTENANCE": self.options.maintenance_notice_seconds,
+                     "TRUE": self.options.preempt_notice_seconds}.get(value)
+            compute = self.compute
+            if delay is None or compute is None:
+                return
+            boot = compute.vm(vm).starts
+            log("NOTICE", "replica.notice", stack=self.options.stack,
+                reason=f"{vm}: instance/{key} is {value}; the VM stops in {delay:g} s")
+
+            def later() -> None:
+                time.sleep(delay)
+                if not self._stopping:
+                    compute.host_stop(vm, boot, f"instance/{key} was {value}")
+            threading.Thread(target=later, daemon=True, name=f"notice-{vm}").start()
+        return on_notice
+
     def _lookup(self, vm: str) -> Any:
         def attributes() -> dict[str, str]:
             assert self.compute is not None
@@ -487,7 +538,8 @@ class Replica:
         interval = str(o.agent_interval)
         return [sys.executable, "-m", "pcp.agent", role, "--work-dir",
                 str(self.node_dir / node), "--grace", str(o.grace), "--upload-interval",
-                interval, "--poll-interval", interval, "--output-interval", "0"]
+                interval, "--poll-interval", interval, "--output-interval", "0",
+                "--gpu-interval", interval, "--gpu-minute-seconds", str(o.gpu_minute_seconds)]
 
     def _vm_started(self, vm: VmRecord) -> None:
         """LocalCompute's on_start: the VM booted, so its agent starts (unless held back)."""
@@ -503,8 +555,16 @@ class Replica:
             old.stop(self.options.grace)
         argv = self._agent_argv("worker", vm.name) + ["--poweroff-command", "",
                                                       "--boot-grace", "10"]
-        child = Child(vm.name, argv, self._agent_env(self.metadata[vm.name].host),
-                      self.log_dir / f"{vm.name}.log").start()
+        self.metadata[vm.name].reset()  # a new boot: no notice pending
+        env = self._agent_env(self.metadata[vm.name].host)
+        if self.options.nvidia_smi:
+            from pcp_dev.local.nvidia_smi import install
+
+            state = self.gpu_state(vm.name)
+            bin_dir = install(self.state_dir / "gpus" / o_stack_safe(self.options.stack)
+                              / f"{vm.name}-bin", state)
+            env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        child = Child(vm.name, argv, env, self.log_dir / f"{vm.name}.log").start()
         with self._lock:
             self.workers[vm.name] = child
         threading.Thread(target=self._watch, args=(vm.name, child), daemon=True,
