@@ -117,5 +117,5 @@ class NoticeWatch:
             if self._done or self._stop.is_set():
                 return
             self._done = True
-        self.log.warning("notice", text, reason=reason)
+        self.log.warning("notice", text, end_reason=reason)
         self.on_notice(reason, text)

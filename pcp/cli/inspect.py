@@ -15,6 +15,7 @@ from pcp.cli.views import (
     download,
     failures,
     find_run,
+    gpu_usage,
     overview,
     recent_runs,
 )
@@ -43,10 +44,11 @@ def status(run_id: str | None, fmt: str, as_json: bool, watch_it: bool, poll: fl
         if fmt == "markdown":
             fail("--format markdown needs a RUN_ID", EXIT_USAGE)
         ov = overview(ctx.store, ctx.stack)
+        usage = gpu_usage(ctx.store, ov.state.active)
         if fmt == "json":
-            echo_json(ov.to_dict())
+            echo_json({**ov.to_dict(), **({"gpus": usage} if usage else {})})
         else:
-            console().print(overview_renderable(ov, ctx.clock()))
+            console().print(overview_renderable(ov, ctx.clock(), usage))
         return
     run_id = run_arg(ctx, run_id)
     if watch_it:
@@ -55,13 +57,14 @@ def status(run_id: str | None, fmt: str, as_json: bool, watch_it: bool, poll: fl
     view = find_run(ctx.store, run_id)
     if view is None:
         unknown_run(ctx, run_id)
+    usage = gpu_usage(ctx.store, view.run) if fmt != "markdown" else {}
     if fmt == "json":
-        echo_json(view.to_dict())
+        echo_json({**view.to_dict(), **({"gpus": usage} if usage else {})})
     elif fmt == "markdown":
         losses = TrainingProgress().read(LogTail(ctx.store, run_id, stream="stdout").poll())
         click.echo(markdown(view, ctx.stack, losses.losses), nl=False)
     else:
-        console().print(run_renderable(view, ctx.stack))
+        console().print(run_renderable(view, ctx.stack, usage))
         if view.status is Status.FAILED:
             click.echo(failure_text(failures(ctx.store, view), run_id, ctx.stack), nl=False)
 

@@ -228,20 +228,23 @@ def progress_table(view: RunView | None, run_id: str, elapsed: float,
     return Group(*parts)
 
 
-def nodes_table(run: Run) -> Table:
+def nodes_table(run: Run, gpus: dict[str, str] | None = None) -> Table:
+    """The nodes of a run; with `gpus` (`views.gpu_usage`), a column of GPU utilization."""
     table = Table(box=None, pad_edge=False)
-    for col in ("node", "state", "booted", "done", "duration"):
+    for col in ("node", "state", "booted", "done", "duration", *(("gpu",) if gpus else ())):
         table.add_column(col)
     for n in run.nodes:
+        gpu = (escape(gpus.get(n.name, "-")),) if gpus else ()
         table.add_row(n.name, node_state(n), when(n.booted_at), when(n.done_at),
-                      duration(n.duration_s))
+                      duration(n.duration_s), *gpu)
     return table
 
 
 # ---------------------------------------------------------------- one run
 
 
-def run_renderable(view: RunView, stack: str) -> RenderableType:
+def run_renderable(view: RunView, stack: str,
+                   gpus: dict[str, str] | None = None) -> RenderableType:
     grid = Table.grid(padding=(0, 2))
     grid.add_row("[bold]run[/]", escape(view.run_id))
     grid.add_row("[bold]stack[/]", escape(stack))
@@ -272,7 +275,7 @@ def run_renderable(view: RunView, stack: str) -> RenderableType:
         grid.add_row("[bold]VMs kept alive until[/]", when(view.lease.until))
     parts: list[RenderableType] = [grid]
     if run is not None and run.nodes:
-        parts.append(nodes_table(run))
+        parts.append(nodes_table(run, gpus))
     if view.metrics:
         parts.append(metrics_table(view.metrics))
     return Group(*parts)
@@ -290,7 +293,8 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
 # ---------------------------------------------------------------- the stack
 
 
-def overview_renderable(ov: Overview, now: datetime) -> RenderableType:
+def overview_renderable(ov: Overview, now: datetime,
+                        gpus: dict[str, str] | None = None) -> RenderableType:
     s = ov.state
     parts: list[RenderableType] = []
     if s.active is None:
@@ -302,7 +306,7 @@ def overview_renderable(ov: Overview, now: datetime) -> RenderableType:
                      f"{styled(run.status)}, attempt {run.attempt}, elapsed {duration(elapsed)}"
                      f", deadline {when(run.deadline)}")
         if run.nodes:
-            parts.append(nodes_table(run))
+            parts.append(nodes_table(run, gpus))
     parts.append(queue_table(s, now))
     if s.lease is not None:
         parts.append(f"VMs of run {escape(s.lease.run_id)} kept alive until "

@@ -24,7 +24,7 @@ from pcp.cli.views import (
     last_lines,
 )
 from pcp.core.errors import PermanentError
-from pcp.core.messages import LAYOUTS, StartRequest
+from pcp.core.messages import LAYOUTS, GpuIdle, StartRequest
 from pcp.core.state import Status
 
 
@@ -103,6 +103,10 @@ def capped(view: Any) -> str | None:
 @click.option("--max-restarts", type=int, help="restarts after a lost node or boot timeout")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="rank layout (docs/agent.md); "
                                                           "default: the stack's")
+@click.option("--gpu-idle", metavar="P%:WINDOW[:GRACE]",
+              help="end the run (reason gpu_idle) if every GPU of a node stays below P%% for "
+                   "WINDOW after the first GRACE, e.g. 5%%:15m:10m (docs/agent.md); default: "
+                   "the stack's (PCP_GPU_IDLE), if any")
 @click.option("--run-id", help="fix the run id (default r-YYYYMMDD-HHMMSS-xxxx)")
 @click.option("--wait", is_flag=True, help="follow the run until it ends; exit 0 on success")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
@@ -113,8 +117,8 @@ def capped(view: Any) -> str | None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         max_hours: float | None, max_restarts: int | None, layout: str | None,
-        run_id: str | None, wait: bool, timeout: float | None, poll: float,
-        as_json: bool) -> None:
+        gpu_idle: str | None, run_id: str | None, wait: bool, timeout: float | None,
+        poll: float, as_json: bool) -> None:
     """Request a training run; print its id (and with --wait, follow it to the end)."""
     flags = click.get_current_context().meta.get(FLAGS, {})
     if timeout is not None and not wait:
@@ -132,6 +136,11 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         body["max_restarts"] = max_restarts
     if layout is not None:
         body["layout"] = layout
+    if gpu_idle is not None:
+        try:
+            body["gpu_idle"] = GpuIdle.parse(gpu_idle).to_dict()
+        except PermanentError as e:
+            fail(str(e), EXIT_USAGE)
     if flags.get("stack"):
         body["stack"] = flags["stack"]
     try:  # the control plane's own parser: what fails here would be rejected there

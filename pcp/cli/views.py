@@ -16,7 +16,7 @@ from typing import Any
 
 from pcp.core.errors import PermanentError
 from pcp.core.messages import decode_json
-from pcp.core.names import REJECTED, STACK_DOC, run_doc, run_prefix, summary_doc
+from pcp.core.names import REJECTED, STACK_DOC, node_file, run_doc, run_prefix, summary_doc
 from pcp.core.ports import BlobStore
 from pcp.core.state import Lease, Phase, RecentRun, Run, StackState, Status
 from pcp.core.timefmt import iso, opt_iso
@@ -456,3 +456,32 @@ def last_lines(chunks: list[tuple[str, bytes]], into: dict[str, str]) -> dict[st
         if lines:
             into[name.split("/", 1)[0]] = lines[-1][-200:]
     return into
+
+
+def gpu_usage(store: BlobStore, run: Run | None) -> dict[str, str]:
+    """Each node's GPU utilization from its last heartbeat (runs/<run>/<node>/heartbeat.json,
+    written by the agent from nvidia-smi, docs/agent.md), as `pcp status` shows it: `87% 10240
+    MiB` per GPU, `n/a` for a value the GPU does not report, or why the sample failed. Nodes
+    without GPUs (no `gpus` in the heartbeat) and heartbeats of another attempt are left out."""
+    out: dict[str, str] = {}
+    if run is None:
+        return out
+    for node in run.nodes:
+        beat = load_json(store, node_file(run.run_id, node.name, "heartbeat.json"))
+        if beat is None or beat.get("attempt") != run.attempt:
+            continue
+        gpus, error = beat.get("gpus"), beat.get("gpu_error")
+        if isinstance(gpus, list) and gpus:
+            out[node.name] = ", ".join(_gpu_text(g) for g in gpus[:16])
+        elif isinstance(error, str) and error:
+            out[node.name] = f"unavailable: {error[:80]}"
+    return out
+
+
+def _gpu_text(g: object) -> str:
+    if not isinstance(g, dict):
+        return "?"
+    util, mem = g.get("utilization_percent"), g.get("memory_used_mib")
+    u = f"{util:g}%" if isinstance(util, int | float) and not isinstance(util, bool) else "n/a"
+    m = f"{mem:g} MiB" if isinstance(mem, int | float) and not isinstance(mem, bool) else "n/a"
+    return f"{u} {m}"
