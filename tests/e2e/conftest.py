@@ -3,8 +3,8 @@
 A replica takes a few seconds to start (the Pub/Sub emulator, four function servers), so
 the tests share one per stack and tell their runs apart by run id. Settings are short so
 the whole tier stays within five minutes on two cores: a sweep tick every 2 s, a boot
-timeout of 21 s (generous for a loaded machine) and a keep-alive lease of about 14 s on
-the tiny stack.
+timeout of 21 s (generous for a loaded machine), a keep-alive lease of about 14 s and a
+gpu_idle policy minute of one second on the tiny stack.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def tiny_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     state: Path = tmp_path_factory.mktemp("replica-tiny")
     replica = launch(Options(stack="tiny", state_dir=state, boot_timeout_minutes=0.35,
                              keep_alive_hours=0.004, sweep_interval=2.0, agent_interval=0.5,
-                             grace=3.0))
+                             grace=3.0, gpu_minute_seconds=1.0))
     try:
         yield replica
     finally:
@@ -58,6 +58,8 @@ def tiny(tiny_replica: Replica) -> Iterator[Replica]:
         yield tiny_replica
     finally:
         tiny_replica.hold_boot.clear()
+        for vm in tiny_replica.vms:  # one idle GPU, as the replica starts with
+            tiny_replica.set_gpus(vm, [(0, 0)])
         for kind, child in tiny_replica.functions.items():
             if not child.running:
                 tiny_replica.start_function(kind)
