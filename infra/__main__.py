@@ -54,6 +54,7 @@ pulumi.export("project", cfg.project)
 pulumi.export("region", cfg.region)
 pulumi.export("zone", cfg.zone)
 pulumi.export("worker_count", cfg.worker_count)
+pulumi.export("prices", dict(cfg.prices or {}))  # `pcp cost` prices the standing cost with it
 pulumi.export("vm_names", fleet.vm_names)
 pulumi.export("bucket", bucket.name)
 # The one address workers reach the shepherd from (None with pcp:external_ip true).

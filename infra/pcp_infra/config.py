@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pcp.core.messages import LAYOUTS
+from pcp.core import costs
+from pcp.core.errors import PermanentError
+from pcp.core.messages import LAYOUTS, GpuIdle
 from pcp.core.names import (
     INSTALL_NVIDIA_DRIVER,
     META_CACHIX_CACHE,
@@ -66,6 +68,8 @@ DEFAULTS: Mapping[str, Any] = {
     "nix_substituter": "",
     "alert_email": "",
     "alert_pubsub_topic": "",
+    "gpu_idle": "",
+    "prices": "",
 }
 
 #: Stack sizes are bounded by the design (1..15 workers); larger needs a deliberate change here.
@@ -211,6 +215,10 @@ class StackConfig:
     nix_substituter: str
     alert_email: str = ""
     alert_pubsub_topic: str = ""
+    #: The stack's default gpu_idle policy (`5%:15m:10m`), or None.
+    gpu_idle: GpuIdle | None = None
+    #: The standing-cost price table (pcp.core.costs.DEFAULT_PRICES with pcp:prices applied).
+    prices: Mapping[str, float] | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -328,6 +336,8 @@ class StackConfig:
             nix_substituter=_parse_optional(
                 "nix_substituter", v["nix_substituter"], _SUBSTITUTER_RE
             ),
+            gpu_idle=_parse_gpu_idle(v["gpu_idle"]),
+            prices=_parse_prices(v["prices"], v["worker_hourly_usd"]),
             alert_email=_parse_optional("alert_email", v["alert_email"], _EMAIL_RE),
             alert_pubsub_topic=_parse_optional(
                 "alert_pubsub_topic", v["alert_pubsub_topic"], _TOPIC_RE
@@ -387,7 +397,35 @@ class StackConfig:
             sweep_interval_minutes=self.sweep_interval_minutes,
             default_binary=self.binary or None, default_layout=self.layout,
             worker_hourly_usd=self.worker_hourly_usd,
-            shepherd_hourly_usd=self.shepherd_hourly_usd)
+            shepherd_hourly_usd=self.shepherd_hourly_usd, default_gpu_idle=self.gpu_idle)
         return Settings(stack=self.stack, project=self.project, zone=self.zone,
                         bucket=bucket_name, policy=policy,
                         function_timeout_seconds=timeout_seconds).to_env()
+
+
+def _parse_gpu_idle(raw: object) -> GpuIdle | None:
+    text = str(raw or "").strip()
+    if not text:
+        return None
+    try:
+        return GpuIdle.parse(text, "pcp:gpu_idle")
+    except PermanentError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _parse_prices(raw: object, worker_hourly: object) -> dict[str, float]:
+    """pcp:prices (a JSON object, or one in YAML) over the default table; `worker_hour` is
+    the stack's worker_hourly_usd unless pcp:prices names it."""
+    if isinstance(raw, str) and raw.strip():
+        try:
+            raw = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"pcp:prices must be an object of prices: {e}") from None
+    given = dict(raw) if isinstance(raw, Mapping) else {}
+    if raw not in ("", None) and not isinstance(raw, Mapping):
+        raise ConfigError("pcp:prices must be an object of prices, e.g. {\"pd-balanced\": 0.1}")
+    given.setdefault("worker_hour", _parse_price("worker_hourly_usd", worker_hourly))
+    try:
+        return costs.prices(given, "pcp:prices")
+    except PermanentError as e:
+        raise ConfigError(str(e)) from None

@@ -12,6 +12,7 @@ import click
 
 from pcp import __version__
 from pcp.cli.control import stop, sweep
+from pcp.cli.cost import cost
 from pcp.cli.doctor import doctor
 from pcp.cli.errors import PcpGroup
 from pcp.cli.events import events
@@ -44,6 +45,7 @@ SHORT_HELP = {
     stop: "Stop a run, take it off the queue or end its lease.",
     sweep: "Run the stack's sweeper now (the safety net).",
     doctor: "Check credentials, bucket, topics, scheduler and quotas.",
+    cost: "The stack's standing cost while idle, and its runs' cost by day.",
     local: "Start or stop the local replica of the cloud.",
     shepherd: "Install the shepherd daemon on the head-node Mac.",
 }

@@ -50,6 +50,11 @@ class Config:
     pubsub_host: str | None = None
     local: bool = False
     sources: Mapping[str, str] = field(default_factory=dict)
+    #: Where the stack's VMs live and the stack's price table (`pcp cost`, docs/cli.md):
+    #: PCP_ZONE or the outputs' `zone`; PCP_PRICES (JSON) or the outputs' `prices`.
+    zone: str | None = None
+    compute_endpoint: str | None = None  # the local replica's Compute endpoint
+    prices: Any = None
 
     def topic(self, kind: str) -> str:
         return Names(self.stack).topic(kind)
@@ -121,6 +126,9 @@ def resolve(flags: Mapping[str, str | None], env: Mapping[str, str],
     if names["region"] is None and _region_of_zone(outputs.get("zone")):
         names["region"], sources["region"] = _region_of_zone(outputs.get("zone")), "outputs"
     job = _text(outputs.get("scheduler_job"))
+    zone = _text(env.get("PCP_ZONE")) or _text(outputs.get("zone"))
+    prices = _text(env.get("PCP_PRICES")) or outputs.get("prices")
+    compute_endpoint = None
 
     storage_endpoint = pubsub_host = None
     local = False
@@ -141,6 +149,8 @@ def resolve(flags: Mapping[str, str | None], env: Mapping[str, str],
             sources.update(project="local replica", bucket="local replica")
             if names["region"] is None and _text(state.get("region")):
                 names["region"], sources["region"] = _text(state.get("region")), "local replica"
+            zone = zone or _text(state.get("zone"))
+            compute_endpoint = _text(state.get("compute_endpoint"))
 
     project = names["project"]
     if project is None:
@@ -153,7 +163,8 @@ def resolve(flags: Mapping[str, str | None], env: Mapping[str, str],
         bucket, sources["bucket"] = Names(stack, project).bucket, "default"
     return Config(stack=stack, project=project, bucket=bucket, region=names["region"],
                   scheduler_job=job, storage_endpoint=storage_endpoint, pubsub_host=pubsub_host,
-                  local=local, sources=dict(sources))
+                  local=local, sources=dict(sources), zone=zone,
+                  compute_endpoint=compute_endpoint, prices=prices)
 
 
 # ---------------------------------------------------------------- the readers

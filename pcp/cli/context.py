@@ -93,7 +93,7 @@ class Context:
 
     def __init__(self, stack: str, *, store: BlobStore | None = None, bus: Bus | None = None,
                  config: Config | None = None, scheduler: Any = None, publisher: Any = None,
-                 compute: Any = None,
+                 compute: Any = None, inventory: Any = None,
                  local: bool = True, credentials: Callable[[], str] | None = None,
                  clock: Callable[[], datetime] = utcnow,
                  sleep: Callable[[float], None] = time.sleep,
@@ -109,6 +109,7 @@ class Context:
         self._scheduler = scheduler
         self._publisher = publisher
         self._compute = compute
+        self._inventory = inventory
         self._credentials = credentials
 
     # Subclasses build these on first use; a plain Context only has what it was given.
@@ -146,6 +147,14 @@ class Context:
             self._compute = self._make_compute()
         return self._compute
 
+    @property
+    def inventory(self) -> Any:
+        """A `pcp.cli.cost.ComputeInventory`-like object (`stack(project, zone, region,
+        stack)`) for `pcp cost` and `pcp doctor`, or None."""
+        if self._inventory is None:
+            self._inventory = self._make_inventory()
+        return self._inventory
+
     def credentials(self) -> str:
         """Describe the credentials in use; raises DefaultCredentialsError when there are none."""
         if self._credentials is not None:
@@ -182,6 +191,9 @@ class Context:
         return None
 
     def _make_compute(self) -> Any:
+        return None
+
+    def _make_inventory(self) -> Any:
         return None
 
 
@@ -297,3 +309,19 @@ class CloudContext(Context):
         from google.auth.transport.requests import AuthorizedSession
 
         return ComputeRegions(AuthorizedSession(self._google_credentials()))
+
+    def _make_inventory(self) -> Any:
+        from pcp.cli.cost import ComputeInventory
+
+        config = self.config
+        assert config is not None
+        if config.local:
+            if not config.compute_endpoint:
+                return None
+            import requests
+
+            self._check_replica(config.compute_endpoint)
+            return ComputeInventory(requests.Session(), config.compute_endpoint)
+        from google.auth.transport.requests import AuthorizedSession
+
+        return ComputeInventory(AuthorizedSession(self._google_credentials()))

@@ -107,6 +107,7 @@ def run_checks(ctx: Context) -> list[Check]:
 
     checks.append(_scheduler_check(ctx))
     checks.append(_quota_check(ctx))
+    checks.append(_standing_cost_check(ctx))
     checks.append(Check("functions", "skip", "not inspected (google-cloud-functions is not a "
                                              "dependency); their topics and scheduler job are"))
     checks.append(Check("github environment", "skip",
@@ -115,6 +116,21 @@ def run_checks(ctx: Context) -> list[Check]:
                         "secrets (docs/workflows.md); pcp cannot read GitHub to check it"))
     checks.append(_shepherd_credentials_check())
     return checks
+
+
+def _standing_cost_check(ctx: Context) -> Check:
+    """What the idle fleet bills (disks, addresses, NAT) per day and month, and the month's
+    runs, read from Compute Engine and priced by the stack's table (`pcp cost`)."""
+    from pcp.cli.cost import doctor_line
+    from pcp.core.errors import PermanentError
+
+    try:
+        state, text = doctor_line(ctx)
+    except PermanentError as e:
+        return Check("standing cost", "fail", str(e))
+    except Exception as e:  # noqa: BLE001 - the other checks must still print
+        return Check("standing cost", "fail", f"{type(e).__name__}: {e}")
+    return Check("standing cost", state, text)
 
 
 def _quota_check(ctx: Context) -> Check:

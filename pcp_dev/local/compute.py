@@ -93,6 +93,10 @@ HTTP_REASON = {400: "badRequest", 403: "forbidden", 404: "notFound", 412: "condi
 DROPPED = "(dropped)"  # a fault: the mutation answers DONE and changes nothing
 _PATH = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/zones/(?P<zone>[^/]+)/"
                    r"(?P<coll>instances|operations)(?:/(?P<name>[^/]+)(?:/(?P<verb>[A-Za-z]+))?)?$")
+# disks.list (zonal) and addresses.list (regional): what `pcp cost` reads of the stack.
+_LIST_PATH = re.compile(r"^/compute/v1/projects/(?P<project>[^/]+)/(?P<scope>zones|regions)/"
+                        r"(?P<where>[^/]+)/(?P<coll>disks|addresses)$")
+LISTS = {"disks": ("zones", "disks", "list"), "addresses": ("regions", "addresses", "list")}
 _CLAUSE = re.compile(r'\s*(?:AND\s+)?labels\.(?P<key>[a-z0-9_-]+)\s*(?P<op>!=|=)\s*'
                      r'(?:"(?P<quoted>[^"]*)"|(?P<bare>[^\s"()]+))\s*')
 
@@ -128,6 +132,8 @@ class VmRecord:
     last_stop: str | None = None
     starts: int = 0
     stops: int = 0
+    boot_disk_gb: int = 100  # the boot disk, named as the VM (as the Pulumi program makes it)
+    boot_disk_type: str = "pd-balanced"
 
     def max_run_seconds(self) -> float | None:
         duration = self.scheduling.get("maxRunDuration")
@@ -308,6 +314,8 @@ class LocalCompute:
         self.invalid_responses: list[str] = []  # responses the schema refused: endpoint bugs
         self._enforce_interval = enforce_interval
         self._vms: dict[str, VmRecord] = {}
+        self._disks: dict[str, dict[str, Any]] = {}  # standalone disks (no VM's boot disk)
+        self._addresses: dict[str, dict[str, Any]] = {}
         self._ops: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(1000)
         self._lock = threading.Condition()
@@ -388,6 +396,27 @@ class LocalCompute:
                 vm.started_at = time.monotonic()
             self._vms[name] = vm
             return vm
+
+    @property
+    def region(self) -> str:
+        return self.zone.rsplit("-", 1)[0]
+
+    def add_disk(self, name: str, size_gb: int, disk_type: str = "pd-balanced",
+                 labels: Mapping[str, str] | None = None) -> None:
+        """A persistent disk attached to no VM (it bills all the same)."""
+        check_labels(dict(labels or {}), "resource.labels")
+        with self._lock:
+            self._disks[name] = {"name": name, "sizeGb": int(size_gb), "type": disk_type,
+                                 "labels": dict(labels or {}), "id": next(self._ids)}
+
+    def add_address(self, name: str, address: str, *, users: tuple[str, ...] = (),
+                    labels: Mapping[str, str] | None = None) -> None:
+        """A reserved external address; `users` (resource URLs) make it IN_USE, as a NAT
+        gateway's router or a VM's access config does on GCE."""
+        check_labels(dict(labels or {}), "resource.labels")
+        with self._lock:
+            self._addresses[name] = {"name": name, "address": address, "users": list(users),
+                                     "labels": dict(labels or {}), "id": next(self._ids)}
 
     def vm(self, name: str) -> VmRecord:
         with self._lock:
@@ -632,6 +661,11 @@ class LocalCompute:
             "scheduling": json.loads(json.dumps(vm.scheduling)),
             "selfLink": f"{zone}/instances/{vm.name}",
         }
+        body["disks"] = [{
+            "kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": "READ_WRITE",
+            "source": f"{zone}/disks/{vm.name}", "deviceName": "persistent-disk-0", "index": 0,
+            "boot": True, "autoDelete": True, "diskSizeGb": str(vm.boot_disk_gb),
+            "interface": "SCSI"}]
         if vm.accelerator:
             body["guestAccelerators"] = [{
                 "acceleratorType": f"{zone}/acceleratorTypes/{vm.accelerator[0]}",
@@ -644,8 +678,88 @@ class LocalCompute:
 
     # ------------------------------------------------------------ request handling
 
+    def _disk_json(self, d: dict[str, Any], users: list[str]) -> dict[str, Any]:
+        zone = self._zone_url()
+        out: dict[str, Any] = {
+            "kind": "compute#disk", "id": str(d["id"]), "name": d["name"], "zone": zone,
+            "sizeGb": str(d["sizeGb"]), "status": "READY",
+            "type": f"{zone}/diskTypes/{d['type']}", "selfLink": f"{zone}/disks/{d['name']}",
+            "labels": dict(d.get("labels") or {})}
+        if users:
+            out["users"] = users
+        return out
+
+    def _list_resources(self, coll: str, filter_text: str) -> dict[str, Any]:
+        clauses = _parse_filter(filter_text)
+        zone = self._zone_url()
+        region = (f"https://www.googleapis.com/compute/v1/projects/{self.project}"
+                  f"/regions/{self.region}")
+
+        def keep(labels: Mapping[str, str]) -> bool:
+            return all((labels.get(k) == v) == (op == "=") for k, op, v in clauses)
+        with self._lock:
+            if coll == "disks":
+                boot = [self._disk_json({"name": vm.name, "sizeGb": vm.boot_disk_gb,
+                                         "type": vm.boot_disk_type, "labels": {},
+                                         "id": vm.id + 500000},
+                                        [f"{zone}/instances/{vm.name}"])
+                        for vm in self._vms.values()]
+                items = [d for d in boot if keep(d["labels"])] + [
+                    self._disk_json(d, []) for d in self._disks.values() if keep(d["labels"])]
+                return {"kind": "compute#diskList", "id": f"projects/{self.project}/zones/"
+                        f"{self.zone}/disks", "items": items, "selfLink": f"{zone}/disks"}
+            addresses = [{
+                "kind": "compute#address", "id": str(a["id"]), "name": a["name"],
+                "address": a["address"], "addressType": "EXTERNAL", "region": region,
+                "status": "IN_USE" if a["users"] else "RESERVED", "networkTier": "PREMIUM",
+                "selfLink": f"{region}/addresses/{a['name']}", "labels": dict(a["labels"]),
+                **({"users": list(a["users"])} if a["users"] else {}),
+            } for a in self._addresses.values() if keep(a["labels"])]
+            return {"kind": "compute#addressList", "id": f"projects/{self.project}/regions/"
+                    f"{self.region}/addresses", "items": addresses,
+                    "selfLink": f"{region}/addresses"}
+
+    def _handle_list(self, method: str, path: str, m: re.Match[str],
+                     query: dict[str, list[str]], body: Any) -> tuple[int, dict[str, Any]]:
+        coll = m["coll"]
+        scope, resource, method_name = LISTS[coll]
+        where = self.zone if scope == "zones" else self.region
+        if m["project"] != self.project or m["scope"] != scope or m["where"] != where:
+            raise _HttpError(404, f"The resource '{path}' was not found")
+        kind = f"{coll}.list"
+        with self._lock:
+            self.calls.append((method, path))
+            self.call_counts[(kind, None)] += 1
+        spec = self.schema.method(resource, method_name)
+        if method != spec["httpMethod"]:
+            raise _HttpError(404, f"The resource '{path}' was not found: {method} is not "
+                                  f"served for {resource}.{method_name}")
+        try:
+            self.schema.check_parameters(resource, method_name, {
+                "project": m["project"], scope.removesuffix("s"): m["where"]}, query)
+        except RequestInvalid as e:
+            raise _invalid(str(e)) from None
+        if body:
+            raise _invalid("Invalid JSON payload received. Unknown name "
+                           f"\"{next(iter(body)) if isinstance(body, dict) else body}\": "
+                           "Cannot find field.")
+        injected = self.faults.take(kind, None)
+        if isinstance(injected, int):
+            raise _injected_http(kind, injected)
+        payload = self._list_resources(coll, query.get("filter", [""])[0])
+        try:
+            self.schema.check_response(spec["response"]["$ref"], payload)
+        except ResponseInvalid as e:
+            with self._lock:
+                self.invalid_responses.append(str(e))
+            raise _HttpError(500, str(e)) from None
+        return 200, payload
+
     def handle(self, method: str, path: str, query: dict[str, list[str]],
                body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        listed = _LIST_PATH.match(path)
+        if listed is not None:
+            return self._handle_list(method, path, listed, query, body)
         m = _PATH.match(path)
         if m is None or m["project"] != self.project or m["zone"] != self.zone:
             raise _HttpError(404, f"The resource '{path}' was not found")
