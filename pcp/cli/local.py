@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from pcp.cli.config import STACKS, local_dir, local_state_file
+from pcp.cli.config import STACKS, ConfigError, local_dir, local_state_file, read_local_state
 from pcp.cli.errors import PcpGroup, fail, one_line
 
 
@@ -66,3 +66,60 @@ def local_down(stack: str | None) -> None:
         click.echo(f"local replica stopped: {', '.join(stopped)}")
     else:
         click.echo("no local replica was running")
+
+
+def _notice(stack: str, node: str, key: str, value: str) -> None:
+    """Post a notice on one local VM's metadata server (the replica's own control path)."""
+    import urllib.error
+    import urllib.request
+
+    from pcp.core.names import Names
+
+    if stack not in STACKS:
+        fail(f"unknown stack {stack!r}: use one of {', '.join(STACKS)}")
+    vm = node if node.startswith("pcp-") else Names(stack).vm_of(node)
+    if vm is None:
+        fail(f"{node!r} is no VM of stack {stack}: name a worker (worker-0) or its VM")
+    try:
+        state = read_local_state(local_dir(os.environ), stack)
+    except ConfigError as e:
+        fail(str(e))
+    hosts = (state or {}).get("metadata_hosts")
+    if not isinstance(hosts, dict):
+        fail(f"no local replica of stack {stack} is running (or it predates notices): "
+             f"run `pcp local up --stack {stack}`")
+    host = hosts.get(vm)
+    if not isinstance(host, str):
+        fail(f"the local replica of stack {stack} has no VM {vm}: it has "
+             f"{', '.join(sorted(hosts)) or 'none'}")
+    request = urllib.request.Request(f"http://{host}/pcp-local/notice/{key}",
+                                     data=value.encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            said = response.read().decode().strip()
+    except urllib.error.HTTPError as e:
+        fail(f"the metadata server of {vm} refused the notice: {one_line(e.read().decode())}")
+    except OSError as e:
+        fail(f"the metadata server of {vm} at {host} does not answer ({one_line(e)}): is the "
+             f"replica still up? (`pcp local up --stack {stack}`)")
+    click.echo(f"{vm}: {said}")
+
+
+@local.command("maintenance")
+@click.argument("node")
+@click.option("--stack", default="tiny", show_default=True)
+@click.option("--migrate", is_flag=True,
+              help="a live migration notice (the VM keeps running) instead of a termination")
+def local_maintenance(node: str, stack: str, migrate: bool) -> None:
+    """Post a host-maintenance notice on a local VM (instance/maintenance-event); the VM is
+    stopped after the replica's notice time, unless the run already moved on."""
+    _notice(stack, node, "maintenance-event",
+            "MIGRATE_ON_HOST_MAINTENANCE" if migrate else "TERMINATE_ON_HOST_MAINTENANCE")
+
+
+@local.command("preempt")
+@click.argument("node")
+@click.option("--stack", default="tiny", show_default=True)
+def local_preempt(node: str, stack: str) -> None:
+    """Preempt a local VM as Spot preemption does (instance/preempted TRUE, then a stop)."""
+    _notice(stack, node, "preempted", "TRUE")

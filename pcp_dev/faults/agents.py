@@ -6,7 +6,9 @@ SIGTERM (its VM stopping) it may still write `done` with the signal; its dead-ma
 powers the VM off when its part is over or the deadline passes. The shepherd daemon takes
 `start` and `stop` commands from its topic, in order, and catches up after it was down.
 Faults: a hung agent (writes nothing, never powers off), a non-zero exit, a broken dead-man's
-switch, a shepherd that dies silently.
+switch, a shepherd that dies silently, a maintenance or preemption notice (the agent stops its
+binary and writes `done` with the reason, or dies before it could; then Compute Engine stops
+the VM after the notice time, unless it was stopped and booted again meanwhile).
 """
 
 from __future__ import annotations
@@ -110,11 +112,11 @@ class Agents:
         return self.work_of[key]
 
     def write(self, s: Session, kind: str, code: int | None = None,
-              signal: str | None = None) -> None:
+              signal: str | None = None, end_reason: str | None = None) -> None:
         a = s.assignment
         m = NodeMarker(run_id=a.run_id, node=a.node, kind=kind,  # type: ignore[arg-type]
                        attempt=a.attempt, at=self.w.now, exit_code=code, signal=signal,
-                       host=s.vm or "shepherd-host")
+                       host=s.vm or "shepherd-host", end_reason=end_reason)
         self.w.store.put(m.path, m.to_json(), metadata=m.to_metadata())  # as pcp/agent does
         how = f" (exit {code})" if code is not None else f" ({signal})" if signal else ""
         self.w.trace(f"{a.node} writes {kind} for {a.run_id}/{a.attempt}{how}")
@@ -142,6 +144,37 @@ class Agents:
         if s.booted and not s.done and not s.hung and self.w.rng.random() < SIGTERM_DONE:
             s.done = True
             self.write(s, "done", signal="SIGTERM")
+
+    def notice(self, reason: str) -> None:
+        """A maintenance (reason `maintenance`) or Spot preemption (`preempted`) notice on one
+        running worker VM: its agent stops the binary and writes done with the reason (unless
+        it is hung, or dies first); Compute Engine stops the VM after the notice time."""
+        running = sorted(n for n, vm in self.w.fleet.vms.items() if vm.status == "RUNNING")
+        if not running:
+            return
+        name = self.w.rng.choice(running)
+        vm = self.w.fleet.vms[name]
+        self.w.injector.note(Fault.MAINTENANCE_NOTICE if reason == "maintenance"
+                             else Fault.PREEMPTION_NOTICE)
+        self.w.trace(f"{name}: {reason} notice")
+        s = self.workers.get(name)
+        if (s is not None and s.alive and s.booted and not s.done and not s.hung
+                and self.w.rng.random() < 0.9):
+            s.done = True
+            self.write(s, "done", code=143, signal="SIGTERM", end_reason=reason)
+            if self.w.plan.deadman and not s.assignment.keep_vm_alive:
+                self.w.at(self.w.now + timedelta(seconds=20), self.deadman, s,
+                          f"this node ended on a {reason} notice")
+        wait = (timedelta(seconds=30) if reason == "preempted"
+                else timedelta(minutes=self.w.rng.uniform(1.0, 60.0)))
+        self.w.at(self.w.now + wait, self.host_stop, name, vm.starts, reason)
+
+    def host_stop(self, name: str, boot: int, reason: str) -> None:
+        vm = self.w.fleet.vms[name]
+        if vm.starts == boot and vm.status == "RUNNING":
+            vm.status = "TERMINATED"
+            vm.stops += 1
+            self.w.trace(f"{name} stopped by Compute Engine after its {reason} notice")
 
     def deadman(self, s: Session, why: str) -> None:
         vm = self.w.fleet.vms[s.vm or ""]

@@ -1,8 +1,9 @@
 """The seeded, randomised fault campaign: many short schedules, one table of outcomes.
 
 Each schedule draws a stack size, a handful of start and stop requests, a random subset of
-fault kinds with their rates, and world faults (preemptions, a dying shepherd, a deleted stack
-document) from its own seed, then plays them through pcp/faults/world.py. The invariants are
+fault kinds with their rates, and world faults (preemptions, maintenance and preemption
+notices, a dying shepherd, a deleted stack document) from its own seed, then plays them
+through pcp/faults/world.py. The invariants are
 checked during and after the schedule; a schedule that breaks one is reported with its seed and
 its trace, and `python -m pcp_dev.faults --replay SEED` plays it again, step by step.
 """
@@ -74,6 +75,9 @@ def draw_plan(rng: random.Random) -> Plan:
         plan.stops.append((rng.uniform(0.0, 150.0), rng.choice([*ids, "ghost"])))
     if rng.random() < ENABLE:
         plan.preemptions = [rng.uniform(0.0, 180.0) for _ in range(rng.randint(1, 2))]
+    if rng.random() < ENABLE:
+        plan.notices = [(rng.uniform(0.0, 180.0), rng.choice(("maintenance", "preempted")))
+                        for _ in range(rng.randint(1, 2))]
     if rng.random() < 0.3:
         plan.shepherd_deaths.append((rng.uniform(0.0, 150.0), rng.uniform(5.0, 90.0)))
     if rng.random() < 0.1:

@@ -12,7 +12,8 @@ production code over the in-memory twins, wrapped by pcp/faults/wrappers.py. Aro
 - node agents and the shepherd daemon (pcp/faults/agents.py), and Compute Engine's
   `maxRunDuration` cap;
 - world faults at planned times: a VM preempted, the shepherd host down, control/stack.json
-  deleted.
+  deleted, a maintenance or preemption notice (the agent ends its node with that reason, then
+  Compute Engine stops the VM).
 
 Time is simulated: an agenda of timed actions, processed in order. One seeded generator draws
 every choice, so a schedule replays exactly from its seed.
@@ -64,6 +65,7 @@ class Plan:
     invalid: list[tuple[float, str]] = field(default_factory=list)  # (minute, run id)
     stops: list[tuple[float, str]] = field(default_factory=list)  # (minute, run id)
     preemptions: list[float] = field(default_factory=list)
+    notices: list[tuple[float, str]] = field(default_factory=list)  # (minute, end reason)
     shepherd_deaths: list[tuple[float, float]] = field(default_factory=list)  # (at, for) min
     doc_deletions: list[float] = field(default_factory=list)
     deadman: bool = True  # the node agents' dead-man's switch works
@@ -149,6 +151,8 @@ class World:
                     Delivery("stop", StopRequest(run_id, "cancelled by the campaign")))
         for m in p.preemptions:
             self.at(self.minute(m), self.preempt)
+        for m, reason in p.notices:
+            self.at(self.minute(m), self.agents.notice, reason)
         for m, down in p.shepherd_deaths:
             self.at(self.minute(m), self.shepherd_dies, down)
         for m in p.doc_deletions:

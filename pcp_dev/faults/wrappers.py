@@ -50,6 +50,8 @@ class Fault(StrEnum):
     BUS_TIMEOUT = "bus_timeout_after_publish"
     CAPACITY = "zone_resource_pool_exhausted"
     PREEMPT = "vm_preempted"
+    MAINTENANCE_NOTICE = "maintenance_notice"  # the agent ends its node, then the host stops
+    PREEMPTION_NOTICE = "preemption_notice"
     SHEPHERD_DIES = "shepherd_died"
     AGENT_HUNG = "agent_hung"
     NODE_FAILS = "node_exit_nonzero"

@@ -360,6 +360,7 @@ class Replica:
             "functions": {k: self.function_url(k) for k in FUNCTIONS},
             "shepherd_host": "127.0.0.1", "tcp_port": self.tcp_port,
             "worker_vms": list(self.vms), "sweep_interval_s": o.sweep_interval,
+            "metadata_hosts": {vm: m.host for vm, m in self.metadata.items()},
             "logs": str(self.log_dir), "pid": os.getpid(), "token": self.token,
             "started_at": self.started_at.isoformat() if self.started_at else None,
         }

@@ -82,3 +82,33 @@ def test_a_notice_restarts_the_run_as_its_next_attempt(tiny: Replica, notice: st
     assert first["attempt"] == 2 and "end_reason" not in first  # attempt 2's own, clean
     assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
     wait_no_processes(run_id)
+
+
+def test_pcp_cost_reads_the_replicas_disks_and_runs(tiny: Replica) -> None:
+    """The standing cost of the replica's fleet (its VMs' boot disks on the local Compute
+    endpoint) and the module's runs, as `pcp cost --json` reports them."""
+    import requests
+    from click.testing import CliRunner
+
+    from pcp.cli import cli
+    from pcp.cli.config import Config
+    from pcp.cli.context import Context
+    from pcp.cli.cost import ComputeInventory
+
+    assert tiny.compute is not None
+    run_id = "e2e-tiny-cost"
+    start(tiny, run_id)
+    assert wait_final(tiny, run_id).status.value == "succeeded"
+    o = tiny.options
+    config = Config(stack="tiny", project=o.project, bucket=o.bucket, zone=o.zone,
+                    region=tiny.compute.region)
+    context = Context("tiny", store=tiny.store(), config=config,
+                      inventory=ComputeInventory(requests.Session(), tiny.compute.endpoint))
+    result = CliRunner().invoke(cli, ["cost", "--json"], obj=context)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert [(x["kind"], x["name"], x["detail"]) for x in out["standing"]["lines"]] == [
+        ("disk", VM, "100 GB pd-balanced")]
+    assert out["standing"]["monthly_usd"] == pytest.approx(10.0)
+    assert run_id in {r["run_id"] for r in out["runs"]}
+    wait_all_terminated(tiny)
