@@ -78,3 +78,17 @@ def test_each_invocation_gets_the_operation_budget_once() -> None:
     assert fleet._until() - time.monotonic() > 89.9  # type: ignore[attr-defined]
     main = (Path(__file__).resolve().parents[2] / "functions" / "main.py").read_text()
     assert main.count("invocation(service, SETTINGS)") == 4
+
+
+def test_the_stack_gpu_idle_default_round_trips_and_bad_text_is_refused() -> None:
+    from pcp.core.messages import GpuIdle
+    from pcp.settings import Settings, SettingsError
+
+    base = {"PCP_STACK": "tiny", "PCP_PROJECT": "p", "PCP_ZONE": "z", "PCP_BUCKET": "b",
+            "PCP_WORKER_COUNT": "1", "PCP_SHEPHERD_HOST": "h"}
+    s = Settings.from_env({**base, "PCP_GPU_IDLE": "2.5%:90s:1h"})
+    assert s.policy.default_gpu_idle == GpuIdle(2.5, 1.5, 60)
+    assert Settings.from_env(s.to_env()).policy.default_gpu_idle == GpuIdle(2.5, 1.5, 60)
+    assert Settings.from_env(base).policy.default_gpu_idle is None
+    with pytest.raises(SettingsError, match="PCP_GPU_IDLE"):
+        Settings.from_env({**base, "PCP_GPU_IDLE": "5%"})

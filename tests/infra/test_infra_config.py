@@ -246,3 +246,28 @@ def test_layout_is_a_stack_default():
     assert env(parse(layout="workers-only"))["PCP_LAYOUT"] == "workers-only"
     with pytest.raises(ConfigError, match="pcp:layout must be one of all-nodes, workers-only"):
         parse(layout="gpus-only")
+
+
+def test_gpu_idle_default_reaches_the_functions_and_reads_back():
+    from pcp.core.messages import GpuIdle
+    from pcp.settings import Settings
+
+    cfg = parse(gpu_idle="5%:15m:10m")
+    assert cfg.gpu_idle == GpuIdle(5, 15, 10)
+    env = cfg.function_environment("b", timeout_seconds=540)
+    assert Settings.from_env(env).policy.default_gpu_idle == GpuIdle(5, 15, 10)
+    assert "PCP_GPU_IDLE" not in parse().function_environment("b", timeout_seconds=540)
+    with pytest.raises(ConfigError, match="pcp:gpu_idle"):
+        parse(gpu_idle="lots")
+
+
+def test_prices_override_the_default_table_key_by_key():
+    from pcp.core.costs import DEFAULT_PRICES
+
+    table = parse(prices='{"pd-balanced": 0.12}', worker_hourly_usd="0.54").prices
+    assert table == {**DEFAULT_PRICES, "pd-balanced": 0.12, "worker_hour": 0.54}
+    assert parse(prices={"pd-ssd": "0.2"}).prices["pd-ssd"] == 0.2  # a YAML object works too
+    for bad, words in (('{"pd-gold": 1}', "unknown price"), ("[1]", "object of prices"),
+                       ('{"pd-ssd": -1}', ">= 0"), ("{", "object of prices")):
+        with pytest.raises(ConfigError, match=words):
+            parse(prices=bad)
