@@ -1,7 +1,8 @@
 """`pcp cost` and doctor's standing-cost check: the disks and addresses are read from the local
 Compute endpoint (strict to the discovery document) over its REST API, priced by the stack's
 table; the runs' costs come from the stack document and the archived records, with the
-keep-alive lease counted in the run that asked for it."""
+keep-alive lease counted in the run that asked for it. Also the watchdog's CLI surface:
+`pcp run --gpu-idle` and the node table's `gpu` column."""
 
 from __future__ import annotations
 
@@ -131,3 +132,36 @@ def test_the_local_endpoint_refuses_what_the_real_one_would(compute: LocalComput
     body = requests.get(f"{base}/regions/local/addresses", timeout=5).json()
     assert {a["name"]: a["status"] for a in body["items"]} == {"pcp-tiny-egress": "IN_USE",
                                                                "unrelated": "RESERVED"}
+
+
+def test_run_gpu_idle_flag_reaches_the_request_or_is_a_clear_error(stack: Stack,  # noqa: ANN001
+                                                                   invoke) -> None:
+    from pcp.core.messages import GpuIdle, StartRequest
+
+    result = invoke(["run", "--stack", "tiny", "--gpu-idle", "5%:15m:10m"], obj=stack.context)
+    assert result.exit_code == 0, result.output
+    [data] = stack.published("start")
+    assert StartRequest.from_json(data).gpu_idle == GpuIdle(5, 15, 10)
+    for bad, words in (("5", "expected PERCENT%:WINDOW"), ("5%:1d", "not a duration"),
+                       ("0%:5m", "more than 0")):
+        result = invoke(["run", "--stack", "tiny", "--gpu-idle", bad], obj=stack.context)
+        assert result.exit_code == 2 and words in result.output, result.output
+    assert len(stack.published("start")) == 1  # nothing published for a bad flag
+
+
+def test_status_shows_each_nodes_gpus_from_its_heartbeat(stack: Stack, invoke) -> None:  # noqa: ANN001
+    from datetime import timedelta
+
+    stack.start("r-gpu")
+    for node in ("shepherd", "worker-0"):
+        stack.marker("r-gpu", node, "booted", T0 + timedelta(minutes=1))
+    stack.store.put("runs/r-gpu/worker-0/heartbeat.json", json.dumps({
+        "run_id": "r-gpu", "node": "worker-0", "attempt": 1, "phase": "running",
+        "gpus": [{"index": 0, "utilization_percent": 87, "memory_used_mib": 10240},
+                 {"index": 1, "utilization_percent": None, "memory_used_mib": 3}]}).encode())
+    stack.store.put("runs/r-gpu/shepherd/heartbeat.json", b"{not json")  # unreadable: left out
+    result = invoke(["status", "r-gpu"], obj=stack.context, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "87% 10240 MiB, n/a 3 MiB" in result.output and "gpu" in result.output
+    out = json.loads(invoke(["status", "--json"], obj=stack.context).output)
+    assert out["gpus"] == {"worker-0": "87% 10240 MiB, n/a 3 MiB"}
