@@ -209,10 +209,9 @@ def run_worker(tmp_path: Path, policy: GpuIdle | None,
 
 def test_an_idle_gpu_ends_the_node_with_reason_gpu_idle(tmp_path: Path, smi: Path) -> None:
     write_state(smi, [(1, 300), (0, 300)])
-    began = time.monotonic()
     store, done = run_worker(tmp_path, GpuIdle(5, 2, 1))  # 1.5 s of a 0.5 s "minute"
     assert done["end_reason"] == "gpu_idle" and done["signal"] == "SIGTERM", done
-    assert time.monotonic() - began < 25
+    assert done["duration_s"] < 60  # ended by the watchdog, not by the binary's own end
     beat = json.loads(store.get(node_file("r-w", "worker-0", "heartbeat.json")).data)
     assert beat["gpus"] == [{"index": 0, "utilization_percent": 1.0, "memory_used_mib": 300.0},
                             {"index": 1, "utilization_percent": 0.0, "memory_used_mib": 300.0}]
