@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pcp.core.names import STACK_SIZES, Names, node_names
 
-__all__ = ["STACK_SIZES", "Policy"]
+__all__ = ["STACK_SIZES", "Policy", "RunLimit"]
+
+
+@dataclass(frozen=True)
+class RunLimit:
+    """An attempt's deadline, which limit set it (`max_hours` or `max_cost_usd`), and its
+    length in hours."""
+
+    deadline: datetime
+    by: str
+    hours: float
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,13 @@ class Policy:
     #: sweeper leaves it alone, since an interrupted first bootstrap may not resume cleanly.
     #: The first boot powers the VM off itself when it finishes with no run waiting.
     first_boot_grace_minutes: float = 30.0
+    #: The stack's default dollar cap of a run that names none (pcp:max_cost_usd); None: none.
+    max_cost_usd: float | None = None
+    #: The stack's Cloud Billing budget (pcp:billing_account, pcp:monthly_budget_usd): the id
+    #: its notifications carry, and the fraction of the budget at which the switch trips.
+    budget_id: str | None = None
+    billing_account: str | None = None
+    budget_stop_threshold: float = 1.0
     max_queue: int = 50
     recent_limit: int = 200
 
@@ -79,6 +97,31 @@ class Policy:
         if requested is None:
             return self.max_run_hours
         return min(requested, self.max_run_hours)
+
+    @property
+    def hourly_usd(self) -> float:
+        """What the stack's nodes cost per hour while a run holds them."""
+        return self.worker_count * self.worker_hourly_usd + self.shepherd_hourly_usd
+
+    def run_cap(self, requested: float | None) -> float | None:
+        """A run's dollar cap: its own, else the stack's default, else none."""
+        return requested if requested is not None else self.max_cost_usd
+
+    def run_limit(self, now: datetime, requested_hours: float | None, cap_usd: float | None,
+                  spent_usd: float = 0.0) -> RunLimit:
+        """The deadline of an attempt starting `now`: the earlier of max_hours and the time at
+        which the nodes, at the stack's hourly prices, bring the run's spend (`spent_usd` over
+        its earlier attempts) to its cap. Floored to whole milliseconds, as documents store
+        times, so the cost at the stored deadline never exceeds the cap."""
+        hours = self.run_hours(requested_hours)
+        by = "max_hours"
+        if cap_usd is not None and self.hourly_usd > 0:
+            cap_hours = max(cap_usd - spent_usd, 0.0) / self.hourly_usd
+            if cap_hours < hours:
+                hours, by = cap_hours, "max_cost_usd"
+        span = timedelta(milliseconds=math.floor(hours * 3_600_000))
+        start = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        return RunLimit(start + span, by, hours)
 
     def estimate_cost(self, started: datetime, ended: datetime) -> float:
         """Node-hours times hourly prices: every worker VM plus the shepherd host."""
