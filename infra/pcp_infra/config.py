@@ -430,7 +430,14 @@ class StackConfig:
         """
         if timeout_seconds < 1:
             raise ConfigError(f"a function timeout must be positive, got {timeout_seconds}")
-        policy = Policy(
+        policy = self.policy(budget_id)
+        return Settings(stack=self.stack, project=self.project, zone=self.zone,
+                        bucket=bucket_name, policy=policy,
+                        function_timeout_seconds=timeout_seconds).to_env()
+
+    def policy(self, budget_id: str | None = None) -> Policy:
+        """The stack's Policy as the functions run with it (their environment says the same)."""
+        return Policy(
             stack=self.stack, worker_count=self.worker_count, shepherd_host=self.shepherd_host,
             tcp_port=self.tcp_port, max_run_hours=self.max_run_hours,
             boot_timeout_minutes=self.boot_timeout_minutes,
@@ -441,6 +448,3 @@ class StackConfig:
             shepherd_hourly_usd=self.shepherd_hourly_usd, max_cost_usd=self.max_cost_usd,
             budget_id=budget_id, billing_account=self.billing_account or None,
             budget_stop_threshold=self.budget_stop_threshold)
-        return Settings(stack=self.stack, project=self.project, zone=self.zone,
-                        bucket=bucket_name, policy=policy,
-                        function_timeout_seconds=timeout_seconds).to_env()

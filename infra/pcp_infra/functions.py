@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_gcp as gcp
 
-from pcp.core.names import LABEL_FUNCTION, Names
+from pcp.core.names import LABEL_FUNCTION, POLICY_DOC, Names
 
 from .base import PcpComponent
 from .budget import StackBudget
@@ -148,6 +148,17 @@ class ControlFunctions(PcpComponent):
                     opts=self.child_opts(),
                 )
             )
+
+        # What `pcp run` reads to show a run's deadline before it publishes (the same Policy
+        # the functions' environment carries).
+        self.policy_doc = gcp.storage.BucketObject(
+            f"{names.prefix}-policy-doc",
+            bucket=bucket.bucket.name,
+            name=POLICY_DOC,
+            content=cfg.policy().to_doc().decode(),
+            content_type="application/json",
+            opts=self.child_opts(),
+        )
 
         self.function_names: dict[str, pulumi.Output[str]] = {
             kind: fn.name for kind, fn in self.functions.items()

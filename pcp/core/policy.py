@@ -6,9 +6,15 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from pcp.core.names import STACK_SIZES, Names, node_names
+from pcp.core.errors import PermanentError
+from pcp.core.messages import check_fields, decode_json, dump, untrusted
+from pcp.core.names import STACK_RE, STACK_SIZES, Names, node_names
 
 __all__ = ["STACK_SIZES", "Policy", "RunLimit"]
+
+#: What control/policy.json holds: the fields a run's deadline and cost depend on.
+POLICY_DOC_FIELDS = ("stack", "worker_count", "max_run_hours", "worker_hourly_usd",
+                     "shepherd_hourly_usd", "max_cost_usd", "sweep_interval_minutes")
 
 
 @dataclass(frozen=True)
@@ -128,3 +134,35 @@ class Policy:
         hours = max((ended - started).total_seconds(), 0.0) / 3600.0
         per_hour = self.worker_count * self.worker_hourly_usd + self.shepherd_hourly_usd
         return round(hours * per_hour, 4)
+
+    def to_doc(self) -> bytes:
+        """control/policy.json: the limits and prices `pcp run` previews a deadline with."""
+        return dump({k: getattr(self, k) for k in POLICY_DOC_FIELDS})
+
+    @classmethod
+    @untrusted("control/policy.json")
+    def from_doc(cls, data: bytes) -> Policy:
+        what = "control/policy.json"
+        obj = decode_json(data, what)
+        if not isinstance(obj, dict):
+            raise PermanentError(f"{what} must be a JSON object")
+        check_fields(obj, POLICY_DOC_FIELDS, what)
+        stack = obj.get("stack")
+        if not isinstance(stack, str) or not STACK_RE.match(stack):
+            raise PermanentError(f"{what}: stack {stack!r} is not a stack name")
+        count = obj.get("worker_count")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1000:
+            raise PermanentError(f"{what}: worker_count must be a whole number >= 1")
+        numbers: dict[str, float] = {}
+        for key in ("max_run_hours", "worker_hourly_usd", "shepherd_hourly_usd",
+                    "sweep_interval_minutes"):
+            v = obj.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e9:
+                raise PermanentError(f"{what}: {key} must be a number >= 0")
+            numbers[key] = float(v)
+        cap = obj.get("max_cost_usd")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
+                                or not 0 < cap < 1e9):
+            raise PermanentError(f"{what}: max_cost_usd must be a positive number or null")
+        return cls(stack=stack, worker_count=count,
+                   max_cost_usd=None if cap is None else float(cap), **numbers)
