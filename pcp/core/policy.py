@@ -165,4 +165,8 @@ class Policy:
                                 or not 0 < cap < 1e9):
             raise PermanentError(f"{what}: max_cost_usd must be a positive number or null")
         return cls(stack=stack, worker_count=count,
-                   max_cost_usd=None if cap is None else float(cap), **numbers)
+                   max_cost_usd=None if cap is None else float(cap),
+                   max_run_hours=numbers["max_run_hours"],
+                   worker_hourly_usd=numbers["worker_hourly_usd"],
+                   shepherd_hourly_usd=numbers["shepherd_hourly_usd"],
+                   sweep_interval_minutes=numbers["sweep_interval_minutes"])
