@@ -389,7 +389,12 @@ def _progress(tx: _Tx, now: datetime, policy: Policy) -> None:
         tx.note(NoteKind.RUN_RUNNING, run.run_id, "every node booted, run is running")
     failed = sorted((n for n in run.nodes if n.phase is NodePhase.DONE and n.failed),
                     key=lambda n: (n.done_at or now, n.name))
-    if failed:
+    if failed and run.deadline is not None and (failed[0].done_at or now) >= run.deadline:
+        # Stopped by its deadline (the node's dead-man's switch ends the binary there): the
+        # deadline is why, not the exit it caused.
+        _end(tx, Reason.TIMED_OUT, f"{_deadline_text(run, policy)}; {failed[0].name} exited "
+             f"{_exit_text(failed[0])}", now, policy)
+    elif failed:
         _end(tx, Reason.FAILED, f"{failed[0].name} exited {_exit_text(failed[0])}", now, policy)
     elif run.nodes and all(n.phase is NodePhase.DONE for n in run.nodes):
         _end(tx, Reason.SUCCEEDED, f"all {len(run.nodes)} nodes exited with code 0", now, policy)
@@ -531,11 +536,7 @@ def _expire(tx: _Tx, now: datetime, policy: Policy) -> None:
     run = tx.state.active
     if run is not None and run.phase in LIVE:
         if run.deadline is not None and now >= run.deadline:
-            why = f"deadline {iso(run.deadline)} passed"
-            if run.deadline_by == "max_cost_usd" and run.max_cost_usd is not None:
-                why = (f"cost cap ${run.max_cost_usd:g} reached: {why} (the nodes at "
-                       f"${policy.hourly_usd:g}/h)")
-            _end(tx, Reason.TIMED_OUT, why, now, policy)
+            _end(tx, Reason.TIMED_OUT, _deadline_text(run, policy), now, policy)
         elif (run.phase is Phase.STARTING and run.started_at is not None
               and now >= run.started_at + policy.boot_timeout):
             late = [n.name for n in run.nodes if n.phase is NodePhase.PENDING]
@@ -547,6 +548,15 @@ def _expire(tx: _Tx, now: datetime, policy: Policy) -> None:
         tx.state = replace(tx.state, lease=None)
         tx.note(NoteKind.LEASE_EXPIRED, lease.run_id,
                 f"keep-alive lease of run {lease.run_id} ended at {iso(lease.until)}")
+
+
+def _deadline_text(run: Run, policy: Policy) -> str:
+    assert run.deadline is not None
+    why = f"deadline {iso(run.deadline)} passed"
+    if run.deadline_by == "max_cost_usd" and run.max_cost_usd is not None:
+        why = (f"cost cap ${run.max_cost_usd:g} reached: {why} (the nodes at "
+               f"${policy.hourly_usd:g}/h)")
+    return why
 
 
 # ---------------------------------------------------------------- start and end

@@ -19,7 +19,7 @@ from pcp.core.commands import CommandShepherd, StartNodes
 from pcp.core.errors import PermanentError
 from pcp.core.messages import StartRequest
 from pcp.core.state import Phase, Reason, Status
-from tests.core.helpers import T0, Stack, at, of, policy, req
+from tests.core.helpers import T0, Stack, at, marker, of, policy, req
 
 pytestmark = pytest.mark.core
 
@@ -213,3 +213,21 @@ class CappedRuns(RuleBasedStateMachine):
 TestCappedRuns = CappedRuns.TestCase
 TestCappedRuns.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_a_node_ended_by_its_deadline_times_the_run_out() -> None:
+    """The node's dead-man's switch ends the binary at the deadline; its `done` (a signal)
+    may reach the control plane before the sweeper does: the reason is still the deadline."""
+    s = Stack(policy())
+    s(req("r1", max_cost_usd=0.75))  # 30 min
+    s.boot_all("r1")
+    s(marker("r1", "worker-0", "done", 30.01, code=None, signal="SIGTERM"), 30.02)
+    line = s.state.find("r1")
+    assert line is not None and line.reason is Reason.TIMED_OUT
+    assert line.detail.startswith("cost cap $0.75 reached") and "SIGTERM" in line.detail
+    s2 = Stack(policy())
+    s2(req("r1", max_cost_usd=0.75))
+    s2.boot_all("r1")
+    s2(marker("r1", "worker-0", "done", 20, code=3), 20)  # before it: an ordinary failure
+    line = s2.state.find("r1")
+    assert line is not None and line.reason is Reason.FAILED
