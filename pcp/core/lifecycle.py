@@ -56,6 +56,11 @@ from pcp.core.state import (
 from pcp.core.timefmt import iso
 
 LIVE = (Phase.STARTING, Phase.RUNNING)
+#: How a start refused by the budget hold is recorded (its detail starts so).
+HOLD_REFUSAL = "refused: the stack is on budget hold"
+#: A budget notification whose period began longer ago than a month is of a period that has
+#: ended (budgets here are monthly): late, it says nothing about this month's spend.
+STALE_PERIOD = timedelta(days=31)
 UNARCHIVED_LIMIT = 20
 
 
@@ -232,6 +237,12 @@ def compact(state: StackState) -> StackState:
 def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None:
     known = tx.state.find(req.run_id)
     active = tx.state.active
+    if (active is not None and active.run_id == req.run_id and active.phase is Phase.STARTING
+            and active.deadline is not None and now >= active.deadline):
+        # Past its deadline (a short cap, a late redelivery): it ends now, nothing restarts.
+        tx.note(NoteKind.DUPLICATE_START, req.run_id, f"duplicate start request for run "
+                f"{req.run_id} (starting, past its deadline): no re-issue")
+        return
     if active is not None and active.run_id == req.run_id and active.phase is Phase.STARTING:
         # A redelivery after a transient failure: re-issue what has not booted (idempotent).
         pending = [n.name for n in active.nodes if n.phase is NodePhase.PENDING]
@@ -240,7 +251,10 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
                 f"duplicate start request for run {req.run_id} (starting): re-issued the start "
                 f"of {', '.join(pending) or 'no node'}")
         return
-    if isinstance(known, RecentRun) and known.reason is Reason.REJECTED:
+    if (isinstance(known, RecentRun) and known.reason is Reason.REJECTED
+            and not known.detail.startswith(HOLD_REFUSAL)):
+        # (Refused by the budget hold it stays refused: a late duplicate of that request
+        # must not start the run after the hold is lifted; a new request has a new id.)
         # A corrected request may reuse the id of one that was rejected and never ran.
         tx.state = replace(tx.state, recent=tuple(r for r in tx.state.recent
                                                   if r.run_id != req.run_id))
@@ -259,9 +273,10 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
         return
     hold = tx.state.budget.hold
     if hold is not None:
-        _reject(tx, req.run_id, f"stack {policy.stack} is on budget hold since "
-                f"{iso(hold.since)} ({hold.text}): no run starts, queued runs wait; a person "
-                f"lifts it with `pcp budget resume --stack {policy.stack}`", now, policy)
+        _reject(tx, req.run_id, f"{HOLD_REFUSAL} since {iso(hold.since)} ({hold.text}): no "
+                f"run starts, queued runs wait; a person lifts it with `pcp budget resume "
+                f"--stack {policy.stack}`, then request the run again under a new run id",
+                now, policy)
         return
     if len(tx.state.queue) >= policy.max_queue:
         _reject(tx, req.run_id, f"the queue of stack {policy.stack} is full "
@@ -715,6 +730,10 @@ def _on_budget(tx: _Tx, n: BudgetNotification, now: datetime, policy: Policy) ->
     period is stale, and one of the period a person lifted the hold for trips nothing."""
     budget = tx.state.budget
     period = n.cost_interval_start
+    if now - period > STALE_PERIOD:
+        tx.note(NoteKind.BUDGET_STALE, None, f"budget notification of the period from "
+                f"{iso(period)}, which ended before {iso(now)}: no-op")
+        return
     if budget.period is not None and period < budget.period:
         tx.note(NoteKind.BUDGET_STALE, None, f"budget notification of the period from "
                 f"{iso(period)} is older than the newest seen ({iso(budget.period)}): no-op")

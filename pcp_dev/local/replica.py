@@ -339,9 +339,13 @@ class Replica:
         bus = PubSubBus(self.options.project, self.options.stack, publisher=self._publisher)
         return bus.publish(kind, data, attributes)
 
-    def publish_budget(self, cost: float, budget: float, period: str = "2026-12-01T08:00:00Z",
+    def publish_budget(self, cost: float, budget: float, period: str | None = None,
                        budget_id: str = LOCAL_BUDGET_ID, **extra: object) -> str:
-        """Publish a budget notification as Cloud Billing does (schemaVersion 1.0)."""
+        """Publish a budget notification as Cloud Billing does (schemaVersion 1.0); the
+        period defaults to this month's (budgets start at midnight US Pacific time)."""
+        if period is None:
+            today = datetime.now(UTC)
+            period = f"{today:%Y-%m}-01T08:00:00Z"
         body = {"budgetDisplayName": f"pcp-{self.options.stack} monthly budget",
                 "costAmount": cost, "costIntervalStart": period, "budgetAmount": budget,
                 "budgetAmountType": "SPECIFIED_AMOUNT", "currencyCode": "USD", **extra}

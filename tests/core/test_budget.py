@@ -197,3 +197,23 @@ def test_a_hold_with_no_run_still_stops_every_vm() -> None:
     t = s(note(), 1)
     assert [sorted(c.vms) for c in of(t, StopNodes)] == [sorted(s.policy.worker_vms)]  # type: ignore[attr-defined]
     assert s.state.budget.hold is not None and s.state.budget.hold.cost_amount == 120.0
+
+
+def test_a_start_refused_by_the_hold_stays_refused_after_it_is_lifted() -> None:
+    """A late duplicate of a refused request must not start the run behind a person's back."""
+    s = budgeted()
+    s(note(), 1)
+    s(req("r1"), 2)
+    s(BudgetResume("ann"), 3)
+    assert s(req("r1"), 4).kinds() == (K.DUPLICATE_START,)
+    assert s.state.active is None
+    s(req("r2"), 5)  # a new request under a new id runs
+    assert s.state.active is not None and s.state.active.run_id == "r2"
+
+
+def test_a_notification_of_a_period_that_has_ended_trips_nothing() -> None:
+    """Last month's notification arriving first (nothing newer seen yet) is still stale."""
+    s = budgeted()
+    old = datetime(2026, 10, 1, 7, tzinfo=UTC)  # the helpers' clock is 2026-11-29
+    assert s(note(cost=900.0, period=old), 1).kinds() == (K.BUDGET_STALE,)
+    assert s.state.budget.hold is None and s.state.budget.period is None

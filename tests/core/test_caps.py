@@ -231,3 +231,14 @@ def test_a_node_ended_by_its_deadline_times_the_run_out() -> None:
     s2(marker("r1", "worker-0", "done", 20, code=3), 20)  # before it: an ordinary failure
     line = s2.state.find("r1")
     assert line is not None and line.reason is Reason.FAILED
+
+
+def test_a_late_duplicate_start_past_the_deadline_boots_nothing() -> None:
+    """Found by the fault campaign with a short cap: a start redelivered after the deadline
+    of a run still starting re-issued its VMs' start (a second boot of the attempt)."""
+    s = Stack(policy())
+    s(req("r1", max_cost_usd=0.05))  # 2 min
+    t = s(req("r1"), 2.5)
+    assert not of(t, StartNodes)
+    line = s.state.find("r1")
+    assert line is not None and line.reason is Reason.TIMED_OUT
