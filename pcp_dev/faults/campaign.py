@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-
 from datetime import UTC, datetime
 
 from pcp.core.messages import BudgetNotification, StartRequest

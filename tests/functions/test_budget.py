@@ -20,7 +20,8 @@ ACCOUNT = "01D4EE-079462-DFD6EC"
 
 def notification(cost: float, budget_id: str = "b-tiny") -> tuple[bytes, dict[str, str]]:
     data = json.dumps({"budgetDisplayName": "pcp-tiny", "alertThresholdExceeded": 1.0,
-                       "costAmount": cost, "costIntervalStart": f"{datetime.now(UTC):%Y-%m}-01T08:00:00Z",
+                       "costAmount": cost,
+                       "costIntervalStart": f"{datetime.now(UTC):%Y-%m}-01T08:00:00Z",
                        "budgetAmount": 100.0, "budgetAmountType": "SPECIFIED_AMOUNT",
                        "currencyCode": "USD"}).encode()
     return data, {"billingAccountId": ACCOUNT, "budgetId": budget_id, "schemaVersion": "1.0"}
