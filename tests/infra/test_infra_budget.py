@@ -75,3 +75,18 @@ def test_dollar_amounts_become_units_and_nanos() -> None:
     a = amount_args(19.99)
     assert (a.units, a.nanos) == ("19", 990000000)  # type: ignore[attr-defined]
     assert (amount_args(5.0).units, amount_args(5.0).nanos) == ("5", 0)  # type: ignore[attr-defined]
+
+
+def test_every_stack_publishes_its_limits_for_pcp_run(any_run: StackRun) -> None:
+    import json
+
+    from pcp.core.policy import Policy
+
+    [doc] = [o for o in any_run.of_type("gcp:storage/bucketObject:BucketObject")
+             if o["inputs"]["name"] == "control/policy.json"]
+    policy = Policy.from_doc(doc["inputs"]["content"].encode())
+    assert policy.stack == any_run.stack and policy.worker_count == any_run.expected_workers
+    assert policy.worker_hourly_usd == float(any_run.config["pcp:worker_hourly_usd"])
+    expected = any_run.config.get("pcp:max_cost_usd") or None
+    assert policy.max_cost_usd == (None if expected is None else float(expected))
+    assert json.loads(doc["inputs"]["content"])["stack"] == any_run.stack
