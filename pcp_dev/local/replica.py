@@ -1,7 +1,7 @@
 """The local replica: the whole cloud side of one stack on 127.0.0.1, wired as Pulumi wires it.
 
 Real parts: the Pub/Sub emulator, fake-gcs-server (notifying `markers/` into
-`pcp-<stack>-markers`), the four functions served by the real functions-framework behind push
+`pcp-<stack>-markers`), the five functions served by the real functions-framework behind push
 subscriptions, the node agents and the reference trainer. Stood in for: Eventarc (push
 subscriptions), Cloud Scheduler (`Ticker`), Compute Engine (`LocalCompute`, whose VMs are
 worker agent processes) and the GCE metadata server (`MetadataServer`, one per VM).
