@@ -21,7 +21,13 @@ from typing import Any
 import functions_framework
 
 from pcp.core.errors import PermanentError
-from pcp.core.messages import StartRequest, StopRequest, SweepTick
+from pcp.core.messages import (
+    BudgetNotification,
+    BudgetResume,
+    StartRequest,
+    SweepTick,
+    parse_stop_topic,
+)
 from pcp.core.names import Names
 from pcp.edge import envelope, events
 from pcp.edge.logline import log_ignored, log_outcome, transient
@@ -59,18 +65,20 @@ def on_start(cloud_event: Any) -> None:
 
 @functions_framework.cloud_event
 def on_stop(cloud_event: Any) -> None:
-    """A stop request on pcp-<stack>-stop: cancel a run, drop it from the queue, end a lease."""
+    """A stop request on pcp-<stack>-stop: cancel a run, drop it from the queue, end a lease;
+    or `pcp budget resume`: lift the stack's budget hold."""
     at, message_id = now(), events.event_id(cloud_event)
     service = build_service(SETTINGS)
     try:
         data, _, message_id = events.pubsub_payload(cloud_event, _source("stop"))
-        request = StopRequest.from_json(data)
+        request = parse_stop_topic(data)
     except PermanentError as e:
         reject_event(service, SETTINGS, "stop", message_id, str(e), at)
         return
-    with transient(SETTINGS, "stop", request.run_id), invocation(service, SETTINGS):
+    run_id = None if isinstance(request, BudgetResume) else request.run_id
+    with transient(SETTINGS, "stop", run_id), invocation(service, SETTINGS):
         outcome = service.handle(request, at)
-    log_outcome(SETTINGS, "stop", outcome, request.run_id, message_id=message_id)
+    log_outcome(SETTINGS, "stop", outcome, run_id, message_id=message_id)
 
 
 @functions_framework.cloud_event
@@ -107,3 +115,22 @@ def on_sweep(cloud_event: Any) -> None:
         outcome = service.sweep(at)
     active = outcome.transition.state.active
     log_outcome(SETTINGS, "sweep", outcome, active.run_id if active else None)
+
+
+@functions_framework.cloud_event
+def on_budget(cloud_event: Any) -> None:
+    """A Cloud Billing budget notification on pcp-<stack>-budget: past the threshold, stop
+    every VM of the stack and refuse new starts until `pcp budget resume` (the last guard:
+    notifications lag real spend by hours)."""
+    at, message_id = now(), events.event_id(cloud_event)
+    service = build_service(SETTINGS)
+    try:
+        data, attributes, message_id = events.pubsub_payload(cloud_event, _source("budget"))
+        notification = BudgetNotification.from_message(data, attributes)
+        notification.check_budget(SETTINGS.policy.budget_id, SETTINGS.policy.billing_account)
+    except PermanentError as e:
+        reject_event(service, SETTINGS, "budget", message_id, str(e), at)
+        return
+    with transient(SETTINGS, "budget", None), invocation(service, SETTINGS):
+        outcome = service.handle(notification, at)
+    log_outcome(SETTINGS, "budget", outcome, None, message_id=message_id)

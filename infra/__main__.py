@@ -16,6 +16,7 @@ if _INFRA_DIR not in sys.path:
 import pulumi  # noqa: E402
 
 from pcp_infra.apis import ProjectApis  # noqa: E402
+from pcp_infra.budget import StackBudget  # noqa: E402
 from pcp_infra.config import StackConfig  # noqa: E402
 from pcp_infra.fleet import WorkerFleet  # noqa: E402
 from pcp_infra.functions import ControlFunctions  # noqa: E402
@@ -40,8 +41,10 @@ messaging = Messaging("messaging", cfg, accounts, agents, bucket, depends_on=ena
 network = WorkerNetwork("network", cfg, depends_on=enabled)
 code = CodeArchives("code", cfg, bucket, depends_on=enabled)
 fleet = WorkerFleet("fleet", cfg, accounts, bucket, network, depends_on=enabled)
+budget = (StackBudget("budget", cfg, messaging, depends_on=enabled)
+          if cfg.budget_enabled else None)
 functions = ControlFunctions(
-    "functions", cfg, accounts, agents, bucket, messaging, code, depends_on=enabled
+    "functions", cfg, accounts, agents, bucket, messaging, code, budget, depends_on=enabled
 )
 schedule = SweepSchedule("scheduler", cfg, messaging, depends_on=[*enabled, functions])
 metrics = LogMetrics("monitoring", cfg, depends_on=enabled)
@@ -68,6 +71,7 @@ pulumi.export("function_source", code.functions_url)
 pulumi.export("agent_archive", code.agent_url)
 pulumi.export("agent_sha256", code.agent_sha256)
 pulumi.export("scheduler_job", schedule.job.name)
+pulumi.export("budget", budget.budget.name if budget is not None else None)
 pulumi.export("log_metrics", metrics.metric_names)
 pulumi.export("alert_policies", alerting.policy_names)
 pulumi.export("dashboard", board.dashboard.id)

@@ -85,6 +85,15 @@ class Settings:
                         if env.get("PCP_GPU_IDLE") else None)
         except PermanentError as e:
             raise SettingsError(str(e)) from None
+        max_cost = number("PCP_MAX_COST_USD", 0) or None
+        worker_price = number("PCP_WORKER_HOURLY_USD", 0)
+        if max_cost is not None and worker_price <= 0 and not number("PCP_SHEPHERD_HOURLY_USD", 0):
+            raise SettingsError("PCP_MAX_COST_USD needs the hourly prices "
+                                "(PCP_WORKER_HOURLY_USD) to become a deadline")
+        threshold = number("PCP_BUDGET_STOP_THRESHOLD", 1.0)
+        if not 0 < threshold <= 10:
+            raise SettingsError(f"PCP_BUDGET_STOP_THRESHOLD must be a fraction of the budget "
+                                f"in (0, 10], got {env['PCP_BUDGET_STOP_THRESHOLD']!r}")
         policy = Policy(
             stack=stack,
             worker_count=int(count),
@@ -101,6 +110,10 @@ class Settings:
             worker_hourly_usd=number("PCP_WORKER_HOURLY_USD", 0),
             shepherd_hourly_usd=number("PCP_SHEPHERD_HOURLY_USD", 0),
             default_gpu_idle=gpu_idle,
+            max_cost_usd=max_cost,
+            budget_id=env.get("PCP_BUDGET_ID") or None,
+            billing_account=env.get("PCP_BILLING_ACCOUNT") or None,
+            budget_stop_threshold=threshold,
         )
         return cls(stack=stack, project=env["PCP_PROJECT"], zone=env["PCP_ZONE"],
                    bucket=env["PCP_BUCKET"], policy=policy,
@@ -132,6 +145,14 @@ class Settings:
         }
         if p.default_gpu_idle is not None:
             env["PCP_GPU_IDLE"] = p.default_gpu_idle.text
+        if p.max_cost_usd is not None:
+            env["PCP_MAX_COST_USD"] = _num(p.max_cost_usd)
+        if p.budget_id:
+            env["PCP_BUDGET_ID"] = p.budget_id
+        if p.billing_account:
+            env["PCP_BILLING_ACCOUNT"] = p.billing_account
+        if p.budget_stop_threshold != 1.0:
+            env["PCP_BUDGET_STOP_THRESHOLD"] = _num(p.budget_stop_threshold)
         if self.compute_endpoint:
             env["PCP_COMPUTE_ENDPOINT"] = self.compute_endpoint
         return env

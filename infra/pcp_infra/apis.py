@@ -31,6 +31,8 @@ REQUIRED_APIS: tuple[str, ...] = (
     "logging.googleapis.com",  # function, build and worker logs; log-based metrics
     "monitoring.googleapis.com",  # alert policies, notification channels
 )
+#: Enabled only for a stack with a budget (pcp:billing_account, pcp:monthly_budget_usd).
+BUDGET_APIS: tuple[str, ...] = ("billingbudgets.googleapis.com",)
 
 
 class ProjectApis(PcpComponent):
@@ -42,7 +44,7 @@ class ProjectApis(PcpComponent):
         super().__init__(name, opts=opts)
         names = Names(cfg.stack, cfg.project)
         self.services: dict[str, gcp.projects.Service] = {}
-        for api in REQUIRED_APIS:
+        for api in (*REQUIRED_APIS, *(BUDGET_APIS if cfg.budget_enabled else ())):
             short = api.split(".", 1)[0]
             self.services[api] = gcp.projects.Service(
                 f"{names.prefix}-api-{short}",

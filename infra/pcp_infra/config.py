@@ -70,6 +70,10 @@ DEFAULTS: Mapping[str, Any] = {
     "alert_pubsub_topic": "",
     "gpu_idle": "",
     "prices": "",
+    "max_cost_usd": "",
+    "billing_account": "",
+    "monthly_budget_usd": "",
+    "budget_stop_threshold": "1.0",
 }
 
 #: Stack sizes are bounded by the design (1..15 workers); larger needs a deliberate change here.
@@ -93,6 +97,7 @@ _CACHIX_KEY_RE = re.compile(r"^[A-Za-z0-9._-]+:[A-Za-z0-9+/]+={0,2}$")
 _INSTALLER_URL_RE = re.compile(r"^https://[A-Za-z0-9./_~+-]+$")
 # Plain http is allowed: Nix checks every path against the trusted keys, not the transport.
 _SUBSTITUTER_RE = re.compile(r"^https?://[A-Za-z0-9.:/_~+-]+$")
+_BILLING_ACCOUNT_RE = re.compile(r"^[A-Z0-9]{6}-[A-Z0-9]{6}-[A-Z0-9]{6}$")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _TOPIC_RE = re.compile(
     r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$"
@@ -132,6 +137,21 @@ def _parse_price(key: str, value: Any) -> float:
     if price < 0:
         raise ConfigError(f"pcp:{key} must not be negative, got {price}")
     return price
+
+
+def _parse_usd(key: str, value: Any) -> float | None:
+    """An optional positive dollar amount; empty is none."""
+    text = str(value if value is not None else "").strip()
+    if not text:
+        return None
+    try:
+        amount = float(text)
+    except ValueError:
+        raise ConfigError(f"pcp:{key} must be a number of US dollars, got {value!r}") from None
+    if not 0 < amount < 1e9:
+        raise ConfigError(f"pcp:{key} must be a positive, finite number of US dollars, "
+                          f"got {value!r}")
+    return amount
 
 
 def _parse_layout(value: Any) -> str:
@@ -219,6 +239,10 @@ class StackConfig:
     gpu_idle: GpuIdle | None = None
     #: The standing-cost price table (pcp.core.costs.DEFAULT_PRICES with pcp:prices applied).
     prices: Mapping[str, float] | None = None
+    max_cost_usd: float | None = None
+    billing_account: str = ""
+    monthly_budget_usd: float | None = None
+    budget_stop_threshold: float = 1.0
 
     # ------------------------------------------------------------------ construction
 
@@ -291,6 +315,23 @@ class StackConfig:
             raise ConfigError("pcp:nix_substituter needs pcp:cachix_public_key, the key that "
                               "signs its paths (Nix refuses unsigned ones)")
 
+        worker_hourly_usd = _parse_price("worker_hourly_usd", v["worker_hourly_usd"])
+        shepherd_hourly_usd = _parse_price("shepherd_hourly_usd", v["shepherd_hourly_usd"])
+        max_cost_usd = _parse_usd("max_cost_usd", v["max_cost_usd"])
+        if max_cost_usd is not None and worker_hourly_usd == 0 and shepherd_hourly_usd == 0:
+            raise ConfigError("pcp:max_cost_usd needs pcp:worker_hourly_usd: without prices a "
+                              "cost cap cannot become a deadline")
+        billing_account = _parse_optional("billing_account", v["billing_account"],
+                                          _BILLING_ACCOUNT_RE)
+        monthly_budget_usd = _parse_usd("monthly_budget_usd", v["monthly_budget_usd"])
+        if bool(billing_account) != (monthly_budget_usd is not None):
+            raise ConfigError("pcp:billing_account and pcp:monthly_budget_usd go together: set "
+                              "both for a budget kill switch, or neither")
+        threshold = _parse_usd("budget_stop_threshold", v["budget_stop_threshold"]) or 1.0
+        if threshold > 10:
+            raise ConfigError(f"pcp:budget_stop_threshold is a fraction of the budget (1.0 = "
+                              f"all of it), got {threshold:g}")
+
         return cls(
             stack=stack,
             project=project,
@@ -321,8 +362,8 @@ class StackConfig:
             binary=str(v["binary"] or "").strip(),
             github_repository=repo,
             layout=_parse_layout(v["layout"]),
-            worker_hourly_usd=_parse_price("worker_hourly_usd", v["worker_hourly_usd"]),
-            shepherd_hourly_usd=_parse_price("shepherd_hourly_usd", v["shepherd_hourly_usd"]),
+            worker_hourly_usd=worker_hourly_usd,
+            shepherd_hourly_usd=shepherd_hourly_usd,
             bucket_location=str(v["bucket_location"]).strip(),
             worker_ssh_source_ranges=ssh_ranges,
             allow_shepherd_from=shepherd_from,
@@ -342,6 +383,10 @@ class StackConfig:
             alert_pubsub_topic=_parse_optional(
                 "alert_pubsub_topic", v["alert_pubsub_topic"], _TOPIC_RE
             ),
+            max_cost_usd=max_cost_usd,
+            billing_account=billing_account,
+            monthly_budget_usd=monthly_budget_usd,
+            budget_stop_threshold=threshold,
         )
 
     # ------------------------------------------------------------------ derived values
@@ -355,6 +400,11 @@ class StackConfig:
     def attach_guest_accelerators(self) -> bool:
         """Whether `guest_accelerators` is listed on the VMs (never for built-in GPUs)."""
         return self.gpu_count > 0 and not self.accelerator_optimized
+
+    @property
+    def budget_enabled(self) -> bool:
+        """Whether the stack gets a Cloud Billing budget, its topic and its function."""
+        return bool(self.billing_account) and self.monthly_budget_usd is not None
 
     @property
     def has_gpu(self) -> bool:
@@ -379,7 +429,8 @@ class StackConfig:
         }
         return {key: value for key, value in optional.items() if value}
 
-    def function_environment(self, bucket_name: str, *, timeout_seconds: int) -> dict[str, str]:
+    def function_environment(self, bucket_name: str, *, timeout_seconds: int,
+                             budget_id: str | None = None) -> dict[str, str]:
         """The runtime environment of one Cloud Function (all values strings), written by
         `pcp.settings.Settings.to_env`, the same code that the functions read it back with.
 
@@ -389,7 +440,14 @@ class StackConfig:
         """
         if timeout_seconds < 1:
             raise ConfigError(f"a function timeout must be positive, got {timeout_seconds}")
-        policy = Policy(
+        policy = self.policy(budget_id)
+        return Settings(stack=self.stack, project=self.project, zone=self.zone,
+                        bucket=bucket_name, policy=policy,
+                        function_timeout_seconds=timeout_seconds).to_env()
+
+    def policy(self, budget_id: str | None = None) -> Policy:
+        """The stack's Policy as the functions run with it (their environment says the same)."""
+        return Policy(
             stack=self.stack, worker_count=self.worker_count, shepherd_host=self.shepherd_host,
             tcp_port=self.tcp_port, max_run_hours=self.max_run_hours,
             boot_timeout_minutes=self.boot_timeout_minutes,
@@ -397,10 +455,10 @@ class StackConfig:
             sweep_interval_minutes=self.sweep_interval_minutes,
             default_binary=self.binary or None, default_layout=self.layout,
             worker_hourly_usd=self.worker_hourly_usd,
-            shepherd_hourly_usd=self.shepherd_hourly_usd, default_gpu_idle=self.gpu_idle)
-        return Settings(stack=self.stack, project=self.project, zone=self.zone,
-                        bucket=bucket_name, policy=policy,
-                        function_timeout_seconds=timeout_seconds).to_env()
+            shepherd_hourly_usd=self.shepherd_hourly_usd, default_gpu_idle=self.gpu_idle,
+            max_cost_usd=self.max_cost_usd,
+            budget_id=budget_id, billing_account=self.billing_account or None,
+            budget_stop_threshold=self.budget_stop_threshold)
 
 
 def _parse_gpu_idle(raw: object) -> GpuIdle | None:

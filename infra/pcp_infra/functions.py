@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_gcp as gcp
 
-from pcp.core.names import LABEL_FUNCTION, Names
+from pcp.core.names import LABEL_FUNCTION, POLICY_DOC, Names
 
 from .base import PcpComponent
+from .budget import StackBudget
 from .config import StackConfig
 from .identity import ServiceAccounts, ServiceAgents
 from .messaging import Messaging
@@ -48,6 +49,10 @@ FUNCTIONS: tuple[FunctionSpec, ...] = (
     FunctionSpec("marker", "on_marker", "markers", EVENT_MAX_TIMEOUT_SECONDS),
     FunctionSpec("sweep", "on_sweep", "sweep", EVENT_MAX_TIMEOUT_SECONDS),
 )
+#: Only for a stack with a budget: the kill switch (it stops every VM, so the same maximum).
+BUDGET_FUNCTIONS: tuple[FunctionSpec, ...] = (
+    FunctionSpec("budget", "on_budget", "budget", EVENT_MAX_TIMEOUT_SECONDS),
+)
 
 
 class ControlFunctions(PcpComponent):
@@ -62,6 +67,7 @@ class ControlFunctions(PcpComponent):
         bucket: StateBucket,
         messaging: Messaging,
         code: CodeArchives,
+        budget: StackBudget | None = None,
         *,
         depends_on: list[pulumi.Resource],
         opts: pulumi.ResourceOptions | None = None,
@@ -80,8 +86,15 @@ class ControlFunctions(PcpComponent):
 
         self.functions: dict[str, gcp.cloudfunctionsv2.Function] = {}
         self.invokers: list[gcp.cloudrunv2.ServiceIamMember] = []
-        for spec in FUNCTIONS:
+        specs = (*FUNCTIONS, *(BUDGET_FUNCTIONS if budget is not None else ()))
+        for spec in specs:
             function_name = names.function(spec.kind)
+            environment: pulumi.Input[dict[str, str]] = cfg.function_environment(
+                names.bucket, timeout_seconds=spec.timeout_seconds)
+            if budget is not None:  # every function knows the budget (one Settings)
+                environment = budget.budget_id.apply(
+                    lambda budget_id, timeout=spec.timeout_seconds: cfg.function_environment(
+                        names.bucket, timeout_seconds=timeout, budget_id=budget_id))
             function = gcp.cloudfunctionsv2.Function(
                 function_name,
                 project=cfg.project,
@@ -103,9 +116,7 @@ class ControlFunctions(PcpComponent):
                 service_config=gcp.cloudfunctionsv2.FunctionServiceConfigArgs(
                     service_account_email=accounts.emails["functions"],
                     # The function's own timeout rides along: pcp budgets its waits by it.
-                    environment_variables=cfg.function_environment(
-                        names.bucket, timeout_seconds=spec.timeout_seconds
-                    ),
+                    environment_variables=environment,
                     timeout_seconds=spec.timeout_seconds,
                     available_memory=MEMORY,
                     min_instance_count=0,
@@ -137,6 +148,17 @@ class ControlFunctions(PcpComponent):
                     opts=self.child_opts(),
                 )
             )
+
+        # What `pcp run` reads to show a run's deadline before it publishes (the same Policy
+        # the functions' environment carries).
+        self.policy_doc = gcp.storage.BucketObject(
+            f"{names.prefix}-policy-doc",
+            bucket=bucket.bucket.name,
+            name=POLICY_DOC,
+            content=cfg.policy().to_doc().decode(),
+            content_type="application/json",
+            opts=self.child_opts(),
+        )
 
         self.function_names: dict[str, pulumi.Output[str]] = {
             kind: fn.name for kind, fn in self.functions.items()

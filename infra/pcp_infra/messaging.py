@@ -20,6 +20,9 @@ from .storage import StateBucket
 #: Topic kinds; each becomes `pcp-<stack>-<kind>`.
 TOPIC_KINDS: tuple[str, ...] = ("start", "stop", "sweep", "shepherd", "markers", "dead-letter")
 
+#: Only with a budget: Cloud Billing publishes its notifications here, on_budget reads them.
+BUDGET_TOPIC_KINDS: tuple[str, ...] = ("budget",)
+
 #: Who may publish where: service account role -> topic kinds.
 PUBLISHERS: dict[str, tuple[str, ...]] = {
     "functions": ("shepherd", "stop"),
@@ -66,7 +69,7 @@ class Messaging(PcpComponent):
                 labels=names.labels(),
                 opts=self.child_opts(),
             )
-            for kind in TOPIC_KINDS
+            for kind in (*TOPIC_KINDS, *(BUDGET_TOPIC_KINDS if cfg.budget_enabled else ()))
         }
         dead_letter = self.topics["dead-letter"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from pcp import __version__
+from pcp.cli.budget import budget
 from pcp.cli.control import stop, sweep
 from pcp.cli.cost import cost
 from pcp.cli.doctor import doctor
@@ -48,6 +49,7 @@ SHORT_HELP = {
     cost: "The stack's standing cost while idle, and its runs' cost by day.",
     local: "Start or stop the local replica of the cloud.",
     shepherd: "Install the shepherd daemon on the head-node Mac.",
+    budget: "Show or lift the stack's budget hold (the kill switch).",
 }
 
 for command, text in SHORT_HELP.items():

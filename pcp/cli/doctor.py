@@ -21,6 +21,7 @@ from pcp.cli.options import context, echo_json, resources
 from pcp.cli.views import load_state
 from pcp.core.errors import PermanentError
 from pcp.core.names import SHEPHERD_CREDENTIALS_FILE, STACK_DOC, Names
+from pcp.core.state import StackState
 
 TOPIC_KINDS = ("start", "stop", "sweep", "shepherd")
 #: Regional quotas a stack's start needs besides its GPUs: the workers' vCPUs, their boot
@@ -66,6 +67,7 @@ def run_checks(ctx: Context) -> list[Check]:
                   f"readable: {'1 active run' if state.active else 'no active run'}, "
                   f"{len(state.queue)} queued")
         checks.append(Check("stack state", "ok", detail))
+        checks.append(budget_check(state, ctx.stack))
     except NotFound:
         checks.append(Check("bucket", "fail", f"{bucket} does not exist: run `pulumi up` "
                                               "for this stack"))
@@ -131,6 +133,18 @@ def _standing_cost_check(ctx: Context) -> Check:
     except Exception as e:  # noqa: BLE001 - the other checks must still print
         return Check("standing cost", "fail", f"{type(e).__name__}: {e}")
     return Check("standing cost", state, text)
+def budget_check(state: StackState | None, stack: str) -> Check:
+    """The budget kill switch: a hold stops every VM and refuses starts until lifted."""
+    budget = state.budget if state is not None else None
+    if budget is None or budget.hold is None:
+        lifted = (f"; last lifted {budget.lifted_at:%Y-%m-%d %H:%M}Z"
+                  f"{' by ' + budget.lifted_by if budget.lifted_by else ''}"
+                  if budget is not None and budget.lifted_at is not None else "")
+        return Check("budget", "ok", f"no budget hold{lifted}")
+    hold = budget.hold
+    return Check("budget", "fail", f"on budget hold since {hold.since:%Y-%m-%d %H:%M}Z "
+                 f"({hold.text}): every VM is stopped and no run starts; lift it with "
+                 f"`pcp budget resume --stack {stack}`")
 
 
 def _quota_check(ctx: Context) -> Check:

@@ -136,7 +136,7 @@ def progress_line(view: RunView | None, run_id: str, elapsed: float) -> str:
     if nodes_text(run) and not view.final:
         parts.append(nodes_text(run))
     if run is not None and run.deadline is not None and not view.final:
-        parts.append(f"deadline {when(run.deadline)}")
+        parts.append(f"deadline {when(run.deadline)}{deadline_by(run)}")
     return ", ".join(parts)
 
 
@@ -262,7 +262,10 @@ def run_renderable(view: RunView, stack: str,
         grid.add_row("[bold]attempt[/]", str(run.attempt))
         grid.add_row("[bold]accepted[/]", when(run.accepted_at))
         if run.deadline is not None:
-            grid.add_row("[bold]deadline[/]", when(run.deadline))
+            grid.add_row("[bold]deadline[/]", when(run.deadline) + deadline_by(run))
+        if run.max_cost_usd is not None:
+            spent = f" (${run.cost_usd:g} accounted so far)" if run.cost_usd else ""
+            grid.add_row("[bold]cost cap[/]", f"${run.max_cost_usd:g}{spent}")
         cap = next((e.reason.split("; ", 1)[-1] for e in run.history
                     if "capped to the stack limit" in (e.reason or "")), None)
         if cap:
@@ -297,6 +300,11 @@ def overview_renderable(ov: Overview, now: datetime,
                         gpus: dict[str, str] | None = None) -> RenderableType:
     s = ov.state
     parts: list[RenderableType] = []
+    if s.budget.hold is not None:
+        hold = s.budget.hold
+        parts.append(f"[bold red]budget hold[/] since {when(hold.since)}: {escape(hold.text)}; "
+                     f"every VM is stopped, queued runs wait and new starts are refused. "
+                     f"Lift it: pcp budget resume --stack {escape(ov.stack)}")
     if s.active is None:
         parts.append(f"[bold]stack {escape(ov.stack)}[/]: no active run")
     else:
@@ -304,7 +312,7 @@ def overview_renderable(ov: Overview, now: datetime,
         elapsed = (now - run.started_at).total_seconds() if run.started_at else None
         parts.append(f"[bold]stack {escape(ov.stack)}[/]: run {escape(run.run_id)} "
                      f"{styled(run.status)}, attempt {run.attempt}, elapsed {duration(elapsed)}"
-                     f", deadline {when(run.deadline)}")
+                     f", deadline {when(run.deadline)}{deadline_by(run)}")
         if run.nodes:
             parts.append(nodes_table(run, gpus))
     parts.append(queue_table(s, now))
@@ -329,6 +337,13 @@ def overview_renderable(ov: Overview, now: datetime,
                           escape(str(r.get("detail") or "-")))
         parts.append(table)
     return Group(*parts)
+
+
+def deadline_by(run: Any) -> str:
+    """` (set by the cost cap $5)` when the run's dollar cap set its deadline."""
+    if getattr(run, "deadline_by", None) == "max_cost_usd" and run.max_cost_usd is not None:
+        return f" (set by the cost cap ${run.max_cost_usd:g})"
+    return ""
 
 
 def queue_table(state: StackState, now: datetime) -> RenderableType:

@@ -25,6 +25,8 @@ from pcp.cli.views import (
 )
 from pcp.core.errors import PermanentError
 from pcp.core.messages import LAYOUTS, GpuIdle, StartRequest
+from pcp.core.names import POLICY_DOC
+from pcp.core.policy import Policy
 from pcp.core.state import Status
 
 
@@ -56,7 +58,8 @@ def _binary(ref: str) -> Any:
 
 
 #: What a request asks for; `requested_by` and `stack` say who and where, not what.
-SAME_REQUEST = ("keep_vm_alive", "training_config", "binary", "max_hours", "max_restarts")
+SAME_REQUEST = ("keep_vm_alive", "training_config", "binary", "max_hours", "max_restarts",
+                "max_cost_usd")
 
 
 def _reused(ctx: Context, request: StartRequest) -> Any:
@@ -73,6 +76,42 @@ def _reused(ctx: Context, request: StartRequest) -> Any:
              f"({view.status.value}) with a different request: choose another --run-id "
              f"(see `pcp status {request.run_id}`)", EXIT_USAGE)
     return view
+
+
+def deadline_preview(ctx: Context, request: StartRequest) -> str | None:
+    """What the run's deadline will be, and which limit sets it, from the stack's published
+    limits and prices (control/policy.json); None when the stack publishes none. A cap the
+    stack cannot turn into a deadline (no prices) is refused here, as the control plane would."""
+    blob = ctx.store.get(POLICY_DOC)
+    if blob is None:
+        return None
+    try:
+        policy = Policy.from_doc(blob.data)
+    except PermanentError:
+        return None
+    cap = policy.run_cap(request.max_cost_usd)
+    if cap is not None and policy.hourly_usd <= 0:
+        fail(f"max_cost_usd {cap:g} cannot become a deadline: stack {policy.stack} has no "
+             "hourly prices (set pcp:worker_hourly_usd)", EXIT_USAGE)
+    limit = policy.run_limit(utcnow(), request.max_hours, cap)
+    hours = policy.run_hours(request.max_hours)
+    if limit.by == "max_cost_usd":
+        assert cap is not None
+        default = "" if request.max_cost_usd else " (the stack's default)"
+        why = (f"set by the cost cap ${cap:g}{default}"
+               f" at ${policy.hourly_usd:g}/h ({policy.worker_count} worker(s) at "
+               f"${policy.worker_hourly_usd:g}/h + the shepherd at "
+               f"${policy.shepherd_hourly_usd:g}/h), before max_hours {hours:g}")
+    else:
+        why = f"set by max_hours {hours:g}"
+        if cap is not None:
+            why += f" (the cost cap ${cap:g} would allow {cap / policy.hourly_usd:.3g} h)"
+    return (f"deadline {_hours(limit.hours)} after the run starts, {why}; restarts share "
+            f"{'the cap' if cap is not None else 'no cap'}")
+
+
+def _hours(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.3g} h"
 
 
 def capped(view: Any) -> str | None:
@@ -101,6 +140,9 @@ def capped(view: Any) -> str | None:
                                               "platform -> store path")
 @click.option("--max-hours", type=float, help="deadline in hours (capped by the stack)")
 @click.option("--max-restarts", type=int, help="restarts after a lost node or boot timeout")
+@click.option("--max-cost", "max_cost", type=float, metavar="USD",
+              help="dollar cap: the run ends when its nodes at the stack's hourly prices reach "
+                   "it (restarts included); default: the stack's pcp:max_cost_usd")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="rank layout (docs/agent.md); "
                                                           "default: the stack's")
 @click.option("--gpu-idle", metavar="P%:WINDOW[:GRACE]",
@@ -116,9 +158,9 @@ def capped(view: Any) -> str | None:
               show_default=True, metavar="SECONDS", help="with --wait: how often to poll")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
-        max_hours: float | None, max_restarts: int | None, layout: str | None,
-        gpu_idle: str | None, run_id: str | None, wait: bool, timeout: float | None,
-        poll: float, as_json: bool) -> None:
+        max_hours: float | None, max_restarts: int | None, max_cost: float | None,
+        layout: str | None, gpu_idle: str | None, run_id: str | None, wait: bool,
+        timeout: float | None, poll: float, as_json: bool) -> None:
     """Request a training run; print its id (and with --wait, follow it to the end)."""
     flags = click.get_current_context().meta.get(FLAGS, {})
     if timeout is not None and not wait:
@@ -134,6 +176,8 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         body["max_hours"] = max_hours
     if max_restarts is not None:
         body["max_restarts"] = max_restarts
+    if max_cost is not None:
+        body["max_cost_usd"] = max_cost
     if layout is not None:
         body["layout"] = layout
     if gpu_idle is not None:
@@ -151,6 +195,9 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
     if request.stack is None:
         request = replace(request, stack=ctx.stack)
     existing = _reused(ctx, request) if run_id is not None else None
+    limit = deadline_preview(ctx, request)
+    if limit is not None and not as_json:
+        click.echo(f"pcp: {limit}", err=True)
     if existing is not None:
         click.echo(f"run {request.run_id} already exists with the same request "
                    f"({existing.status.value}): this is the same run, not a new one", err=True)

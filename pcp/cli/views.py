@@ -184,6 +184,7 @@ class Overview:
             "lease": None if s.lease is None else s.lease.to_dict(),
             "recent": [r.to_dict() for r in s.recent[:recent]],
             "rejections": list(self.rejections),
+            "budget": s.budget.to_dict(),
         }
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pcp.core.messages import NodeMarker, StartRequest, StopRequest
+from pcp.core.messages import (
+    BudgetNotification,
+    BudgetResume,
+    NodeMarker,
+    StartRequest,
+    StopRequest,
+)
 from pcp.core.names import LABEL_ATTEMPT, LABEL_RUN
 
 RUNNING_STATES = frozenset({"PROVISIONING", "STAGING", "RUNNING"})
@@ -79,4 +85,5 @@ class Rejected:
     detail: str
 
 
-Event = StartRequest | StopRequest | NodeMarker | Reconcile | StartFailed | Rejected
+Event = (StartRequest | StopRequest | NodeMarker | Reconcile | StartFailed | Rejected
+         | BudgetNotification | BudgetResume)

@@ -36,6 +36,8 @@ _HEAL_OF_KIND = {
     NoteKind.RUN_RUNNING: Heal.LOST_MARKER,
 }
 _DEADLINES = (Reason.TIMED_OUT, Reason.BOOT_TIMEOUT)
+#: Ends asked for (a person's stop, a bad request, the budget switch): nothing was healed.
+_NOT_HEALS = (Reason.CANCELLED, Reason.REJECTED, Reason.BUDGET_EXCEEDED)
 
 
 def heal_of(note: Note) -> Heal | None:
@@ -44,7 +46,7 @@ def heal_of(note: Note) -> Heal | None:
     if note.kind is NoteKind.RUN_ENDED:
         if note.ended in _DEADLINES:
             return Heal.DEADLINE_ENFORCED
-        return None if note.ended in (Reason.CANCELLED, Reason.REJECTED) else Heal.LOST_MARKER
+        return None if note.ended in _NOT_HEALS else Heal.LOST_MARKER
     return _HEAL_OF_KIND.get(note.kind)
 
 

@@ -31,6 +31,8 @@ from pcp.core.events import (
 )
 from pcp.core.messages import (
     Assignment,
+    BudgetNotification,
+    BudgetResume,
     NodeMarker,
     ShepherdCommand,
     StartRequest,
@@ -41,6 +43,7 @@ from pcp.core.policy import Policy
 from pcp.core.ports import Listed
 from pcp.core.state import (
     RESTARTABLE,
+    BudgetHold,
     Lease,
     NodePhase,
     NodeState,
@@ -53,6 +56,11 @@ from pcp.core.state import (
 from pcp.core.timefmt import iso
 
 LIVE = (Phase.STARTING, Phase.RUNNING)
+#: How a start refused by the budget hold is recorded (its detail starts so).
+HOLD_REFUSAL = "refused: the stack is on budget hold"
+#: A budget notification whose period began longer ago than a month is of a period that has
+#: ended (budgets here are monthly): late, it says nothing about this month's spend.
+STALE_PERIOD = timedelta(days=31)
 UNARCHIVED_LIMIT = 20
 
 
@@ -86,6 +94,13 @@ class NoteKind(StrEnum):
     RUN_RESTARTING = "run_restarting"
     RECORD_REWRITTEN = "record_rewritten"
     START_FAILURE_STALE = "start_failure_stale"
+    BUDGET_HOLD = "budget_hold"  # the budget switch tripped: every VM stopped, starts refused
+    BUDGET_UNDER = "budget_under"  # a notification under the threshold
+    BUDGET_HELD = "budget_held"  # over the threshold again while held: no-op
+    BUDGET_STALE = "budget_stale"  # a notification of an older budget period: no-op
+    BUDGET_LIFTED_PERIOD = "budget_lifted_period"  # over, in a period a person lifted: no-op
+    BUDGET_RESUMED = "budget_resumed"
+    BUDGET_RESUME_NOOP = "budget_resume_noop"
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,10 @@ def decide(state: StackState, event: Event, now: datetime, policy: Policy) -> Tr
         _on_start_failed(tx, event, now, policy)
     elif isinstance(event, Rejected):
         _reject(tx, event.run_id, event.detail, now, policy)
+    elif isinstance(event, BudgetNotification):
+        _on_budget(tx, event, now, policy)
+    elif isinstance(event, BudgetResume):
+        _on_budget_resume(tx, event, now)
     else:  # pragma: no cover - the Event union is closed
         raise TypeError(f"unknown event {type(event).__name__}")
     _progress(tx, now, policy)
@@ -219,6 +238,12 @@ def compact(state: StackState) -> StackState:
 def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None:
     known = tx.state.find(req.run_id)
     active = tx.state.active
+    if (active is not None and active.run_id == req.run_id and active.phase is Phase.STARTING
+            and active.deadline is not None and now >= active.deadline):
+        # Past its deadline (a short cap, a late redelivery): it ends now, nothing restarts.
+        tx.note(NoteKind.DUPLICATE_START, req.run_id, f"duplicate start request for run "
+                f"{req.run_id} (starting, past its deadline): no re-issue")
+        return
     if active is not None and active.run_id == req.run_id and active.phase is Phase.STARTING:
         # A redelivery after a transient failure: re-issue what has not booted (idempotent).
         pending = [n.name for n in active.nodes if n.phase is NodePhase.PENDING]
@@ -227,7 +252,10 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
                 f"duplicate start request for run {req.run_id} (starting): re-issued the start "
                 f"of {', '.join(pending) or 'no node'}")
         return
-    if isinstance(known, RecentRun) and known.reason is Reason.REJECTED:
+    if (isinstance(known, RecentRun) and known.reason is Reason.REJECTED
+            and not known.detail.startswith(HOLD_REFUSAL)):
+        # (Refused by the budget hold it stays refused: a late duplicate of that request
+        # must not start the run after the hold is lifted; a new request has a new id.)
         # A corrected request may reuse the id of one that was rejected and never ran.
         tx.state = replace(tx.state, recent=tuple(r for r in tx.state.recent
                                                   if r.run_id != req.run_id))
@@ -244,14 +272,30 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
         _reject(tx, req.run_id, "no binary: pass one in the request or set pcp:binary "
                 "on the stack", now, policy)
         return
+    hold = tx.state.budget.hold
+    if hold is not None:
+        _reject(tx, req.run_id, f"{HOLD_REFUSAL} since {iso(hold.since)} ({hold.text}): no "
+                f"run starts, queued runs wait; a person lifts it with `pcp budget resume "
+                f"--stack {policy.stack}`, then request the run again under a new run id",
+                now, policy)
+        return
     if len(tx.state.queue) >= policy.max_queue:
         _reject(tx, req.run_id, f"the queue of stack {policy.stack} is full "
                 f"({policy.max_queue} runs waiting)", now, policy)
         return
-    run = Run(request=req, phase=Phase.QUEUED, accepted_at=now, secret=req.secret)
+    cap = policy.run_cap(req.max_cost_usd)
+    if cap is not None and policy.hourly_usd <= 0:
+        _reject(tx, req.run_id, f"max_cost_usd {cap:g} cannot become a deadline: stack "
+                f"{policy.stack} has no hourly prices (set pcp:worker_hourly_usd)", now, policy)
+        return
+    run = Run(request=req, phase=Phase.QUEUED, accepted_at=now, secret=req.secret,
+              max_cost_usd=cap)
     why = "accepted"
     if req.max_hours is not None and req.max_hours > policy.max_run_hours:
         why += f"; max_hours {req.max_hours:g} capped to the stack limit {policy.max_run_hours:g}"
+    if cap is not None:
+        why += (f"; cost cap ${cap:g}" + ("" if req.max_cost_usd is not None else
+                                          " (the stack's default)"))
     run = run.entered(now, why)
     tx.state = replace(tx.state, queue=(*tx.state.queue, run))
     tx.note(NoteKind.QUEUED, req.run_id,
@@ -362,13 +406,18 @@ def _progress(tx: _Tx, now: datetime, policy: Policy) -> None:
         tx.note(NoteKind.RUN_RUNNING, run.run_id, "every node booted, run is running")
     failed = sorted((n for n in run.nodes if n.phase is NodePhase.DONE and n.failed),
                     key=lambda n: (n.done_at or now, n.name))
-    if failed:
+    end_reason = failed[0].end_reason if failed else None
+    if failed and end_reason is not None:  # the node's agent ended it and said why
         first = failed[0]
-        if first.end_reason is not None:  # the node's agent ended it and said why
-            _end(tx, Reason(first.end_reason), f"{first.name}: {_END_TEXT[first.end_reason]} "
-                 f"(exited {_exit_text(first)})", now, policy)
-        else:
-            _end(tx, Reason.FAILED, f"{first.name} exited {_exit_text(first)}", now, policy)
+        _end(tx, Reason(end_reason), f"{first.name}: {_END_TEXT[end_reason]} "
+             f"(exited {_exit_text(first)})", now, policy)
+    elif failed and run.deadline is not None and (failed[0].done_at or now) >= run.deadline:
+        # Stopped by its deadline (the node's dead-man's switch ends the binary there): the
+        # deadline is why, not the exit it caused.
+        _end(tx, Reason.TIMED_OUT, f"{_deadline_text(run, policy)}; {failed[0].name} exited "
+             f"{_exit_text(failed[0])}", now, policy)
+    elif failed:
+        _end(tx, Reason.FAILED, f"{failed[0].name} exited {_exit_text(failed[0])}", now, policy)
     elif run.nodes and all(n.phase is NodePhase.DONE for n in run.nodes):
         _end(tx, Reason.SUCCEEDED, f"all {len(run.nodes)} nodes exited with code 0", now, policy)
 
@@ -475,6 +524,13 @@ def _reissue(tx: _Tx, run: Run, nodes: list[str], policy: Policy) -> None:
 
 def _stop_orphans(tx: _Tx, ev: Reconcile, now: datetime, policy: Policy) -> None:
     state = tx.state
+    if state.budget.hold is not None:  # the budget switch: no VM of the stack may run
+        up = tuple(sorted(v.name for v in ev.vms if v.up))
+        if up:
+            tx.emit(StopNodes(up, "budget hold: no VM of the stack may run"))
+            tx.note(NoteKind.ORPHANS_STOPPED, None,
+                    f"stopping {', '.join(up)}: the stack is on budget hold")
+        return
     allowed: set[str] = set()
     if state.active is not None and state.active.phase in LIVE:
         allowed.update(vm for n in state.active.nodes if (vm := policy.vm_of(n.name)))
@@ -509,7 +565,7 @@ def _expire(tx: _Tx, now: datetime, policy: Policy) -> None:
     run = tx.state.active
     if run is not None and run.phase in LIVE:
         if run.deadline is not None and now >= run.deadline:
-            _end(tx, Reason.TIMED_OUT, f"deadline {iso(run.deadline)} passed", now, policy)
+            _end(tx, Reason.TIMED_OUT, _deadline_text(run, policy), now, policy)
         elif (run.phase is Phase.STARTING and run.started_at is not None
               and now >= run.started_at + policy.boot_timeout):
             late = [n.name for n in run.nodes if n.phase is NodePhase.PENDING]
@@ -523,18 +579,30 @@ def _expire(tx: _Tx, now: datetime, policy: Policy) -> None:
                 f"keep-alive lease of run {lease.run_id} ended at {iso(lease.until)}")
 
 
+def _deadline_text(run: Run, policy: Policy) -> str:
+    assert run.deadline is not None
+    why = f"deadline {iso(run.deadline)} passed"
+    if run.deadline_by == "max_cost_usd" and run.max_cost_usd is not None:
+        why = (f"cost cap ${run.max_cost_usd:g} reached: {why} (the nodes at "
+               f"${policy.hourly_usd:g}/h)")
+    return why
+
+
 # ---------------------------------------------------------------- start and end
 
 
 def _advance(tx: _Tx, now: datetime, policy: Policy) -> None:
-    if tx.state.active is not None or not tx.state.queue:
+    if tx.state.active is not None or not tx.state.queue or tx.state.budget.hold is not None:
         return
     run, rest = tx.state.queue[0], tx.state.queue[1:]
-    hours = policy.run_hours(run.request.max_hours)
+    limit = policy.run_limit(now, run.request.max_hours, run.max_cost_usd, run.cost_usd or 0.0)
+    by = ("max_hours" if limit.by == "max_hours" else
+          f"cost cap ${run.max_cost_usd:g} at ${policy.hourly_usd:g}/h"
+          + (f", ${run.cost_usd:g} spent before" if run.cost_usd else ""))
     run = run.moved(now, Phase.STARTING,
                     f"attempt {run.attempt}: starting {policy.worker_count} worker(s) and the "
-                    f"shepherd, deadline in {hours:g} h",
-                    started_at=now, deadline=now + timedelta(hours=hours),
+                    f"shepherd, deadline in {limit.hours:.4g} h (set by {by})",
+                    started_at=now, deadline=limit.deadline, deadline_by=limit.by,
                     nodes=tuple(NodeState(n) for n in policy.node_names))
     state = replace(tx.state, active=run, queue=rest)
     if state.lease is not None:
@@ -596,13 +664,18 @@ def _end(tx: _Tx, reason: Reason, detail: str, now: datetime, policy: Policy) ->
                       reason=reason, detail=detail, cost_usd=round(cost, 4))
     vms = policy.worker_vms
     restart = reason in RESTARTABLE and run.attempt <= run.request.max_restarts
+    if restart and run.max_cost_usd is not None and cost >= run.max_cost_usd - 1e-4:
+        # Restarts share the run's cap: an attempt with nothing left to spend never starts.
+        restart = False
+        detail += f"; no restart: the cost cap ${run.max_cost_usd:g} is spent"
+        ended = replace(ended, detail=detail)
     until = min(now + timedelta(hours=policy.keep_alive_hours), _deadline(run))
     # Only an attempt whose every node booted is known to hold every VM: before that, a VM
     # may still run an earlier run's assignment (a refused or interrupted start), and a lease
     # would keep it past that run's deadline (found by the fault campaign).
     keep = (run.request.keep_vm_alive and not restart and until > now
             and run.phase is Phase.RUNNING
-            and reason not in (Reason.CANCELLED, Reason.TIMED_OUT))
+            and reason not in (Reason.CANCELLED, Reason.TIMED_OUT, Reason.BUDGET_EXCEEDED))
     state = replace(tx.state, active=None)
     shepherd = run.node("shepherd")
     if shepherd is None or shepherd.phase is not NodePhase.DONE:
@@ -623,7 +696,7 @@ def _end(tx: _Tx, reason: Reason, detail: str, now: datetime, policy: Policy) ->
         again = ended.moved(now, Phase.QUEUED, f"restart {run.attempt + 1} of "
                             f"{run.request.max_restarts + 1} after {reason.value}: {detail}",
                             attempt=run.attempt + 1, started_at=None, ended_at=None,
-                            deadline=None, nodes=(), reason=None, detail="")
+                            deadline=None, deadline_by=None, nodes=(), reason=None, detail="")
         tx.state = replace(tx.state, queue=(again, *tx.state.queue))
         tx.note(NoteKind.RUN_RESTARTING, run.run_id,
                 f"run {run.run_id} will restart as attempt {run.attempt + 1}")
@@ -660,3 +733,68 @@ def _on_start_failed(tx: _Tx, ev: StartFailed, now: datetime, policy: Policy) ->
                 f"start failure for run {ev.run_id} attempt {ev.attempt} is stale: no-op")
         return
     _end(tx, Reason.FAILED, f"could not start the VMs: {ev.detail}", now, policy)
+
+
+# ---------------------------------------------------------------- the budget switch
+
+
+def _on_budget(tx: _Tx, n: BudgetNotification, now: datetime, policy: Policy) -> None:
+    """A Cloud Billing notification (already checked to be the stack's own budget). Spend
+    past the threshold trips the hold: the active run ends, the lease ends, every VM stops,
+    and no run starts until a person lifts it. Notifications never lift it; one of an older
+    period is stale, and one of the period a person lifted the hold for trips nothing."""
+    budget = tx.state.budget
+    period = n.cost_interval_start
+    if now - period > STALE_PERIOD:
+        tx.note(NoteKind.BUDGET_STALE, None, f"budget notification of the period from "
+                f"{iso(period)}, which ended before {iso(now)}: no-op")
+        return
+    if budget.period is not None and period < budget.period:
+        tx.note(NoteKind.BUDGET_STALE, None, f"budget notification of the period from "
+                f"{iso(period)} is older than the newest seen ({iso(budget.period)}): no-op")
+        return
+    if budget.period is None or period > budget.period:
+        budget = replace(budget, period=period)
+        tx.state = replace(tx.state, budget=budget)
+    spend = (f"spend {n.cost_amount:.2f} {n.currency_code} of {n.budget_amount:.2f} "
+             f"{n.currency_code}")
+    if not n.over(policy.budget_stop_threshold):
+        tx.note(NoteKind.BUDGET_UNDER, None, f"budget notification: {spend}, under the "
+                f"threshold {policy.budget_stop_threshold:g}")
+        return
+    if budget.hold is not None:
+        tx.note(NoteKind.BUDGET_HELD, None, f"budget notification: {spend}; already on hold")
+        return
+    if budget.lifted is not None and period <= budget.lifted:
+        tx.note(NoteKind.BUDGET_LIFTED_PERIOD, None, f"budget notification: {spend}; a person "
+                f"lifted the hold for the period from {iso(budget.lifted)}: no-op")
+        return
+    hold = BudgetHold(now, n.budget_id, n.cost_amount, n.budget_amount, n.currency_code, period)
+    tx.state = replace(tx.state, budget=replace(budget, hold=hold))
+    stopped = False
+    if tx.state.active is not None:
+        _end(tx, Reason.BUDGET_EXCEEDED, f"budget hold: {hold.text}", now, policy)
+        stopped = True
+    lease = tx.state.lease
+    if lease is not None:
+        tx.state = replace(tx.state, lease=None)
+        tx.note(NoteKind.LEASE_ENDED_EARLY, lease.run_id,
+                f"keep-alive lease of run {lease.run_id} ended: budget hold")
+    if not stopped or lease is not None:
+        tx.emit(StopNodes(policy.worker_vms, f"budget hold: {hold.text}"))
+    tx.note(NoteKind.BUDGET_HOLD, None, f"budget hold: {hold.text} passed the threshold "
+            f"{policy.budget_stop_threshold:g}; every VM stopped, no run starts until "
+            f"`pcp budget resume --stack {policy.stack}`")
+
+
+def _on_budget_resume(tx: _Tx, ev: BudgetResume, now: datetime) -> None:
+    budget = tx.state.budget
+    if budget.hold is None:
+        tx.note(NoteKind.BUDGET_RESUME_NOOP, None, "budget resume: the stack is not on hold, "
+                "no-op")
+        return
+    by = f" by {ev.requested_by}" if ev.requested_by else ""
+    tx.state = replace(tx.state, budget=replace(
+        budget, hold=None, lifted=budget.hold.period, lifted_at=now, lifted_by=ev.requested_by))
+    tx.note(NoteKind.BUDGET_RESUMED, None, f"budget hold lifted{by}: runs may start again; "
+            f"notifications of the period from {iso(budget.hold.period)} trip nothing more")

@@ -14,7 +14,7 @@ import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from pcp.core.errors import PermanentError
@@ -173,6 +173,23 @@ def _int(obj: JsonObj, key: str, what: str, lo: int, hi: int, default: int) -> i
     if not lo <= v <= hi:
         raise PermanentError(f"{what}: {key} must be between {lo} and {hi}, got {v}")
     return v
+
+
+#: The largest dollar amount pcp accepts anywhere (a cap, a budget): beyond it a typo is likelier.
+MAX_USD = 1e9
+
+
+def positive_usd(value: object, what: str) -> float | None:
+    """A dollar amount: a positive, finite number (None when absent)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PermanentError(f"{what} must be a number of US dollars, got {value!r}")
+    number = float(value) if not isinstance(value, int) or abs(value) <= MAX_USD else MAX_USD * 2
+    if not (number > 0 and number <= MAX_USD):  # NaN fails both comparisons
+        raise PermanentError(f"{what} must be a positive, finite number of US dollars "
+                             f"(at most {MAX_USD:g}), got {value!r}")
+    return number
 
 
 def validate_run_id(value: object, what: str = "run_id") -> str:
@@ -372,6 +389,7 @@ START_FIELDS = (
     "layout",
     "metrics_node",
     "gpu_idle",
+    "max_cost_usd",
 )
 
 #: How ranks are numbered (docs/agent.md, "Rank layouts"): `all-nodes` makes the shepherd
@@ -415,6 +433,10 @@ class StartRequest:
     metrics_node: str | None = None
     #: The GPU-idle policy; None takes the stack's default (which may be none).
     gpu_idle: GpuIdle | None = None
+    #: The run's dollar cap (docs/reliability.md): the deadline is the earlier of max_hours
+    #: and the time the run's nodes at the stack's hourly prices reach it, over every attempt.
+    #: None takes the stack's default (pcp:max_cost_usd), if any.
+    max_cost_usd: float | None = None
     #: The run's secret, drawn by the function that accepts the request (never on the wire:
     #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
     #: so a redelivered request still equals the one accepted.
@@ -459,6 +481,7 @@ class StartRequest:
             layout=validate_layout(obj.get("layout"), what),
             metrics_node=_metrics_node(obj.get("metrics_node"), what),
             gpu_idle=GpuIdle.from_value(obj.get("gpu_idle"), f"{what}: gpu_idle"),
+            max_cost_usd=positive_usd(obj.get("max_cost_usd"), f"{what}: max_cost_usd"),
         )
 
     def to_dict(self) -> JsonObj:
@@ -481,6 +504,8 @@ class StartRequest:
             out["metrics_node"] = self.metrics_node
         if self.gpu_idle is not None:
             out["gpu_idle"] = self.gpu_idle.to_dict()
+        if self.max_cost_usd is not None:
+            out["max_cost_usd"] = self.max_cost_usd
         return out
 
     def to_json(self) -> bytes:
@@ -904,7 +929,168 @@ class ShepherdCommand:
         return {"action": self.action, "run_id": self.run_id, "attempt": str(self.attempt)}
 
 
+# ---------------------------------------------------------------- budget notifications
+
+#: The fields of a Cloud Billing budget notification's JSON data (schemaVersion 1.0).
+BUDGET_FIELDS = ("budgetDisplayName", "alertThresholdExceeded", "forecastThresholdExceeded",
+                 "costAmount", "costIntervalStart", "budgetAmount", "budgetAmountType",
+                 "currencyCode")
+BUDGET_SCHEMA = "1.0"
+BUDGET_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+BILLING_ACCOUNT_RE = re.compile(r"^[A-Z0-9]{6}-[A-Z0-9]{6}-[A-Z0-9]{6}$")
+
+
+def _amount(obj: JsonObj, key: str, what: str, required: bool = True) -> float | None:
+    """A non-negative, finite number of the budget's currency."""
+    v = obj.get(key)
+    if v is None:
+        if required:
+            raise PermanentError(f"{what}: {key} is required")
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PermanentError(f"{what}: {key} must be a number, got {type(v).__name__}")
+    if isinstance(v, int) and v > MAX_USD:
+        raise PermanentError(f"{what}: {key} is larger than {MAX_USD:g}")
+    number = float(v)
+    if not 0 <= number <= MAX_USD:  # NaN fails too
+        raise PermanentError(f"{what}: {key} must be a finite number >= 0, got {v!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class BudgetNotification:
+    """What Cloud Billing publishes to a budget's topic, several times a day: the spend so far
+    in the budget's period (`costIntervalStart`) against its amount. It lags real spend by
+    hours. The attributes say which billing account and budget sent it."""
+
+    billing_account_id: str
+    budget_id: str
+    cost_amount: float
+    budget_amount: float
+    cost_interval_start: datetime
+    currency_code: str
+    budget_display_name: str = ""
+    budget_amount_type: str = ""
+    alert_threshold_exceeded: float | None = None
+    forecast_threshold_exceeded: float | None = None
+
+    @classmethod
+    @untrusted("budget notification")
+    def from_message(cls, data: bytes | str, attributes: object) -> BudgetNotification:
+        what = "budget notification"
+        if not isinstance(attributes, dict):
+            raise PermanentError(f"{what}: attributes must be an object")
+        schema = attributes.get("schemaVersion")
+        if schema != BUDGET_SCHEMA:
+            raise PermanentError(f"{what}: schemaVersion {schema!r} is not supported "
+                                 f"(expected {BUDGET_SCHEMA!r})")
+        budget_id = attributes.get("budgetId")
+        if not isinstance(budget_id, str) or not BUDGET_ID_RE.match(budget_id):
+            raise PermanentError(f"{what}: attribute budgetId {budget_id!r} is not a budget id")
+        account = attributes.get("billingAccountId")
+        if not isinstance(account, str) or not BILLING_ACCOUNT_RE.match(account):
+            raise PermanentError(f"{what}: attribute billingAccountId {account!r} is not a "
+                                 "billing account id (XXXXXX-XXXXXX-XXXXXX)")
+        obj = load_object(data, what)
+        # Fields Cloud Billing adds later are not refused: a kill switch must not go deaf
+        # because the notification grew (schemaVersion pins the meaning of those read here).
+        currency = _text(obj, "currencyCode", what, 8)
+        if not currency or not re.match(r"^[A-Z]{3}$", currency):
+            raise PermanentError(f"{what}: currencyCode {currency!r} is not a currency code")
+        return cls(
+            billing_account_id=account,
+            budget_id=budget_id,
+            cost_amount=_amount(obj, "costAmount", what) or 0.0,
+            budget_amount=_amount(obj, "budgetAmount", what) or 0.0,
+            cost_interval_start=parse_time(obj.get("costIntervalStart"),
+                                           f"{what}: costIntervalStart"),
+            currency_code=currency,
+            budget_display_name=_text(obj, "budgetDisplayName", what, 256) or "",
+            budget_amount_type=_text(obj, "budgetAmountType", what, 64) or "",
+            alert_threshold_exceeded=_amount(obj, "alertThresholdExceeded", what, False),
+            forecast_threshold_exceeded=_amount(obj, "forecastThresholdExceeded", what, False),
+        )
+
+    def to_message(self) -> tuple[bytes, dict[str, str]]:
+        """(data, attributes) as Cloud Billing publishes them (the replica and tests use it)."""
+        out: JsonObj = {
+            "budgetDisplayName": self.budget_display_name,
+            "costAmount": self.cost_amount,
+            "costIntervalStart": self.cost_interval_start.astimezone(UTC).isoformat().replace(
+                "+00:00", "Z"),
+            "budgetAmount": self.budget_amount,
+            "budgetAmountType": self.budget_amount_type,
+            "currencyCode": self.currency_code,
+        }
+        if self.alert_threshold_exceeded is not None:
+            out["alertThresholdExceeded"] = self.alert_threshold_exceeded
+        if self.forecast_threshold_exceeded is not None:
+            out["forecastThresholdExceeded"] = self.forecast_threshold_exceeded
+        return dump(out), {"billingAccountId": self.billing_account_id,
+                           "budgetId": self.budget_id, "schemaVersion": BUDGET_SCHEMA}
+
+    def over(self, threshold: float) -> bool:
+        """Whether the actual spend passed `threshold` (a fraction of the budget): costAmount
+        at or above that share of budgetAmount, or an actual-spend threshold at or above it
+        exceeded. A forecast never trips anything."""
+        if self.alert_threshold_exceeded is not None and self.alert_threshold_exceeded >= threshold:
+            return True
+        return self.budget_amount > 0 and self.cost_amount >= threshold * self.budget_amount
+
+    def check_budget(self, budget_id: str | None, billing_account: str | None) -> None:
+        """Refuse a notification of any budget but the stack's own."""
+        if budget_id is None:
+            raise PermanentError("budget notification for budget "
+                                 f"{self.budget_id!r}, but this stack has no budget "
+                                 "(set pcp:billing_account and pcp:monthly_budget_usd)")
+        if self.budget_id != budget_id:
+            raise PermanentError(f"budget notification is from budget {self.budget_id!r}, not "
+                                 f"this stack's budget {budget_id!r}: check which topic the "
+                                 "budget publishes to")
+        if billing_account and self.billing_account_id != billing_account:
+            raise PermanentError(f"budget notification is from billing account "
+                                 f"{self.billing_account_id!r}, not this stack's "
+                                 f"{billing_account!r}")
+
+
+BUDGET_RESUME_FIELDS = ("op", "requested_by")
+
+
+@dataclass(frozen=True)
+class BudgetResume:
+    """`pcp budget resume`: a person lifts the stack's budget hold (on the stop topic)."""
+
+    requested_by: str | None = None
+
+    @classmethod
+    @untrusted("budget resume")
+    def from_dict(cls, obj: JsonObj) -> BudgetResume:
+        what = "budget resume"
+        check_fields(obj, BUDGET_RESUME_FIELDS, what)
+        if obj.get("op") != "budget_resume":
+            raise PermanentError(f"{what}: op must be 'budget_resume', got {obj.get('op')!r}")
+        return cls(requested_by=_text(obj, "requested_by", what, 256))
+
+    def to_json(self) -> bytes:
+        out: JsonObj = {"op": "budget_resume"}
+        if self.requested_by is not None:
+            out["requested_by"] = self.requested_by
+        return dump(out)
+
+
+@untrusted("stop request")
+def parse_stop_topic(data: bytes | str) -> StopRequest | BudgetResume:
+    """What the stop topic carries: a stop request, or (with op budget_resume) a resume."""
+    obj = load_object(data, "stop request")
+    if "op" in obj:
+        return BudgetResume.from_dict(obj)
+    return StopRequest.from_json(data)
+
+
 __all__ = [
+    "BudgetNotification",
+    "BudgetResume",
+    "parse_stop_topic",
     "DEFAULT_LAYOUT",
     "LAYOUTS",
     "metrics_node_of",

@@ -47,6 +47,9 @@ def node_names(worker_count: int) -> tuple[str, ...]:
 
 CONTROL = "control/"
 STACK_DOC = "control/stack.json"
+#: The stack's limits and prices as the functions run with them (written at deploy time, by the
+#: Pulumi program or the local replica): what `pcp run` reads to show a run's deadline first.
+POLICY_DOC = "control/policy.json"
 SWEEPS = "control/sweeps/"
 REJECTED = "control/rejected/"
 RUNS = "runs/"

@@ -13,7 +13,13 @@ from typing import Any
 
 from pcp.core.errors import CorruptState, PermanentError
 from pcp.core.messages import NODE_END_REASONS as MARKER_END_REASONS
-from pcp.core.messages import StartRequest, decode_json, dump, validate_secret
+from pcp.core.messages import (
+    StartRequest,
+    decode_json,
+    dump,
+    positive_usd,
+    validate_secret,
+)
 from pcp.core.timefmt import iso, opt_iso, opt_time, parse_time
 
 SCHEMA = 1
@@ -30,6 +36,17 @@ def _why(e: Exception) -> str:
     if isinstance(e, KeyError):
         return f"missing field {e}"
     return str(e) if isinstance(e, PermanentError) else f"{type(e).__name__}: {e}"
+
+
+DEADLINE_LIMITS = ("max_hours", "max_cost_usd")
+
+
+def _deadline_by(value: object) -> str | None:
+    if value is None:
+        return None
+    if value not in DEADLINE_LIMITS:
+        raise PermanentError(f"deadline_by must be one of {', '.join(DEADLINE_LIMITS)}")
+    return str(value)
 
 
 class Phase(StrEnum):
@@ -55,6 +72,8 @@ class Reason(StrEnum):
     MAINTENANCE = "maintenance"
     #: A node's agent ended it on a Spot preemption notice (`instance/preempted`).
     PREEMPTED = "preempted"
+    #: The stack's Cloud Billing budget passed its threshold: every VM stopped (the hold).
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 class Status(StrEnum):
@@ -78,6 +97,7 @@ STATUS_OF_REASON: dict[Reason, Status] = {
     Reason.GPU_IDLE: Status.FAILED,
     Reason.MAINTENANCE: Status.FAILED,
     Reason.PREEMPTED: Status.FAILED,
+    Reason.BUDGET_EXCEEDED: Status.FAILED,
 }
 STATUS_OF_PHASE = {
     Phase.QUEUED: Status.QUEUED,
@@ -172,6 +192,11 @@ class Run:
     history: tuple[HistoryEntry, ...] = ()
     #: The run's secret (drawn when the request was accepted); its nodes get it.
     secret: str = field(default="", repr=False)
+    #: The run's dollar cap (its request's, else the stack's default when it was accepted),
+    #: shared by every attempt: `cost_usd` carries the spend of the attempts before.
+    max_cost_usd: float | None = None
+    #: Which limit set the current attempt's deadline: "max_hours" or "max_cost_usd".
+    deadline_by: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -219,6 +244,8 @@ class Run:
             "cost_usd": self.cost_usd,
             "history": [h.to_dict() for h in self.history],
             **({"secret": self.secret} if self.secret else {}),
+            **({"max_cost_usd": self.max_cost_usd} if self.max_cost_usd is not None else {}),
+            **({"deadline_by": self.deadline_by} if self.deadline_by is not None else {}),
         }
 
     @classmethod
@@ -238,6 +265,8 @@ class Run:
             cost_usd=d.get("cost_usd"),
             history=tuple(HistoryEntry.from_dict(h) for h in d.get("history", [])),
             secret=validate_secret(d.get("secret"), "run record"),
+            max_cost_usd=positive_usd(d.get("max_cost_usd"), "run record: max_cost_usd"),
+            deadline_by=_deadline_by(d.get("deadline_by")),
         )
 
     def to_json(self) -> bytes:
@@ -314,6 +343,63 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class BudgetHold:
+    """The stack's Cloud Billing budget passed its threshold: no VM runs and no run starts
+    until a person lifts the hold (`pcp budget resume`)."""
+
+    since: datetime
+    budget_id: str
+    cost_amount: float
+    budget_amount: float
+    currency_code: str
+    period: datetime  # the costIntervalStart of the notification that tripped it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"since": iso(self.since), "budget_id": self.budget_id,
+                "cost_amount": self.cost_amount, "budget_amount": self.budget_amount,
+                "currency_code": self.currency_code, "period": iso(self.period)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BudgetHold:
+        return cls(parse_time(d["since"], "budget.hold.since"), str(d["budget_id"]),
+                   float(d["cost_amount"]), float(d["budget_amount"]),
+                   str(d["currency_code"]), parse_time(d["period"], "budget.hold.period"))
+
+    @property
+    def text(self) -> str:
+        return (f"spend {self.cost_amount:.2f} {self.currency_code} of the "
+                f"{self.budget_amount:.2f} {self.currency_code} budget (period from "
+                f"{self.period:%Y-%m-%d})")
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """The budget kill switch: the hold, the newest budget period a notification named (an
+    older one is stale), and the period a person lifted a hold for (no re-trip within it)."""
+
+    hold: BudgetHold | None = None
+    period: datetime | None = None
+    lifted: datetime | None = None
+    lifted_at: datetime | None = None
+    lifted_by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hold": None if self.hold is None else self.hold.to_dict(),
+                "period": opt_iso(self.period), "lifted": opt_iso(self.lifted),
+                "lifted_at": opt_iso(self.lifted_at), "lifted_by": self.lifted_by}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BudgetState:
+        hold = d.get("hold")
+        by = d.get("lifted_by")
+        return cls(None if hold is None else BudgetHold.from_dict(_object(hold, "budget.hold")),
+                   opt_time(d.get("period"), "budget.period"),
+                   opt_time(d.get("lifted"), "budget.lifted"),
+                   opt_time(d.get("lifted_at"), "budget.lifted_at"),
+                   None if by is None else str(by))
+
+
+@dataclass(frozen=True)
 class StackState:
     """control/stack.json: the active run, the FIFO queue, the keep-alive lease, recent ends,
     and ended runs until the sweeper has seen their records written."""
@@ -323,6 +409,7 @@ class StackState:
     lease: Lease | None = None
     recent: tuple[RecentRun, ...] = ()
     unarchived: tuple[Run, ...] = ()  # ended runs whose record is not yet known to be written
+    budget: BudgetState = BudgetState()
 
     def find(self, run_id: str) -> Run | RecentRun | None:
         if self.active is not None and self.active.run_id == run_id:
@@ -349,6 +436,7 @@ class StackState:
             "lease": None if self.lease is None else self.lease.to_dict(),
             "recent": [r.to_dict() for r in self.recent],
             "unarchived": [r.to_dict() for r in self.unarchived],
+            **({"budget": self.budget.to_dict()} if self.budget != BudgetState() else {}),
         }
 
     def to_json(self) -> bytes:
@@ -367,6 +455,8 @@ class StackState:
                 lease=None if d.get("lease") is None else Lease.from_dict(d["lease"]),
                 recent=tuple(RecentRun.from_dict(r) for r in d.get("recent", [])),
                 unarchived=tuple(Run.from_dict(r) for r in d.get("unarchived", [])),
+                budget=BudgetState() if d.get("budget") is None else BudgetState.from_dict(
+                    _object(d["budget"], "budget")),
             )
         except RecursionError:
             raise CorruptState("control/stack.json cannot be read: nested too deeply") from None

@@ -25,7 +25,8 @@ from pcp.logs import log
 from pcp.settings import Settings
 
 #: entry point -> the event kind it logs and records
-KINDS = {"on_start": "start", "on_stop": "stop", "on_marker": "marker", "on_sweep": "sweep"}
+KINDS = {"on_start": "start", "on_stop": "stop", "on_marker": "marker", "on_sweep": "sweep",
+         "on_budget": "budget"}
 MAX_REASON = 400
 
 

@@ -14,9 +14,10 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
-from pcp.core.messages import StartRequest
+from pcp.core.messages import BudgetNotification, StartRequest
 from pcp.core.policy import Policy
 from pcp_dev.faults.world import Plan, Report, World
 from pcp_dev.faults.wrappers import Fault, FaultService
@@ -44,7 +45,30 @@ RATES: dict[Fault, float] = {
 ENABLE = 0.4  # chance that a schedule enables a given fault kind
 WORKER_COUNTS = (1, 1, 2, 2, 3, 4, 7)
 VIOLATIONS = ("double_start", "stray_vm", "past_deadline", "vm_left_running",
-              "run_not_terminal", "terminal_changed", "terminal_mismatch", "not_quiet")
+              "run_not_terminal", "terminal_changed", "terminal_mismatch", "not_quiet",
+              "held_run_active", "held_vm_running", "budget_tripped_wrongly", "cap_exceeded")
+BUDGET = 0.25  # chance that a schedule's stack has a budget that gets notifications
+BUDGET_ID, BILLING_ACCOUNT = "camp-budget", "000000-000000-000000"
+#: The budget periods notifications name: this month's, and last month's (stale).
+PERIOD = datetime(2026, 11, 1, 7, 0, tzinfo=UTC)
+LAST_PERIOD = datetime(2026, 10, 1, 7, 0, tzinfo=UTC)
+
+
+def draw_budget(rng: random.Random) -> list[tuple[float, BudgetNotification, Fault]]:
+    """Several notifications a few hours apart, as Cloud Billing sends them: spend under the
+    budget, then maybe over it; some of last month (late), some of another budget."""
+    out = []
+    for _ in range(rng.randint(1, 5)):
+        kind = rng.choice((Fault.BUDGET_UNDER, Fault.BUDGET_OVER, Fault.BUDGET_OVER,
+                           Fault.BUDGET_STALE, Fault.BUDGET_FOREIGN))
+        cost = rng.uniform(101.0, 300.0) if kind is not Fault.BUDGET_UNDER else \
+            rng.uniform(0.0, 99.0)
+        n = BudgetNotification(
+            BILLING_ACCOUNT, "other-budget" if kind is Fault.BUDGET_FOREIGN else BUDGET_ID,
+            round(cost, 2), 100.0, LAST_PERIOD if kind is Fault.BUDGET_STALE else PERIOD, "USD",
+            "pcp-camp", "SPECIFIED_AMOUNT", 1.0 if cost >= 100 else None)
+        out.append((rng.uniform(0.0, 170.0), n, kind))
+    return sorted(out, key=lambda item: item[0])
 
 
 def schedule_seed(campaign_seed: int, index: int) -> int:
@@ -57,7 +81,8 @@ def draw_plan(rng: random.Random) -> Plan:
     policy = Policy(stack="camp", worker_count=rng.choice(WORKER_COUNTS),
                     shepherd_host="shepherd.invalid", max_run_hours=1.0,
                     boot_timeout_minutes=10.0, keep_alive_hours=0.5, sweep_interval_minutes=5.0,
-                    default_binary="github:example/trainer#train", worker_hourly_usd=1.0)
+                    default_binary="github:example/trainer#train", worker_hourly_usd=1.0,
+                    budget_id=BUDGET_ID, billing_account=BILLING_ACCOUNT)
     rates = {f: r for f, r in RATES.items() if rng.random() < ENABLE}
     ids = [f"run-{i}" for i in range(rng.randint(1, 4))]
     requests = []
@@ -82,6 +107,11 @@ def draw_plan(rng: random.Random) -> Plan:
         plan.shepherd_deaths.append((rng.uniform(0.0, 150.0), rng.uniform(5.0, 90.0)))
     if rng.random() < 0.1:
         plan.doc_deletions.append(rng.uniform(5.0, 150.0))
+    if rng.random() < BUDGET:
+        plan.budget = draw_budget(rng)
+    if rng.random() < 0.3:  # dollar caps (at $1/h per worker: minutes to an hour)
+        plan.requests = [(m, replace(r, max_cost_usd=rng.choice((0.1, 0.3, 1.0, 2.5))), n)
+                         for m, r, n in plan.requests]
     return plan
 
 

@@ -12,7 +12,13 @@
 - terminal_changed / terminal_mismatch: a terminal reason never changes, and the run record
   agrees with the stack document;
 - vm_left_running, not_quiet: once the faults stop, the stack comes to rest with nothing up;
-- run_not_terminal: every request ever published ends terminal with a reason.
+- run_not_terminal: every request ever published ends terminal with a reason;
+- held_run_active: after every sweep, a stack on budget hold has no active run;
+- held_vm_running: at every tick, no VM runs more than three sweep intervals into a hold;
+- budget_tripped_wrongly: a hold is only ever tripped by this stack's budget, over its
+  threshold, in the current period (never by another budget or a stale notification);
+- cap_exceeded: after every sweep, a capped run's cost at its deadline (its earlier attempts
+  included) is within its cap.
 
 Deleting control/stack.json loses the queue and the active run by design (there is nothing
 left to read them from); runs it knew of are counted apart, as "lost to stack document
@@ -37,7 +43,7 @@ from pcp.core.names import (
     SWEEPS,
     run_doc,
 )
-from pcp.core.state import STATUS_OF_REASON, NodePhase, Phase, Reason, Run
+from pcp.core.state import STATUS_OF_REASON, NodePhase, Phase, Reason, Run, StackState
 from pcp.core.timefmt import iso
 from pcp.service import Outcome
 
@@ -63,6 +69,14 @@ HEALED_ENDS = {
     Reason.TIMED_OUT: "sweeper: deadlines enforced",
     Reason.BOOT_TIMEOUT: "sweeper: boot timeouts",
     Reason.NODE_LOST: "sweeper: lost nodes detected",
+}
+# Kinds of any decision the table counts (not heals: what the budget switch did).
+BUDGET_KINDS = {
+    NoteKind.BUDGET_HOLD: "budget: holds tripped",
+    NoteKind.BUDGET_HELD: "budget: over again while held (no-op)",
+    NoteKind.BUDGET_STALE: "budget: stale notifications ignored",
+    NoteKind.BUDGET_LIFTED_PERIOD: "budget: over in a lifted period (no-op)",
+    NoteKind.BUDGET_RESUMED: "budget: holds lifted",
 }
 
 
@@ -112,7 +126,14 @@ class Checks:
         self.epoch += 1
 
     def at_tick(self) -> None:
-        """Before the tick's sweep: nothing runs past its deadline plus one interval."""
+        """Before the tick's sweep: nothing runs past its deadline plus one interval, nor
+        three intervals into a budget hold."""
+        hold = self.w.state().budget.hold
+        if hold is not None and self.w.now - hold.since > 3 * self.w.policy.sweep_interval:
+            running = sorted(self.w.fleet.running())
+            if running:
+                self.violate("held_vm_running", f"{running} run {self.w.now - hold.since} "
+                             "into a budget hold")
         limit = (self.w.now - self.w.policy.sweep_interval).timestamp()
         for vm in self.w.fleet.vms.values():
             deadline = label_int(vm.labels, LABEL_DEADLINE)
@@ -136,6 +157,7 @@ class Checks:
             first = self.first_reason.setdefault((line.run_id, self.epoch), line.reason.value)
             if first != line.reason.value:
                 self.violate("terminal_changed", f"{line.run_id}: {first} -> {line.reason}")
+        self.budget_and_cap(state)
         run, lease = state.active, state.lease
         for vm in self.w.fleet.vms.values():
             if vm.status != "RUNNING":
@@ -151,6 +173,24 @@ class Checks:
                 continue
             self.violate("stray_vm", f"{vm.name} runs for {owner!r} after a sweep, held by no "
                          "live run or lease")
+
+    def budget_and_cap(self, state: StackState) -> None:
+        from pcp_dev.faults.campaign import BUDGET_ID, PERIOD
+
+        p, hold, run = self.w.policy, state.budget.hold, state.active
+        if hold is not None:
+            if run is not None:
+                self.violate("held_run_active", f"run {run.run_id} is {run.phase.value} on "
+                             "budget hold")
+            if hold.budget_id != BUDGET_ID or hold.period != PERIOD or \
+                    hold.cost_amount < p.budget_stop_threshold * hold.budget_amount:
+                self.violate("budget_tripped_wrongly", f"hold {hold.to_dict()}")
+        if run is not None and run.max_cost_usd is not None and run.started_at is not None \
+                and run.deadline is not None:
+            cost = (run.cost_usd or 0.0) + p.estimate_cost(run.started_at, run.deadline)
+            if cost > run.max_cost_usd + 1e-4:
+                self.violate("cap_exceeded", f"run {run.run_id} attempt {run.attempt} costs "
+                             f"{cost:.4f} at its deadline, cap {run.max_cost_usd:g}")
 
     def final(self, quiet: bool) -> None:
         w, outcomes = self.w, self.w.report.outcomes

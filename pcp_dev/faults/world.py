@@ -32,14 +32,20 @@ from typing import Any
 
 from pcp.adapters.memory import MemoryBus, MemoryFleet, MemoryStore
 from pcp.core.errors import PermanentError
-from pcp.core.messages import NodeMarker, StartRequest, StopRequest
+from pcp.core.messages import (
+    BudgetNotification,
+    BudgetResume,
+    NodeMarker,
+    StartRequest,
+    StopRequest,
+)
 from pcp.core.names import STACK_DOC
 from pcp.core.policy import Policy
 from pcp.core.state import StackState
 from pcp.progress import observe
 from pcp.service import Outcome
 from pcp_dev.faults.agents import Agents
-from pcp_dev.faults.checks import Checks
+from pcp_dev.faults.checks import BUDGET_KINDS, Checks
 from pcp_dev.faults.wrappers import (
     Crash,
     Fault,
@@ -68,6 +74,9 @@ class Plan:
     notices: list[tuple[float, str]] = field(default_factory=list)  # (minute, end reason)
     shepherd_deaths: list[tuple[float, float]] = field(default_factory=list)  # (at, for) min
     doc_deletions: list[float] = field(default_factory=list)
+    # Cloud Billing notifications (minute, notification, fault kind); once the faults stop,
+    # a person lifts a hold they find (`pcp budget resume`) at a sweep tick.
+    budget: list[tuple[float, BudgetNotification, Fault]] = field(default_factory=list)
     deadman: bool = True  # the node agents' dead-man's switch works
     hard_cap: bool = True  # Compute Engine enforces maxRunDuration
     window_minutes: float = 180.0  # faults and requests happen before this
@@ -89,6 +98,11 @@ class Delivery:
         body = self.body
         if isinstance(body, (StartRequest, StopRequest)):
             body = body.run_id
+        elif isinstance(body, BudgetNotification):
+            body = (f"{body.budget_id} {body.cost_amount:g}/{body.budget_amount:g} from "
+                    f"{body.cost_interval_start:%Y-%m-%d}")
+        elif isinstance(body, BudgetResume):
+            body = "resume"
         elif isinstance(body, tuple):
             body = body[0]  # a marker's object name
         return f"{self.kind} {body or ''}".rstrip()
@@ -157,6 +171,8 @@ class World:
             self.at(self.minute(m), self.shepherd_dies, down)
         for m in p.doc_deletions:
             self.at(self.minute(m), self.delete_doc)
+        for m, notification, kind in p.budget:
+            self.at(self.minute(m), self.budget_notice, notification, kind)
         self.at(self.minute(p.first_tick), self.tick)
         self.at(self.minute(p.window_minutes), self.close_window)
         if not p.deadman:
@@ -237,6 +253,10 @@ class World:
             self.trace(f"{what}: {type(e).__name__}: {e}; redelivery in {backoff:.0f} s")
             self.schedule(d, backoff * self.rng.uniform(0.8, 1.2))
             return
+        for note in outcome.transition.notes:
+            counted = BUDGET_KINDS.get(note.kind)
+            if counted is not None:
+                self.report.outcomes[counted] += 1
         errors = "".join(f" [error: {e}]" for e in outcome.errors)
         self.trace(f"{what}: {outcome.reason}{errors}")
         if d.kind == "sweep":
@@ -244,6 +264,9 @@ class World:
 
     def call(self, d: Delivery) -> Outcome:
         if d.kind in ("start", "stop"):
+            return self.svc.handle(d.body, self.now)
+        if d.kind == "budget":  # on_budget: the edge refuses another budget's notification
+            d.body.check_budget(self.policy.budget_id, self.policy.billing_account)
             return self.svc.handle(d.body, self.now)
         if d.kind == "reject":
             return self.svc.reject(d.body, "start request is not valid JSON (campaign)", self.now)
@@ -256,6 +279,11 @@ class World:
 
     def tick(self) -> None:
         self.checks.at_tick()
+        if not self.window_open and self.state().budget.hold is not None:
+            # A person sees the hold (pcp doctor, pcp status) and lifts it once the faults
+            # have stopped; the runs that waited in the queue go on.
+            self.report.heals["budget: resume requests by a person"] += 1
+            self.publish(Delivery("stop", BudgetResume("campaign")))
         self.in_flight += 1
         self.deliver(Delivery("sweep", None))
         if self.injector.roll(Fault.DUPLICATE):
@@ -284,6 +312,11 @@ class World:
         self.agents.shepherd_dies(minutes)
         self.injector.note(Fault.SHEPHERD_DIES)
         self.trace(f"the shepherd host dies for {minutes:.0f} min")
+
+    def budget_notice(self, notification: BudgetNotification, kind: Fault) -> None:
+        self.injector.note(kind)
+        self.trace(f"Cloud Billing publishes {kind.value}")
+        self.publish(Delivery("budget", notification))
 
     def delete_doc(self) -> None:
         self.checks.document_deleted()

@@ -58,6 +58,13 @@ class Fault(StrEnum):
     DOC_DELETED = "stack_doc_deleted"
     STORE_RATE_LIMIT = "store_429_per_object_limit"  # not drawn: the world's clock decides
     NO_DEADMAN = "deadman_switch_broken"
+    # Cloud Billing budget notifications (each also duplicated, delayed and reordered by the
+    # trigger like every event): over the threshold, under it, of an older period, and of
+    # another budget (refused at the edge).
+    BUDGET_OVER = "budget_notification_over"
+    BUDGET_UNDER = "budget_notification_under"
+    BUDGET_STALE = "budget_notification_stale"
+    BUDGET_FOREIGN = "budget_notification_foreign"
 
 
 class Crash(BaseException):

@@ -1,7 +1,7 @@
 """The local replica: the whole cloud side of one stack on 127.0.0.1, wired as Pulumi wires it.
 
 Real parts: the Pub/Sub emulator, fake-gcs-server (notifying `markers/` into
-`pcp-<stack>-markers`), the four functions served by the real functions-framework behind push
+`pcp-<stack>-markers`), the five functions served by the real functions-framework behind push
 subscriptions, the node agents and the reference trainer. Stood in for: Eventarc (push
 subscriptions), Cloud Scheduler (`Ticker`), Compute Engine (`LocalCompute`, whose VMs are
 worker agent processes) and the GCE metadata server (`MetadataServer`, one per VM).
@@ -18,6 +18,7 @@ CLI finds it through `<state_dir>/<stack>.json`.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -41,6 +42,7 @@ from pcp.core.names import (
     META_BUCKET,
     META_PROJECT,
     META_STACK,
+    POLICY_DOC,
     Names,
 )
 from pcp.core.policy import STACK_SIZES, Policy
@@ -76,10 +78,16 @@ from pcp_dev.local.ticker import Ticker
 if TYPE_CHECKING:
     from pcp.adapters.gcs_store import GcsStore
 
-TOPICS = ("start", "stop", "sweep", "shepherd", "markers", "dead-letter")
+TOPICS = ("start", "stop", "sweep", "shepherd", "markers", "dead-letter", "budget")
 # function kind -> (entry point, topic that triggers it), as the Pulumi program deploys them
+# (the budget's only for a stack with pcp:billing_account: the replica always has one)
 FUNCTIONS = {"start": ("on_start", "start"), "stop": ("on_stop", "stop"),
-             "marker": ("on_marker", "markers"), "sweep": ("on_sweep", "sweep")}
+             "marker": ("on_marker", "markers"), "sweep": ("on_sweep", "sweep"),
+             "budget": ("on_budget", "budget")}
+#: The replica's stand-in Cloud Billing budget: what its notifications name (no Cloud Billing
+#: runs here: a test publishes notifications in the documented format to pcp-<stack>-budget).
+LOCAL_BUDGET_ID = "pcp-local-budget"
+LOCAL_BILLING_ACCOUNT = "000000-000000-000000"
 # The stacks' worker prices (infra/Pulumi.<stack>.yaml), so the demo's cost estimate is real.
 WORKER_HOURLY_USD = {"tiny": 0.54, "small": 0.73, "large": 0.85, "huge": 0.85}
 
@@ -115,6 +123,8 @@ class Options:
     # a GPU VM's maintenance notice comes up to an hour ahead (shortened here).
     preempt_notice_seconds: float = 30.0
     maintenance_notice_seconds: float = 60.0
+    max_cost_usd: float | None = None  # the stack's default cap (pcp:max_cost_usd)
+    budget_stop_threshold: float = 1.0
 
     @property
     def worker_count(self) -> int:
@@ -221,6 +231,8 @@ class Replica:
                            notify_prefix="markers/", pubsub_host=host).start()
         self.gcs_proxy = GcsProxy(self.gcs.endpoint, o.gcs_mutation_interval).start()
         storage_client(self.storage_endpoint, o.project).create_bucket(o.bucket)
+        # What the Pulumi program writes at deploy time: the limits `pcp run` previews with.
+        self.store().put(POLICY_DOC, self.policy().to_doc(), content_type="application/json")
         self.compute = LocalCompute(o.project, o.zone, on_start=self._vm_started,
                                     on_stop=self._vm_stopping,
                                     time_scale=o.compute_time_scale).start()
@@ -340,6 +352,20 @@ class Replica:
         bus = PubSubBus(self.options.project, self.options.stack, publisher=self._publisher)
         return bus.publish(kind, data, attributes)
 
+    def publish_budget(self, cost: float, budget: float, period: str | None = None,
+                       budget_id: str = LOCAL_BUDGET_ID, **extra: object) -> str:
+        """Publish a budget notification as Cloud Billing does (schemaVersion 1.0); the
+        period defaults to this month's (budgets start at midnight US Pacific time)."""
+        if period is None:
+            today = datetime.now(UTC)
+            period = f"{today:%Y-%m}-01T08:00:00Z"
+        body = {"budgetDisplayName": f"pcp-{self.options.stack} monthly budget",
+                "costAmount": cost, "costIntervalStart": period, "budgetAmount": budget,
+                "budgetAmountType": "SPECIFIED_AMOUNT", "currencyCode": "USD", **extra}
+        return self.publish("budget", json.dumps(body).encode(), {
+            "billingAccountId": LOCAL_BILLING_ACCOUNT, "budgetId": budget_id,
+            "schemaVersion": "1.0"})
+
     def store(self) -> GcsStore:
         """A GcsStore on the stack bucket (the BlobStore port), for tests and the demo."""
         from pcp.adapters.gcs_store import GcsStore
@@ -367,17 +393,24 @@ class Replica:
 
     # ------------------------------------------------------------ functions
 
+    def policy(self) -> Policy:
+        """The stack's Policy, as the functions run with it."""
+        o = self.options
+        return Policy(
+            stack=o.stack, worker_count=o.worker_count, shepherd_host="127.0.0.1",
+            tcp_port=self.tcp_port, max_run_hours=o.max_run_hours,
+            boot_timeout_minutes=o.boot_timeout_minutes, keep_alive_hours=o.keep_alive_hours,
+            sweep_interval_minutes=o.sweep_interval / 60.0, default_binary=o.binary,
+            worker_hourly_usd=WORKER_HOURLY_USD.get(o.stack, 0.0), max_cost_usd=o.max_cost_usd,
+            budget_id=LOCAL_BUDGET_ID, billing_account=LOCAL_BILLING_ACCOUNT,
+            budget_stop_threshold=o.budget_stop_threshold)
+
     def function_env(self) -> dict[str, str]:
         """The functions' settings, as the Pulumi program sets them, plus the emulators."""
         o = self.options
         assert self.pubsub is not None and self.gcs is not None and self.compute is not None
         env = self._base_env()
-        policy = Policy(
-            stack=o.stack, worker_count=o.worker_count, shepherd_host="127.0.0.1",
-            tcp_port=self.tcp_port, max_run_hours=o.max_run_hours,
-            boot_timeout_minutes=o.boot_timeout_minutes, keep_alive_hours=o.keep_alive_hours,
-            sweep_interval_minutes=o.sweep_interval / 60.0, default_binary=o.binary,
-            worker_hourly_usd=WORKER_HOURLY_USD.get(o.stack, 0.0))
+        policy = self.policy()
         env.update(Settings(stack=o.stack, project=o.project, zone=o.zone, bucket=o.bucket,
                             policy=policy, compute_endpoint=self.compute.endpoint).to_env())
         env.update({

@@ -127,7 +127,8 @@ def test_a_stale_local_replica_file_is_one_line(invoke, tmp_path) -> None:
         "pubsub_host": f"127.0.0.1:{port}"}))
     env = {"PCP_LOCAL_DIR": str(tmp_path)}
     for args, endpoint in ((["status"], f"http://127.0.0.1:{port}"),
-                           (["run"], f"127.0.0.1:{port}")):
+                           # `run` reads the stack's limits (control/policy.json) first
+                           (["run"], f"http://127.0.0.1:{port}")):
         result = invoke(args, env=env)
         assert result.exit_code == 1
         assert result.stderr == (f"pcp: error: the local replica of stack tiny is not running "

@@ -235,3 +235,67 @@ def test_pcp_events_shows_an_orphan_stop_and_a_dead_man_stop(tiny: Replica) -> N
     assert dead["text"].startswith("worker-0: ") and dead["source"] == "node"
     assert next(r for r in ours if r["kind"] == "run_ended")["text"].startswith("succeeded")
     assert orphans[-1]["at"] > dead["at"]
+
+
+def test_a_dollar_cap_stops_the_run_at_its_deadline_and_pcp_status_says_why(
+        tiny: Replica) -> None:
+    """$0.0009 at the tiny stack's $0.54/h is 6 s of node time: the deadline the cap sets ends
+    a run that would train for minutes, and `pcp status` names the cap."""
+    from click.testing import CliRunner
+
+    from pcp.cli import cli
+    from pcp.cli.context import Context
+
+    run_id = "e2e-tiny-capped"
+    start(tiny, run_id, "--steps 4000 --step-sleep 0.05 --samples 512", max_cost_usd=0.0009)
+    done = wait_final(tiny, run_id, timeout=60)
+    assert (done.status.value, done.reason) == ("failed", "timed_out"), done.detail
+    assert done.detail.startswith("cost cap $0.0009 reached"), done.detail
+    run = archived(tiny, run_id)
+    assert run.deadline_by == "max_cost_usd" and run.max_cost_usd == 0.0009
+    assert run.started_at is not None and run.deadline is not None
+    assert (run.deadline - run.started_at).total_seconds() == pytest.approx(6.0, abs=0.01)
+    assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
+    wait_no_processes(run_id)
+    shown = CliRunner().invoke(cli, ["status", run_id], obj=Context("tiny", store=tiny.store()))
+    assert shown.exit_code == 0, shown.output
+    assert "cost cap $0.0009 reached" in shown.output and "timed_out" in shown.output
+
+
+def test_a_budget_notification_stops_the_stack_and_refuses_starts_until_resumed(
+        tiny: Replica) -> None:
+    """A Cloud Billing notification (documented format) on pcp-tiny-budget past the budget:
+    the running run ends, its VM stops, a new start is refused with the reason, a queued one
+    waits; `pcp budget resume` lifts the hold and the queued run goes on."""
+    from click.testing import CliRunner
+
+    from pcp.cli import cli
+    from pcp.cli.context import Context
+    from pcp.core.messages import BudgetResume
+
+    context = Context("tiny", store=tiny.store())
+    held, queued, refused = "e2e-tiny-budget-held", "e2e-tiny-budget-queued", "e2e-tiny-refused"
+    start(tiny, held, "--steps 4000 --step-sleep 0.05 --samples 512")
+    wait_status(tiny, held, "running")
+    start(tiny, queued)
+    wait_status(tiny, queued, "queued")
+    try:
+        tiny.publish_budget(cost=130.0, budget=100.0, alertThresholdExceeded=1.0)
+        done = wait_final(tiny, held)
+        assert (done.status.value, done.reason) == ("failed", "budget_exceeded"), done.detail
+        assert wait_all_terminated(tiny) == {VM: "TERMINATED"}
+        wait_no_processes(held)
+        start(tiny, refused)
+        no = wait_final(tiny, refused, timeout=30)
+        assert no.status.value == "rejected" and "budget hold" in no.detail, no.detail
+        assert "pcp budget resume --stack tiny" in no.detail
+        assert view(tiny, queued).status.value == "queued"  # type: ignore[union-attr]
+        status = CliRunner().invoke(cli, ["status"], obj=context)
+        assert "budget hold" in status.output, status.output
+        shown = CliRunner().invoke(cli, ["budget", "status"], obj=context)
+        assert "on budget hold since" in shown.output and "130.00 USD" in shown.output
+    finally:
+        tiny.publish("stop", BudgetResume("e2e").to_json())  # what `pcp budget resume` sends
+    wait_for("the hold to be lifted", lambda: "no budget hold" in CliRunner().invoke(
+        cli, ["budget", "status"], obj=context).output, 30)
+    wait_status(tiny, queued, "running", timeout=60)

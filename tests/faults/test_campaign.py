@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -192,3 +193,27 @@ def test_run_records_that_disagree_with_the_stack_document_are_caught() -> None:
 
 def test_a_terminal_reason_that_changes_is_caught() -> None:
     assert "terminal_changed" in mutant_violations(RewritesHistory, schedules=10)
+
+
+class IgnoresTheHold(FaultService):
+    """Decides the budget hold but never stops a VM for it."""
+
+    def _run(self, command: Command, now: datetime) -> None:
+        if not (isinstance(command, StopNodes) and "budget" in command.reason):
+            super()._run(command, now)
+
+
+class HalvesThePrices(FaultService):
+    """Turns caps into deadlines at half the stack's real prices: the cap is overspent."""
+
+    def __init__(self, store: Any, fleet: Any, bus: Any, policy: Any, injector: Any) -> None:
+        super().__init__(store, fleet, bus, replace(
+            policy, worker_hourly_usd=policy.worker_hourly_usd / 2), injector)
+
+
+def test_a_hold_that_stops_nothing_is_caught() -> None:
+    assert "held_vm_running" in mutant_violations(IgnoresTheHold, layers=False)
+
+
+def test_a_cap_turned_into_a_deadline_at_the_wrong_price_is_caught() -> None:
+    assert "cap_exceeded" in mutant_violations(HalvesThePrices, schedules=20)

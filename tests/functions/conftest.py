@@ -33,9 +33,9 @@ from tests.conftest import TEST_PROJECT, GcsBucket
 from tests.functions import events
 
 MAIN = Path(__file__).resolve().parents[2] / "functions" / "main.py"
-TARGETS = ("on_start", "on_stop", "on_marker", "on_sweep")
+TARGETS = ("on_start", "on_stop", "on_marker", "on_sweep", "on_budget")
 ZONE = "us-central1-a"
-TOPICS = ("start", "stop", "sweep", "shepherd", "markers", "dead-letter")
+TOPICS = ("start", "stop", "sweep", "shepherd", "markers", "dead-letter", "budget")
 
 
 @dataclass
@@ -67,6 +67,10 @@ class FnStack:
     def stop(self, body: dict[str, Any] | bytes) -> Any:
         data = json.dumps(body) if isinstance(body, dict) else body
         return self.post("on_stop", events.pubsub_event(data, topic=f"pcp-{self.stack}-stop"))
+
+    def budget(self, data: bytes, attributes: dict[str, str]) -> Any:
+        return self.post("on_budget", events.pubsub_event(
+            data, topic=f"pcp-{self.stack}-budget", attributes=attributes))
 
     def sweep(self) -> Any:
         return self.post("on_sweep", events.pubsub_event(b'{"op": "tick"}',

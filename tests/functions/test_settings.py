@@ -77,7 +77,7 @@ def test_each_invocation_gets_the_operation_budget_once() -> None:
         assert 80.0 < left < 90.0 - 0.1
     assert fleet._until() - time.monotonic() > 89.9  # type: ignore[attr-defined]
     main = (Path(__file__).resolve().parents[2] / "functions" / "main.py").read_text()
-    assert main.count("invocation(service, SETTINGS)") == 4
+    assert main.count("invocation(service, SETTINGS)") == 5  # one per entry point
 
 
 def test_the_stack_gpu_idle_default_round_trips_and_bad_text_is_refused() -> None:

@@ -21,17 +21,21 @@ from hypothesis import strategies as st
 from pcp.core.errors import CorruptState, PermanentError
 from pcp.core.messages import (
     ASSIGNMENT_FIELDS,
+    BUDGET_FIELDS,
+    BUDGET_RESUME_FIELDS,
     MARKER_FIELDS,
     SHEPHERD_FIELDS,
     START_FIELDS,
     STOP_FIELDS,
     SWEEP_FIELDS,
     Assignment,
+    BudgetNotification,
     NodeMarker,
     ShepherdCommand,
     StartRequest,
     StopRequest,
     SweepTick,
+    parse_stop_topic,
     split_training_config,
 )
 from pcp.core.state import Run, StackState
@@ -284,3 +288,80 @@ def test_run_record(data: bytes | str) -> None:
     run = outcome("run record", lambda: Run.from_json(raw))
     if run is not None:
         assert Run.from_json(run.to_json()) == run
+
+
+# ---------------------------------------------------------------- the budget kill switch
+
+BUDGET = {"budgetDisplayName": "pcp-tiny", "alertThresholdExceeded": 1.0, "costAmount": 120.5,
+          "costIntervalStart": "2026-11-01T07:00:00Z", "budgetAmount": 100,
+          "budgetAmountType": "SPECIFIED_AMOUNT", "currencyCode": "USD"}
+BUDGET_ATTRS = {"billingAccountId": "01D4EE-079462-DFD6EC", "budgetId": "b-1",
+                "schemaVersion": "1.0"}
+
+
+@fuzz_settings()
+@given(s.messages(BUDGET, BUDGET_FIELDS),
+       st.one_of(st.just(BUDGET_ATTRS),
+                 st.dictionaries(st.sampled_from(sorted(BUDGET_ATTRS)), s.TEXT, max_size=3),
+                 s.JSON_VALUES))
+def test_budget_notification(data: bytes | str, attributes: Any) -> None:
+    n = outcome("budget notification",
+                lambda: BudgetNotification.from_message(data, attributes))
+    if n is not None:
+        assert BudgetNotification.from_message(*n.to_message()) == n
+        n.over(1.0)  # a value, never an exception
+
+
+@fuzz_settings()
+@given(st.one_of(s.messages({"op": "budget_resume", "requested_by": "me"},
+                            BUDGET_RESUME_FIELDS),
+                 s.messages({"run_id": "exp-1", "reason": "done"}, STOP_FIELDS)))
+def test_stop_topic(data: bytes | str) -> None:
+    """What on_stop reads: a stop request or a budget resume."""
+    parsed = outcome("stop topic (stop or budget resume)", lambda: parse_stop_topic(data))
+    if parsed is not None:
+        assert parse_stop_topic(parsed.to_json()) == parsed
+
+
+def _held_doc() -> dict[str, Any]:
+    from pcp.core.messages import BudgetResume
+
+    stack = Stack(policy(workers=2, budget_id="b-1"))
+    stack(req("r1", max_cost_usd=3.5), 0)
+    stack(req("r2"), 1)
+    stack(BudgetNotification.from_message(s.dumps(BUDGET).encode(), BUDGET_ATTRS), 2)
+    stack(BudgetResume("me"), 3)
+    stack(BudgetNotification.from_message(s.dumps(
+        {**BUDGET, "costIntervalStart": "2026-12-01T08:00:00Z"}).encode(), BUDGET_ATTRS), 4)
+    return s.json.loads(stack.state.to_json())  # type: ignore[no-any-return]
+
+
+HELD_DOC = _held_doc()
+
+
+@fuzz_settings()
+@given(st.one_of(s.mutated(HELD_DOC), s.messages(HELD_DOC, tuple(HELD_DOC))))
+def test_stack_document_on_budget_hold(data: bytes | str) -> None:
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    state = outcome("stack document (budget hold)", lambda: StackState.from_json(raw))
+    if state is not None:
+        assert StackState.from_json(state.to_json()) == state
+    else:
+        with pytest.raises(CorruptState):
+            StackState.from_json(raw)
+
+
+POLICY_DOC = s.json.loads(policy(max_cost_usd=12.5).to_doc())
+
+
+@fuzz_settings()
+@given(st.one_of(s.mutated(POLICY_DOC), s.messages(POLICY_DOC, tuple(POLICY_DOC))))
+def test_policy_document(data: bytes | str) -> None:
+    """control/policy.json, which `pcp run` reads to preview a deadline."""
+    from pcp.core.policy import Policy
+
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    found = outcome("control/policy.json", lambda: Policy.from_doc(raw))
+    if found is not None:
+        assert Policy.from_doc(found.to_doc()) == found
+        found.run_limit(NOW, None, found.max_cost_usd)  # a deadline, never an exception

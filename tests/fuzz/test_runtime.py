@@ -26,7 +26,8 @@ from tests.fuzz.test_parsers import START
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.functions, pytest.mark.emulator]
 
-TOPICS = {"on_start": "start", "on_stop": "stop", "on_marker": "markers", "on_sweep": "sweep"}
+TOPICS = {"on_start": "start", "on_stop": "stop", "on_marker": "markers", "on_sweep": "sweep",
+          "on_budget": "budget"}
 SOURCES = st.sampled_from([f"//pubsub.googleapis.com/projects/pcp-test/topics/pcp-tiny-{t}"
                            for t in TOPICS.values()])
 PAYLOADS = s.messages(START, START_FIELDS).map(

@@ -43,6 +43,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
             "pcp:alert_pubsub_topic=projects/pcp-test-project/topics/pcp-alerts",
         ],
     ),
+    "small-budget": (
+        "small",
+        [
+            "pcp:billing_account=01D4EE-079462-DFD6EC",
+            "pcp:monthly_budget_usd=250.5",
+            "pcp:budget_stop_threshold=0.9",
+            "pcp:max_cost_usd=40",
+        ],
+    ),
 }
 
 

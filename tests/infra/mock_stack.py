@@ -117,6 +117,10 @@ def _synthesized_outputs(typ: str, name: str, inputs: dict[str, Any]) -> tuple[s
             f"{inputs['workloadIdentityPoolId']}/providers/{inputs['workloadIdentityPoolProviderId']}"
         )
         out = {"name": rid}
+    elif typ == "gcp:billing/budget:Budget":
+        # What Cloud Billing names a budget: billingAccounts/<account>/budgets/<id>.
+        rid = f"billingAccounts/{inputs['billingAccount']}/budgets/b{zlib.crc32(name.encode())}"
+        out = {"name": rid}
     elif typ == "gcp:monitoring/notificationChannel:NotificationChannel":
         rid = f"projects/{p}/notificationChannels/{zlib.crc32(name.encode())}"
         out = {"name": rid}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ FUNCTIONS = {
     "marker": ("on_marker", "markers", EVENT_MAX),
     "sweep": ("on_sweep", "sweep", EVENT_MAX),
 }
+#: Only on a stack with a budget (pcp:billing_account): the kill switch.
+BUDGET_FUNCTIONS = {"budget": ("on_budget", "budget", EVENT_MAX)}
+
+
+def functions_of(run):
+    return FUNCTIONS | (BUDGET_FUNCTIONS if run.config.get("pcp:billing_account") else {})
 
 SERVICE_IDENTITY = "gcp:projects/serviceIdentity:ServiceIdentity"
 AGENT_SUFFIX = {"eventarc": "@gcp-sa-eventarc.iam.gserviceaccount.com",
@@ -275,15 +282,16 @@ def test_custom_roles_are_narrow(any_run):
 
 def test_functions_shape(any_run):
     fns = {f["inputs"]["name"]: f["inputs"] for f in any_run.of_type(FUNCTION)}
-    assert set(fns) == {f"{any_run.prefix}-{kind}" for kind in FUNCTIONS}
-    assert any_run.outputs["functions"] == {k: f"{any_run.prefix}-{k}" for k in FUNCTIONS}
+    assert set(fns) == {f"{any_run.prefix}-{kind}" for kind in functions_of(any_run)}
+    assert any_run.outputs["functions"] == {k: f"{any_run.prefix}-{k}"
+                                            for k in functions_of(any_run)}
     source = any_run.one(BUCKET_OBJECT, f"{any_run.prefix}-functions-source")
     sha = any_run.outputs["function_source_sha256"]
     assert sha in source["inputs"]["name"] and len(sha) == 64
     assert source["inputs"]["source"]["__asset__"] == "FileAsset"
     assert source["inputs"]["bucket"] == any_run.outputs["bucket"]
 
-    for kind, (entry, topic, timeout) in FUNCTIONS.items():
+    for kind, (entry, topic, timeout) in functions_of(any_run).items():
         fn = fns[f"{any_run.prefix}-{kind}"]
         assert fn["location"] == any_run.config["pcp:region"]
         build = fn["buildConfig"]
@@ -327,6 +335,13 @@ def test_functions_environment(any_run):
         "PCP_FIRST_BOOT_GRACE_MINUTES": "30",
     }
     assert set(expected) | {"PCP_FUNCTION_TIMEOUT_SECONDS"} == PCP_ENV
+    if cfg.get("pcp:billing_account"):  # the budget variant: its settings ride along
+        budget = any_run.of_type("gcp:billing/budget:Budget")[0]
+        expected |= {"PCP_BILLING_ACCOUNT": cfg["pcp:billing_account"],
+                     # the id part of the name the mocks give it (billingAccounts/A/budgets/ID)
+                     "PCP_BUDGET_ID": f"b{zlib.crc32(budget['name'].encode())}",
+                     "PCP_BUDGET_STOP_THRESHOLD": cfg["pcp:budget_stop_threshold"],
+                     "PCP_MAX_COST_USD": cfg["pcp:max_cost_usd"]}
     for fn in any_run.of_type(FUNCTION):
         svc = fn["inputs"]["serviceConfig"]
         env = svc["environmentVariables"]
@@ -344,7 +359,8 @@ def test_functions_that_stop_vms_outlast_a_gce_stop(any_run):
 
 def test_trigger_identity_may_invoke_and_receive(any_run):
     invokers = any_run.of_type(RUN_MEMBER)
-    assert {i["inputs"]["name"] for i in invokers} == {f"{any_run.prefix}-{k}" for k in FUNCTIONS}
+    assert {i["inputs"]["name"] for i in invokers} == {f"{any_run.prefix}-{k}"
+                                                         for k in functions_of(any_run)}
     for i in invokers:
         assert i["inputs"]["role"] == "roles/run.invoker"
         assert i["inputs"]["member"] == any_run.sa_member("functions")
@@ -515,6 +531,8 @@ def test_markers_notification(any_run):
 def test_topics_and_shepherd_subscription(any_run):
     topics = {t["inputs"]["name"] for t in any_run.of_type(TOPIC)}
     kinds = ["start", "stop", "sweep", "shepherd", "markers", "dead-letter"]
+    if any_run.config.get("pcp:billing_account"):
+        kinds.append("budget")
     assert topics == {f"{any_run.prefix}-{k}" for k in kinds}
     assert any_run.outputs["topics"] == {
         k.replace("-", "_"): f"{any_run.prefix}-{k}" for k in kinds
@@ -797,7 +815,8 @@ def test_every_resource_lives_in_a_component(any_run):
         "pcp:infra:WorkerFleet", "pcp:infra:ControlFunctions", "pcp:infra:SweepSchedule",
         "pcp:infra:CodeArchives", "pcp:infra:ServiceAgents", "pcp:infra:LogMetrics",
         "pcp:infra:Alerts", "pcp:infra:StackDashboard",
-    }  # fmt: skip
+    } | ({"pcp:infra:StackBudget"}
+         if any_run.config.get("pcp:billing_account") else set())  # fmt: skip
     for r in any_run.custom:
         parent_type = r["parent"].split("::")[-2].split("$")[-1]
         assert parent_type.startswith("pcp:infra:"), r["name"]

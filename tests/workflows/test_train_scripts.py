@@ -222,7 +222,8 @@ def fake_pcp(tmp_path: Path) -> Path:
 
 
 def wait(fake_pcp: Path, tmp_path: Path, *, exit_code: int, seconds_left: int,
-         training_config: str = "", keep: str = "false", layout: str = "stack-default"):  # noqa: ANN201
+         training_config: str = "", keep: str = "false", layout: str = "stack-default",
+         max_cost: str = ""):  # noqa: ANN201
     assert shutil.which("timeout"), "coreutils timeout is needed (the runner has it)"
     args_file = tmp_path / "pcp-args"
     env = {
@@ -234,6 +235,7 @@ def wait(fake_pcp: Path, tmp_path: Path, *, exit_code: int, seconds_left: int,
         "KEEP_VM_ALIVE": keep,
         "TRAINING_CONFIG": training_config,
         "LAYOUT": layout,
+        "MAX_COST_USD": max_cost,
     }
     proc, out, _ = run_script(step_by_id("run")["run"], env, tmp_path)
     argv = args_file.read_text().splitlines() if args_file.exists() else []
@@ -285,6 +287,16 @@ def test_the_layout_input_becomes_the_layout_flag(fake_pcp, tmp_path) -> None:  
     assert option(argv, "--layout") == "workers-only"
     _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100)
     assert "--layout" not in argv  # the stack's default
+
+
+def test_the_max_cost_input_becomes_the_max_cost_flag(fake_pcp, tmp_path) -> None:  # noqa: ANN001
+    _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100, max_cost="12.5")
+    assert option(argv, "--max-cost") == "12.5"
+    _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100, max_cost="1; touch pwned")
+    assert option(argv, "--max-cost") == "1; touch pwned"  # one argument, never a shell's
+    assert not (tmp_path / "pwned").exists()
+    _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100)
+    assert "--max-cost" not in argv  # the stack's default
 
 
 def test_the_wait_is_backed_up_by_timeout() -> None:
