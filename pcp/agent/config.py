@@ -28,6 +28,9 @@ class AgentConfig:
     #: NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME for the binary: an interface name, "auto" (the
     #: interface of the default route: a VM's primary one), or None to leave them unset.
     socket_ifname: str | None = None
+    #: The container engine for a run that names an image: None/"auto" = docker if installed,
+    #: else podman; or a command with global options, split without a shell.
+    container_engine: str | None = None
     keep_runs: int = 3  # local work directories of older runs are deleted
     log_file: Path | None = None  # the agent's own rotated log (shepherd Mac); None: stdout
     log_max_bytes: int = 50 * 1024 * 1024

@@ -56,7 +56,8 @@ def _binary(ref: str) -> Any:
 
 
 #: What a request asks for; `requested_by` and `stack` say who and where, not what.
-SAME_REQUEST = ("keep_vm_alive", "training_config", "binary", "max_hours", "max_restarts")
+SAME_REQUEST = ("keep_vm_alive", "training_config", "binary", "image", "max_hours",
+                "max_restarts")
 
 
 def _reused(ctx: Context, request: StartRequest) -> Any:
@@ -99,6 +100,9 @@ def capped(view: Any) -> str | None:
               help="extra arguments for the binary, split like a shell would (none runs)")
 @click.option("--binary", metavar="REF", help="flake reference or store path, or a JSON map "
                                               "platform -> store path")
+@click.option("--image", metavar="REF", help="OCI image to run instead of a binary, "
+              "REGISTRY/REPO[:TAG][@sha256:...] (a tag is pinned to its digest at start; "
+              "with --binary too, the shepherd runs the binary)")
 @click.option("--max-hours", type=float, help="deadline in hours (capped by the stack)")
 @click.option("--max-restarts", type=int, help="restarts after a lost node or boot timeout")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="rank layout (docs/agent.md); "
@@ -112,7 +116,7 @@ def capped(view: Any) -> str | None:
               show_default=True, metavar="SECONDS", help="with --wait: how often to poll")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
-        max_hours: float | None, max_restarts: int | None, layout: str | None,
+        image: str | None, max_hours: float | None, max_restarts: int | None, layout: str | None,
         run_id: str | None, wait: bool, timeout: float | None, poll: float,
         as_json: bool) -> None:
     """Request a training run; print its id (and with --wait, follow it to the end)."""
@@ -126,6 +130,8 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         body["training_config"] = training_config
     if binary is not None:
         body["binary"] = _binary(binary)
+    if image is not None:
+        body["image"] = image
     if max_hours is not None:
         body["max_hours"] = max_hours
     if max_restarts is not None:

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from pcp.core.errors import PermanentError
+from pcp.core.images import parse_image
 from pcp.core.names import (
     MARKER_METADATA_KEY,
     MARKER_PATH_RE,
@@ -263,6 +264,18 @@ def _binary(obj: JsonObj, what: str) -> str | dict[str, str] | None:
     raise PermanentError(f"{what}: binary must be a string or a platform map")
 
 
+def _image(obj: JsonObj, what: str, pinned: bool = False) -> str | None:
+    """An OCI image reference, checked against the distribution grammar; `pinned`: with its
+    digest (what a node is given)."""
+    v = obj.get("image")
+    if v is None:
+        return None
+    ref = parse_image(v, f"{what}: image")
+    if pinned and not ref.pinned:
+        raise PermanentError(f"{what}: image {v!r} is not pinned to a sha256 digest")
+    return str(ref)
+
+
 # ---------------------------------------------------------------- start request
 
 
@@ -284,6 +297,7 @@ START_FIELDS = (
     "requested_by",
     "layout",
     "metrics_node",
+    "image",
 )
 
 #: How ranks are numbered (docs/agent.md, "Rank layouts"): `all-nodes` makes the shepherd
@@ -325,6 +339,14 @@ class StartRequest:
     layout: str | None = None
     #: The node whose metrics.json the run summary reads; None: rank 0 of the layout.
     metrics_node: str | None = None
+    #: An OCI image to run instead of a Nix binary (`REGISTRY/REPO[:TAG][@sha256:HEX]`,
+    #: pcp/core/images.py); with `binary` too, the shepherd runs the binary and the workers
+    #: the image.
+    image: str | None = None
+    #: `image` (or the stack's default image) pinned to its digest, REGISTRY/REPO@sha256:HEX:
+    #: resolved once by the function that accepts the request, like `secret` never on the
+    #: wire and not compared; the run record keeps it, so every node and restart runs it.
+    pinned_image: str = field(default="", compare=False)
     #: The run's secret, drawn by the function that accepts the request (never on the wire:
     #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
     #: so a redelivered request still equals the one accepted.
@@ -368,6 +390,7 @@ class StartRequest:
             stack=stack,
             layout=validate_layout(obj.get("layout"), what),
             metrics_node=_metrics_node(obj.get("metrics_node"), what),
+            image=_image(obj, what),
         )
 
     def to_dict(self) -> JsonObj:
@@ -388,6 +411,8 @@ class StartRequest:
             out["layout"] = self.layout
         if self.metrics_node is not None:
             out["metrics_node"] = self.metrics_node
+        if self.image is not None:
+            out["image"] = self.image
         return out
 
     def to_json(self) -> bytes:
@@ -586,6 +611,7 @@ ASSIGNMENT_FIELDS = (
     "keep_vm_alive",
     "secret",
     "layout",
+    "image",
 )
 
 
@@ -615,6 +641,8 @@ class Assignment:
     #: never a label or a log line. The binary gets it as PCP_RUN_SECRET (docs/agent.md).
     secret: str = field(default="", repr=False)
     layout: str = DEFAULT_LAYOUT
+    #: The OCI image this node runs instead of `binary`, pinned: REGISTRY/REPO@sha256:HEX.
+    image: str | None = None
 
     @property
     def vm(self) -> str:
@@ -692,6 +720,7 @@ class Assignment:
             "keep_vm_alive": self.keep_vm_alive,
             **({"secret": self.secret} if self.secret else {}),
             **({"layout": self.layout} if self.layout != DEFAULT_LAYOUT else {}),
+            **({"image": self.image} if self.image is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -733,6 +762,7 @@ class Assignment:
             keep_vm_alive=_bool(obj, "keep_vm_alive", what),
             secret=validate_secret(obj.get("secret"), what),
             layout=validate_layout(obj.get("layout"), what) or DEFAULT_LAYOUT,
+            image=_image(obj, what, pinned=True),
         )
 
     @classmethod

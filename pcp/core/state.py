@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from pcp.core.errors import CorruptState, PermanentError
+from pcp.core.images import pinned_image
 from pcp.core.messages import StartRequest, decode_json, dump, validate_secret
 from pcp.core.timefmt import iso, opt_iso, opt_time, parse_time
 
@@ -154,6 +155,9 @@ class Run:
     history: tuple[HistoryEntry, ...] = ()
     #: The run's secret (drawn when the request was accepted); its nodes get it.
     secret: str = field(default="", repr=False)
+    #: The OCI image the run's nodes pull, pinned: REGISTRY/REPO@sha256:HEX ("" for none),
+    #: resolved once when the request was accepted, so every node and attempt runs it.
+    image: str = ""
 
     @property
     def run_id(self) -> str:
@@ -201,6 +205,7 @@ class Run:
             "cost_usd": self.cost_usd,
             "history": [h.to_dict() for h in self.history],
             **({"secret": self.secret} if self.secret else {}),
+            **({"image": self.image} if self.image else {}),
         }
 
     @classmethod
@@ -220,6 +225,7 @@ class Run:
             cost_usd=d.get("cost_usd"),
             history=tuple(HistoryEntry.from_dict(h) for h in d.get("history", [])),
             secret=validate_secret(d.get("secret"), "run record"),
+            image=pinned_image(d.get("image"), "run record"),
         )
 
     def to_json(self) -> bytes:

@@ -222,7 +222,8 @@ def fake_pcp(tmp_path: Path) -> Path:
 
 
 def wait(fake_pcp: Path, tmp_path: Path, *, exit_code: int, seconds_left: int,
-         training_config: str = "", keep: str = "false", layout: str = "stack-default"):  # noqa: ANN201
+         training_config: str = "", keep: str = "false", layout: str = "stack-default",
+         image: str = ""):  # noqa: ANN201
     assert shutil.which("timeout"), "coreutils timeout is needed (the runner has it)"
     args_file = tmp_path / "pcp-args"
     env = {
@@ -234,6 +235,7 @@ def wait(fake_pcp: Path, tmp_path: Path, *, exit_code: int, seconds_left: int,
         "KEEP_VM_ALIVE": keep,
         "TRAINING_CONFIG": training_config,
         "LAYOUT": layout,
+        "IMAGE": image,
     }
     proc, out, _ = run_script(step_by_id("run")["run"], env, tmp_path)
     argv = args_file.read_text().splitlines() if args_file.exists() else []
@@ -285,6 +287,15 @@ def test_the_layout_input_becomes_the_layout_flag(fake_pcp, tmp_path) -> None:  
     assert option(argv, "--layout") == "workers-only"
     _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100)
     assert "--layout" not in argv  # the stack's default
+
+
+def test_the_image_input_becomes_one_image_argument(fake_pcp, tmp_path) -> None:  # noqa: ANN001
+    image = "us-docker.pkg.dev/p/pcp-tiny/trainer:v1 $(touch pwned)"
+    _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100, image=image)
+    assert option(argv, "--image") == image  # one argument; pcp run's parser refuses it
+    assert not (tmp_path / "pwned").exists()
+    _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100)
+    assert "--image" not in argv  # the stack's default
 
 
 def test_the_wait_is_backed_up_by_timeout() -> None:
