@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pcp.core.errors import PermanentError
+from pcp.core.images import parse_image
 from pcp.core.messages import LAYOUTS
 from pcp.core.names import (
     INSTALL_NVIDIA_DRIVER,
@@ -53,6 +55,7 @@ DEFAULTS: Mapping[str, Any] = {
     "results_retention_days": 30,
     "sweep_interval_minutes": 5,
     "binary": "",
+    "image": "",
     "layout": "all-nodes",
     "github_repository": REQUIRED,
     "worker_hourly_usd": "0.54",
@@ -128,6 +131,17 @@ def _parse_price(key: str, value: Any) -> float:
     if price < 0:
         raise ConfigError(f"pcp:{key} must not be negative, got {price}")
     return price
+
+
+def _parse_image(value: Any) -> str:
+    """pcp:image: an OCI reference REGISTRY/REPO[:TAG][@sha256:...], or empty."""
+    text = str(value or "").strip()
+    if not text:
+        return ""
+    try:
+        return str(parse_image(text, "pcp:image"))
+    except PermanentError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _parse_layout(value: Any) -> str:
@@ -211,6 +225,8 @@ class StackConfig:
     nix_substituter: str
     alert_email: str = ""
     alert_pubsub_topic: str = ""
+    #: The stack's default OCI image (pcp:image), pinned to its digest at each run's start.
+    image: str = ""
 
     # ------------------------------------------------------------------ construction
 
@@ -311,6 +327,7 @@ class StackConfig:
                 "sweep_interval_minutes", v["sweep_interval_minutes"], 1, 59
             ),
             binary=str(v["binary"] or "").strip(),
+            image=_parse_image(v["image"]),
             github_repository=repo,
             layout=_parse_layout(v["layout"]),
             worker_hourly_usd=_parse_price("worker_hourly_usd", v["worker_hourly_usd"]),
@@ -386,6 +403,7 @@ class StackConfig:
             keep_alive_hours=self.keep_alive_hours,
             sweep_interval_minutes=self.sweep_interval_minutes,
             default_binary=self.binary or None, default_layout=self.layout,
+            default_image=self.image or None,
             worker_hourly_usd=self.worker_hourly_usd,
             shepherd_hourly_usd=self.shepherd_hourly_usd)
         return Settings(stack=self.stack, project=self.project, zone=self.zone,
