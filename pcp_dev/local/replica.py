@@ -107,6 +107,10 @@ class Options:
     # guest's shutdown) take this fraction of their real time: 0.01 makes a boot 0.3 s.
     compute_time_scale: float = 0.01
     extra_env: Mapping[str, str] = field(default_factory=dict)  # for the functions
+    # For runs that name an OCI image: the agents' --container-engine (None: docker if
+    # installed, else podman) and what the engine needs in its environment (CONTAINERS_CONF).
+    container_engine: str | None = None
+    agent_extra_env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def worker_count(self) -> int:
@@ -478,6 +482,7 @@ class Replica:
                     "GOOGLE_CLOUD_PROJECT": self.options.project,
                     # the reference trainer listens on loopback only, never on every interface
                     "PCP_TRAINER_HOST": "127.0.0.1"})
+        env.update(self.options.agent_extra_env)
         if metadata_host is not None:
             env["GCE_METADATA_HOST"] = metadata_host
         return env
@@ -485,9 +490,10 @@ class Replica:
     def _agent_argv(self, role: str, node: str) -> list[str]:
         o = self.options
         interval = str(o.agent_interval)
+        engine = ["--container-engine", o.container_engine] if o.container_engine else []
         return [sys.executable, "-m", "pcp.agent", role, "--work-dir",
                 str(self.node_dir / node), "--grace", str(o.grace), "--upload-interval",
-                interval, "--poll-interval", interval, "--output-interval", "0"]
+                interval, "--poll-interval", interval, "--output-interval", "0", *engine]
 
     def _vm_started(self, vm: VmRecord) -> None:
         """LocalCompute's on_start: the VM booted, so its agent starts (unless held back)."""
