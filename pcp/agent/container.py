@@ -21,7 +21,6 @@ Every command is an argument list, never a shell.
 from __future__ import annotations
 
 import math
-import os
 import shlex
 import shutil
 import signal
@@ -216,7 +215,7 @@ class ContainerRunner(Runner):
             self.stopper = subprocess.Popen(
                 self.engine.cmd("stop", "--time", str(max(0, math.ceil(grace))), self.name),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                start_new_session=True, env=os.environ.copy())
+                start_new_session=True, env=self.env)
 
     def tick(self) -> None:
         if self.stopper is not None:
