@@ -90,3 +90,12 @@ def test_a_failing_container_fails_the_run_fast_with_its_exit_code(
     assert "shepherd: SIGTERM" in text(tiny, f"runs/{run_id}/shepherd/stderr.log")
     assert "failing with exit code 7" in text(tiny, f"runs/{run_id}/worker-0/stderr.log")
     wait_for("no container of the run left", lambda: not oci.containers_of(run_id), 30)
+
+
+def test_a_tag_the_registry_does_not_have_is_rejected_with_the_reason(
+        tiny: Replica, image: str) -> None:
+    run_id = "e2e-image-missing"
+    start(tiny, run_id, image=image.rsplit(":", 1)[0] + ":no-such-tag")
+    done = wait_final(tiny, run_id, timeout=60)
+    assert done.status.value == "rejected"
+    assert "no such repository or tag" in done.detail
