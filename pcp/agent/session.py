@@ -88,7 +88,7 @@ class Session:
         self.output.mkdir(parents=True, exist_ok=True)
         prune(self.cfg.work_dir, keep=self.cfg.keep_runs, current=self.a.run_id)
         self.log.info("session_start", f"{self.a.role} {self.a.node} of run {self.a.run_id} "
-                      f"attempt {self.a.attempt}", binary=self.a.binary)
+                      f"attempt {self.a.attempt}", binary=self.a.binary, image=self.a.image)
         started = time.monotonic()
         problem = self.gpu_problem()
         if problem is not None:
