@@ -205,21 +205,30 @@ class ContainerRunner(Runner):
         self.engine = engine
         self.name = name
         self.stopper: subprocess.Popen[bytes] | None = None
+        self.grace = 0.0
 
     def terminate(self, grace: float) -> None:
         if self.kill_at is not None:
             return
         self.sent = "SIGTERM"
         self.kill_at = time.monotonic() + grace + STOP_MARGIN
+        self.grace = grace
+        self._stop_container()
+
+    def _stop_container(self) -> None:
         with open(self.stderr, "ab") as err:
             self.stopper = subprocess.Popen(
-                self.engine.cmd("stop", "--time", str(max(0, math.ceil(grace))), self.name),
+                self.engine.cmd("stop", "-t", str(max(0, math.ceil(self.grace))), self.name),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 start_new_session=True, env=self.env)
 
     def tick(self) -> None:
-        if self.stopper is not None:
-            self.stopper.poll()
+        if self.stopper is not None and self.stopper.poll() not in (None, 0) \
+                and self.poll() is None and self.kill_at is not None \
+                and time.monotonic() < self.kill_at - STOP_MARGIN:
+            # Stopped before the engine had created the container: ask again until it exists.
+            time.sleep(0.2)
+            self._stop_container()
         if self.kill_at is not None and time.monotonic() >= self.kill_at and self.poll() is None:
             self.kill_at = float("inf")
             subprocess.run(self.engine.cmd("rm", "--force", self.name), stdin=subprocess.DEVNULL,

@@ -189,6 +189,23 @@ def test_a_stop_is_sigterm_through_init_and_the_container_is_removed(
     assert _until(lambda: not oci.containers_of("agent-stop", engine), 30)  # --rm
 
 
+def test_a_stop_before_the_container_exists_still_stops_it(
+        podman: tuple[oci.Podman, str], tmp_path: Path) -> None:
+    engine, ref = podman
+    runner = _runner(engine, assignment("worker", run_id="agent-early"), ref, tmp_path, ())
+    runner.argv[runner.argv.index("worker")] = "sleep"
+    runner.start()
+    runner.terminate(2.0)  # at once: the engine has not created the container yet
+    deadline = time.monotonic() + 60
+    while runner.poll() is None and time.monotonic() < deadline:
+        runner.tick()
+        time.sleep(0.1)
+    assert runner.poll() is not None, "the client never exited"
+    runner.reap_group()
+    assert runner.exit().signal == "SIGTERM"
+    assert _until(lambda: not oci.containers_of("agent-early", engine), 30)
+
+
 def test_a_container_left_by_a_killed_agent_is_removed(podman: tuple[oci.Podman, str],
                                                        tmp_path: Path) -> None:
     engine, ref = podman
