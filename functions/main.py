@@ -30,6 +30,7 @@ from pcp.core.messages import (
 )
 from pcp.core.names import Names
 from pcp.edge import envelope, events
+from pcp.edge.images import pin_image
 from pcp.edge.logline import log_ignored, log_outcome, transient
 from pcp.edge.rejections import reject_event, reject_start
 from pcp.edge.services import build_service, invocation, new_secret, now
@@ -59,6 +60,11 @@ def on_start(cloud_event: Any) -> None:
         reject_start(service, SETTINGS, data, message_id, str(e), at)
         return
     with transient(SETTINGS, "start", request.run_id), invocation(service, SETTINGS):
+        try:  # a tag becomes the digest every node of the run pulls (pcp/edge/images.py)
+            request = pin_image(request, SETTINGS.policy)
+        except PermanentError as e:
+            reject_start(service, SETTINGS, data, message_id, str(e), at)
+            return
         outcome = service.handle(request, at)
     log_outcome(SETTINGS, "start", outcome, request.run_id, message_id=message_id)
 

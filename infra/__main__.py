@@ -24,6 +24,7 @@ from pcp_infra.identity import GithubFederation, ServiceAccounts, ServiceAgents 
 from pcp_infra.messaging import Messaging  # noqa: E402
 from pcp_infra.monitoring import Alerts, LogMetrics, StackDashboard  # noqa: E402
 from pcp_infra.network import WorkerNetwork  # noqa: E402
+from pcp_infra.registry import ImageRepository  # noqa: E402
 from pcp_infra.scheduler import SweepSchedule  # noqa: E402
 from pcp_infra.source import CodeArchives  # noqa: E402
 from pcp_infra.storage import StateBucket  # noqa: E402
@@ -39,6 +40,7 @@ github = GithubFederation("github", cfg, accounts, depends_on=enabled)
 bucket = StateBucket("storage", cfg, accounts, depends_on=enabled)
 messaging = Messaging("messaging", cfg, accounts, agents, bucket, depends_on=enabled)
 network = WorkerNetwork("network", cfg, depends_on=enabled)
+images = ImageRepository("images", cfg, accounts, depends_on=enabled)
 code = CodeArchives("code", cfg, bucket, depends_on=enabled)
 fleet = WorkerFleet("fleet", cfg, accounts, bucket, network, depends_on=enabled)
 budget = (StackBudget("budget", cfg, messaging, depends_on=enabled)
@@ -60,6 +62,8 @@ pulumi.export("worker_count", cfg.worker_count)
 pulumi.export("prices", dict(cfg.prices or {}))  # `pcp cost` prices the standing cost with it
 pulumi.export("vm_names", fleet.vm_names)
 pulumi.export("bucket", bucket.name)
+# Push training images here (docs/trainers.md); the nodes and the functions may read it.
+pulumi.export("image_repository", images.url)
 # The one address workers reach the shepherd from (None with pcp:external_ip true).
 pulumi.export("worker_egress_ip", network.egress.address if network.egress else None)
 pulumi.export("topics", messaging.topic_names)

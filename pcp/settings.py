@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pcp.core.errors import PermanentError
+from pcp.core.images import parse_image
 from pcp.core.messages import DEFAULT_LAYOUT, GpuIdle, validate_layout
 from pcp.core.names import Names
 from pcp.core.policy import Policy
@@ -105,6 +106,7 @@ class Settings:
             sweep_interval_minutes=number("PCP_SWEEP_INTERVAL_MINUTES", 5),
             first_boot_grace_minutes=number("PCP_FIRST_BOOT_GRACE_MINUTES", 30),
             default_binary=env.get("PCP_BINARY") or None,
+            default_image=_image_setting(env.get("PCP_IMAGE") or None),
             default_layout=validate_layout(env.get("PCP_LAYOUT") or None, "PCP_LAYOUT")
             or DEFAULT_LAYOUT,
             worker_hourly_usd=number("PCP_WORKER_HOURLY_USD", 0),
@@ -137,6 +139,7 @@ class Settings:
             "PCP_KEEP_ALIVE_HOURS": _num(p.keep_alive_hours),
             "PCP_SWEEP_INTERVAL_MINUTES": _num(p.sweep_interval_minutes),
             "PCP_BINARY": p.default_binary or "",
+            "PCP_IMAGE": p.default_image or "",
             "PCP_LAYOUT": p.default_layout,
             "PCP_WORKER_HOURLY_USD": _num(p.worker_hourly_usd),
             "PCP_SHEPHERD_HOURLY_USD": _num(p.shepherd_hourly_usd),
@@ -161,3 +164,13 @@ class Settings:
 def _num(value: float) -> str:
     """A number as from_env reads it back exactly (repr keeps every digit of a float)."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _image_setting(value: str | None) -> str | None:
+    """PCP_IMAGE: an OCI reference (pcp/core/images.py), or None."""
+    if value is None:
+        return None
+    try:
+        return str(parse_image(value, "PCP_IMAGE"))
+    except PermanentError as e:
+        raise SettingsError(str(e)) from None

@@ -16,6 +16,7 @@ from typing import Any
 
 from pcp.core import costs
 from pcp.core.errors import PermanentError
+from pcp.core.images import parse_image
 from pcp.core.messages import LAYOUTS, GpuIdle
 from pcp.core.names import (
     INSTALL_NVIDIA_DRIVER,
@@ -55,6 +56,7 @@ DEFAULTS: Mapping[str, Any] = {
     "results_retention_days": 30,
     "sweep_interval_minutes": 5,
     "binary": "",
+    "image": "",
     "layout": "all-nodes",
     "github_repository": REQUIRED,
     "worker_hourly_usd": "0.54",
@@ -152,6 +154,15 @@ def _parse_usd(key: str, value: Any) -> float | None:
         raise ConfigError(f"pcp:{key} must be a positive, finite number of US dollars, "
                           f"got {value!r}")
     return amount
+def _parse_image(value: Any) -> str:
+    """pcp:image: an OCI reference REGISTRY/REPO[:TAG][@sha256:...], or empty."""
+    text = str(value or "").strip()
+    if not text:
+        return ""
+    try:
+        return str(parse_image(text, "pcp:image"))
+    except PermanentError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _parse_layout(value: Any) -> str:
@@ -243,6 +254,8 @@ class StackConfig:
     billing_account: str = ""
     monthly_budget_usd: float | None = None
     budget_stop_threshold: float = 1.0
+    #: The stack's default OCI image (pcp:image), pinned to its digest at each run's start.
+    image: str = ""
 
     # ------------------------------------------------------------------ construction
 
@@ -360,6 +373,7 @@ class StackConfig:
                 "sweep_interval_minutes", v["sweep_interval_minutes"], 1, 59
             ),
             binary=str(v["binary"] or "").strip(),
+            image=_parse_image(v["image"]),
             github_repository=repo,
             layout=_parse_layout(v["layout"]),
             worker_hourly_usd=worker_hourly_usd,
@@ -454,6 +468,7 @@ class StackConfig:
             keep_alive_hours=self.keep_alive_hours,
             sweep_interval_minutes=self.sweep_interval_minutes,
             default_binary=self.binary or None, default_layout=self.layout,
+            default_image=self.image or None,
             worker_hourly_usd=self.worker_hourly_usd,
             shepherd_hourly_usd=self.shepherd_hourly_usd, default_gpu_idle=self.gpu_idle,
             max_cost_usd=self.max_cost_usd,

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket-ifname", metavar="IFACE",
                    help="set NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME for the binary (unless "
                    "already set); 'auto': the default route's interface")
+    p.add_argument("--container-engine", metavar="CMD",
+                   help="the engine for a run that names an image, with its global options, "
+                   "split without a shell (default: docker if installed, else podman)")
     return p
 
 
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_interval=args.poll_interval, output_interval=args.output_interval,
         boot_grace=args.boot_grace, nix_bin_dir=args.nix_bin_dir,
         socket_ifname=args.socket_ifname or None,
+        container_engine=args.container_engine or None,
         stop_upload_budget=args.stop_upload_budget, log_file=args.log_file,
         log_max_bytes=args.log_max_bytes, log_backups=args.log_backups,
         gpu_interval=args.gpu_interval, gpu_minute_seconds=args.gpu_minute_seconds)

@@ -31,6 +31,9 @@ class AgentConfig:
     gpu_interval: float = 10.0  # nvidia-smi utilization samples (heartbeat, GPU-idle watchdog)
     #: How long one minute of a gpu_idle policy lasts: 60, shorter only to rehearse it locally.
     gpu_minute_seconds: float = 60.0
+    #: The container engine for a run that names an image: None/"auto" = docker if installed,
+    #: else podman; or a command with global options, split without a shell.
+    container_engine: str | None = None
     keep_runs: int = 3  # local work directories of older runs are deleted
     log_file: Path | None = None  # the agent's own rotated log (shepherd Mac); None: stdout
     log_max_bytes: int = 50 * 1024 * 1024

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
-from pcp.agent import gpu
+from pcp.agent import container, gpu
 from pcp.agent.binary import NOT_REALISED, BinaryError, Realiser
 from pcp.agent.config import AgentConfig
 from pcp.agent.log import Log
@@ -28,6 +29,7 @@ from pcp.agent.record import RunView, read_run
 from pcp.agent.runner import CANNOT_EXECUTE, Exit, Runner
 from pcp.agent.ticker import Task, Ticker
 from pcp.agent.uploader import Uploader
+from pcp.core.images import ImageRef
 from pcp.core.messages import Assignment
 from pcp.core.ports import BlobStore
 
@@ -66,6 +68,8 @@ class Session:
         self.stop_reason: str | None = None
         self._stop = threading.Event()
         self.runner: Runner | None = None
+        self.image: ImageRef | None = None  # the pulled image, when the node runs one
+        self.engine: container.Engine | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -98,7 +102,7 @@ class Session:
         self.output.mkdir(parents=True, exist_ok=True)
         prune(self.cfg.work_dir, keep=self.cfg.keep_runs, current=self.a.run_id)
         self.log.info("session_start", f"{self.a.role} {self.a.node} of run {self.a.run_id} "
-                      f"attempt {self.a.attempt}", binary=self.a.binary)
+                      f"attempt {self.a.attempt}", binary=self.a.binary, image=self.a.image)
         started = time.monotonic()
         problem = self.gpu_problem()
         if problem is not None:
@@ -106,15 +110,19 @@ class Session:
             return self._fail(gpu.GPU_UNAVAILABLE, f"the GPU is not usable: {problem}", started)
         try:
             with open(self.stderr, "ab") as nix_log:
-                realiser = Realiser(self.cfg.nix_bin_dir, log_to=nix_log,
-                                    cancelled=lambda: self.stopping() is not None,
-                                    grace=self.cfg.grace)
-                prefix = realiser.realise(self.a.binary)
+                if self.a.image is not None:
+                    prefix = self.pull_image(nix_log)
+                else:
+                    realiser = Realiser(self.cfg.nix_bin_dir, log_to=nix_log,
+                                        cancelled=lambda: self.stopping() is not None,
+                                        grace=self.cfg.grace)
+                    prefix = realiser.realise(self.a.binary)
         except BinaryError as e:
             if self.stopping() is not None:
                 return Result(False, None, self.stopping())
+            what = "the image" if self.a.image is not None else "the binary"
             self.log.error("binary_not_realised", str(e))
-            return self._fail(NOT_REALISED, f"cannot realise the binary: {e}", started)
+            return self._fail(NOT_REALISED, f"cannot realise {what}: {e}", started)
         self.log.info("binary_realised", " ".join(prefix), argv0=prefix[0])
         if self.a.role == "worker" and not self.wait_for_head():
             return Result(False, None, self.stopping())
@@ -123,6 +131,21 @@ class Session:
             self.log.info("not_started", why)
             return Result(False, None, why)
         return self.launch(prefix)
+
+    def pull_image(self, log_to: IO[bytes]) -> list[str]:
+        """Pull the assignment's pinned image (docs/trainers.md); the engine's command is the
+        prefix. A container a killed agent left for this node is removed first."""
+        assert self.a.image is not None
+        engine = container.find_engine(self.cfg.container_engine)
+        gone = container.remove_leftovers(engine, self.a.node, log_to)
+        if gone:
+            self.log.warning("container_leftover", f"removed {len(gone)} container(s) of "
+                             f"{self.a.node} left by an earlier agent", ids=gone)
+        puller = container.Puller(engine, log_to=log_to, grace=self.cfg.grace,
+                                  cancelled=lambda: self.stopping() is not None)
+        self.image = puller.pull(self.a.image)
+        self.engine = engine
+        return list(engine.argv)
 
     def gpu_problem(self) -> str | None:
         """Why this worker's GPUs cannot be used, or None (also when it has none)."""
@@ -166,10 +189,21 @@ class Session:
             self._stop.wait(0.5)
 
     def launch(self, prefix: list[str]) -> Result:
-        argv = prefix + self.a.argv(prefix[0])[1:]
-        env = {**os.environ, **self.a.env(str(self.output))}
-        env.update({k: v for k, v in socket_env(self.cfg.socket_ifname).items() if k not in env})
-        runner = Runner(argv, env, self.dir, self.stdout, self.stderr)
+        contract = self.a.env(str(self.output))
+        env = {**os.environ, **contract}
+        sockets = {k: v for k, v in socket_env(self.cfg.socket_ifname).items() if k not in env}
+        env.update(sockets)
+        runner: Runner
+        if self.image is not None and self.engine is not None:
+            # Every contract variable by name (the value is in the engine's environment).
+            gpus = gpu.parse_count(self.gpus) if self.a.role == "worker" else 0
+            argv = container.run_argv(self.engine, self.a, self.image, [*contract, *sockets],
+                                      str(self.output), gpus, self.cfg.grace)
+            runner = container.ContainerRunner(self.engine, container.container_name(self.a),
+                                               argv, env, self.dir, self.stdout, self.stderr)
+        else:
+            argv = prefix + self.a.argv(prefix[0])[1:]
+            runner = Runner(argv, env, self.dir, self.stdout, self.stderr)
         self.uploader.marker("booted")
         started = time.monotonic()
         try:

@@ -58,8 +58,8 @@ def _binary(ref: str) -> Any:
 
 
 #: What a request asks for; `requested_by` and `stack` say who and where, not what.
-SAME_REQUEST = ("keep_vm_alive", "training_config", "binary", "max_hours", "max_restarts",
-                "max_cost_usd")
+SAME_REQUEST = ("keep_vm_alive", "training_config", "binary", "image", "max_hours",
+                "max_restarts", "max_cost_usd")
 
 
 def _reused(ctx: Context, request: StartRequest) -> Any:
@@ -138,6 +138,9 @@ def capped(view: Any) -> str | None:
               help="extra arguments for the binary, split like a shell would (none runs)")
 @click.option("--binary", metavar="REF", help="flake reference or store path, or a JSON map "
                                               "platform -> store path")
+@click.option("--image", metavar="REF", help="OCI image to run instead of a binary, "
+              "REGISTRY/REPO[:TAG][@sha256:...] (a tag is pinned to its digest at start; "
+              "with --binary too, the shepherd runs the binary)")
 @click.option("--max-hours", type=float, help="deadline in hours (capped by the stack)")
 @click.option("--max-restarts", type=int, help="restarts after a lost node or boot timeout")
 @click.option("--max-cost", "max_cost", type=float, metavar="USD",
@@ -158,9 +161,9 @@ def capped(view: Any) -> str | None:
               show_default=True, metavar="SECONDS", help="with --wait: how often to poll")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
-        max_hours: float | None, max_restarts: int | None, max_cost: float | None,
-        layout: str | None, gpu_idle: str | None, run_id: str | None, wait: bool,
-        timeout: float | None, poll: float, as_json: bool) -> None:
+        image: str | None, max_hours: float | None, max_restarts: int | None,
+        max_cost: float | None, layout: str | None, gpu_idle: str | None, run_id: str | None,
+        wait: bool, timeout: float | None, poll: float, as_json: bool) -> None:
     """Request a training run; print its id (and with --wait, follow it to the end)."""
     flags = click.get_current_context().meta.get(FLAGS, {})
     if timeout is not None and not wait:
@@ -172,6 +175,8 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         body["training_config"] = training_config
     if binary is not None:
         body["binary"] = _binary(binary)
+    if image is not None:
+        body["image"] = image
     if max_hours is not None:
         body["max_hours"] = max_hours
     if max_restarts is not None:

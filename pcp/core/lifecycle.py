@@ -29,6 +29,7 @@ from pcp.core.events import (
     VmView,
     holds_attempt,
 )
+from pcp.core.images import parse_image, program_of
 from pcp.core.messages import (
     Assignment,
     BudgetNotification,
@@ -268,9 +269,10 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
         _reject(tx, req.run_id, f"start request is for stack {req.stack!r}, "
                 f"but this is stack {policy.stack!r}", now, policy)
         return
-    if req.binary is None and not policy.default_binary:
-        _reject(tx, req.run_id, "no binary: pass one in the request or set pcp:binary "
-                "on the stack", now, policy)
+    program = program_of(req.binary, req.image, policy.default_binary, policy.default_image)
+    if program.binary is None and program.image is None:
+        _reject(tx, req.run_id, "no binary: pass one (or an image) in the request or set "
+                "pcp:binary or pcp:image on the stack", now, policy)
         return
     hold = tx.state.budget.hold
     if hold is not None:
@@ -279,6 +281,14 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
                 f"--stack {policy.stack}`, then request the run again under a new run id",
                 now, policy)
         return
+    pinned = ""
+    if program.image is not None:
+        ref = parse_image(program.image)
+        pinned = ref.by_digest if ref.pinned else req.pinned_image
+        if not pinned or parse_image(pinned).name != ref.name:
+            _reject(tx, req.run_id, f"image {program.image} was not resolved to a digest "
+                    "(name it by digest, REGISTRY/REPO@sha256:...)", now, policy)
+            return
     if len(tx.state.queue) >= policy.max_queue:
         _reject(tx, req.run_id, f"the queue of stack {policy.stack} is full "
                 f"({policy.max_queue} runs waiting)", now, policy)
@@ -289,7 +299,7 @@ def _on_start(tx: _Tx, req: StartRequest, now: datetime, policy: Policy) -> None
                 f"{policy.stack} has no hourly prices (set pcp:worker_hourly_usd)", now, policy)
         return
     run = Run(request=req, phase=Phase.QUEUED, accepted_at=now, secret=req.secret,
-              max_cost_usd=cap)
+              max_cost_usd=cap, image=pinned)
     why = "accepted"
     if req.max_hours is not None and req.max_hours > policy.max_run_hours:
         why += f"; max_hours {req.max_hours:g} capped to the stack limit {policy.max_run_hours:g}"
@@ -626,7 +636,11 @@ def _deadline(run: Run) -> datetime:
 def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
     """Shepherd first (rank 0), then workers 1..n."""
     assert run.started_at is not None
-    binary = run.request.binary if run.request.binary is not None else policy.default_binary
+    # The image every node pulls is the one pinned at acceptance, whatever a tag says now.
+    program = program_of(run.request.binary, run.request.image, policy.default_binary,
+                         run.image or None)
+    if program.image is not None:
+        program = replace(program, image=run.image or None)
     return tuple(
         Assignment(
             run_id=run.run_id,
@@ -638,7 +652,8 @@ def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
             num_nodes=len(policy.node_names),
             head_host=policy.shepherd_host,
             port=policy.tcp_port,
-            binary=binary,
+            binary=program.for_role("shepherd" if name == "shepherd" else "worker")[0],
+            image=program.for_role("shepherd" if name == "shepherd" else "worker")[1],
             args=run.request.training_args,
             deadline=_deadline(run),
             boot_deadline=run.started_at + policy.boot_timeout,

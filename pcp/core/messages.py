@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from pcp.core.errors import PermanentError
+from pcp.core.images import parse_image
 from pcp.core.names import (
     MARKER_METADATA_KEY,
     MARKER_PATH_RE,
@@ -365,6 +366,16 @@ def _minutes(part: str, what: str, text: str) -> float:
         raise PermanentError(f"{what} {text!r}: {part!r} is not a duration (use e.g. 90s, "
                              "15m or 2h)")
     return float(m.group(1)) * _DURATION_UNIT[m.group(2)]
+def _image(obj: JsonObj, what: str, pinned: bool = False) -> str | None:
+    """An OCI image reference, checked against the distribution grammar; `pinned`: with its
+    digest (what a node is given)."""
+    v = obj.get("image")
+    if v is None:
+        return None
+    ref = parse_image(v, f"{what}: image")
+    if pinned and not ref.pinned:
+        raise PermanentError(f"{what}: image {v!r} is not pinned to a sha256 digest")
+    return str(ref)
 
 
 # ---------------------------------------------------------------- start request
@@ -390,6 +401,7 @@ START_FIELDS = (
     "metrics_node",
     "gpu_idle",
     "max_cost_usd",
+    "image",
 )
 
 #: How ranks are numbered (docs/agent.md, "Rank layouts"): `all-nodes` makes the shepherd
@@ -437,6 +449,14 @@ class StartRequest:
     #: and the time the run's nodes at the stack's hourly prices reach it, over every attempt.
     #: None takes the stack's default (pcp:max_cost_usd), if any.
     max_cost_usd: float | None = None
+    #: An OCI image to run instead of a Nix binary (`REGISTRY/REPO[:TAG][@sha256:HEX]`,
+    #: pcp/core/images.py); with `binary` too, the shepherd runs the binary and the workers
+    #: the image.
+    image: str | None = None
+    #: `image` (or the stack's default image) pinned to its digest, REGISTRY/REPO@sha256:HEX:
+    #: resolved once by the function that accepts the request, like `secret` never on the
+    #: wire and not compared; the run record keeps it, so every node and restart runs it.
+    pinned_image: str = field(default="", compare=False)
     #: The run's secret, drawn by the function that accepts the request (never on the wire:
     #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
     #: so a redelivered request still equals the one accepted.
@@ -482,6 +502,7 @@ class StartRequest:
             metrics_node=_metrics_node(obj.get("metrics_node"), what),
             gpu_idle=GpuIdle.from_value(obj.get("gpu_idle"), f"{what}: gpu_idle"),
             max_cost_usd=positive_usd(obj.get("max_cost_usd"), f"{what}: max_cost_usd"),
+            image=_image(obj, what),
         )
 
     def to_dict(self) -> JsonObj:
@@ -506,6 +527,8 @@ class StartRequest:
             out["gpu_idle"] = self.gpu_idle.to_dict()
         if self.max_cost_usd is not None:
             out["max_cost_usd"] = self.max_cost_usd
+        if self.image is not None:
+            out["image"] = self.image
         return out
 
     def to_json(self) -> bytes:
@@ -718,6 +741,7 @@ ASSIGNMENT_FIELDS = (
     "secret",
     "layout",
     "gpu_idle",
+    "image",
 )
 
 
@@ -749,6 +773,8 @@ class Assignment:
     layout: str = DEFAULT_LAYOUT
     #: The run's GPU-idle policy (the request's, else the stack's), enforced by the agent.
     gpu_idle: GpuIdle | None = None
+    #: The OCI image this node runs instead of `binary`, pinned: REGISTRY/REPO@sha256:HEX.
+    image: str | None = None
 
     @property
     def vm(self) -> str:
@@ -827,6 +853,7 @@ class Assignment:
             **({"secret": self.secret} if self.secret else {}),
             **({"layout": self.layout} if self.layout != DEFAULT_LAYOUT else {}),
             **({"gpu_idle": self.gpu_idle.to_dict()} if self.gpu_idle is not None else {}),
+            **({"image": self.image} if self.image is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -869,6 +896,7 @@ class Assignment:
             secret=validate_secret(obj.get("secret"), what),
             layout=validate_layout(obj.get("layout"), what) or DEFAULT_LAYOUT,
             gpu_idle=GpuIdle.from_value(obj.get("gpu_idle"), f"{what}: gpu_idle"),
+            image=_image(obj, what, pinned=True),
         )
 
     @classmethod

@@ -40,6 +40,9 @@ class Policy:
     keep_alive_hours: float = 2.0
     sweep_interval_minutes: float = 5.0
     default_binary: str | None = None
+    #: The OCI image of a run whose request names neither binary nor image (PCP_IMAGE,
+    #: `pcp:image`); with `default_binary` too, the shepherd runs the binary.
+    default_image: str | None = None
     #: The rank layout of a run whose request names none (docs/agent.md, "Rank layouts").
     default_layout: str = "all-nodes"
     worker_hourly_usd: float = 0.0

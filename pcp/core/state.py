@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from pcp.core.errors import CorruptState, PermanentError
+from pcp.core.images import pinned_image
 from pcp.core.messages import NODE_END_REASONS as MARKER_END_REASONS
 from pcp.core.messages import (
     StartRequest,
@@ -197,6 +198,9 @@ class Run:
     max_cost_usd: float | None = None
     #: Which limit set the current attempt's deadline: "max_hours" or "max_cost_usd".
     deadline_by: str | None = None
+    #: The OCI image the run's nodes pull, pinned: REGISTRY/REPO@sha256:HEX ("" for none),
+    #: resolved once when the request was accepted, so every node and attempt runs it.
+    image: str = ""
 
     @property
     def run_id(self) -> str:
@@ -246,6 +250,7 @@ class Run:
             **({"secret": self.secret} if self.secret else {}),
             **({"max_cost_usd": self.max_cost_usd} if self.max_cost_usd is not None else {}),
             **({"deadline_by": self.deadline_by} if self.deadline_by is not None else {}),
+            **({"image": self.image} if self.image else {}),
         }
 
     @classmethod
@@ -267,6 +272,7 @@ class Run:
             secret=validate_secret(d.get("secret"), "run record"),
             max_cost_usd=positive_usd(d.get("max_cost_usd"), "run record: max_cost_usd"),
             deadline_by=_deadline_by(d.get("deadline_by")),
+            image=pinned_image(d.get("image"), "run record"),
         )
 
     def to_json(self) -> bytes:

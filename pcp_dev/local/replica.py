@@ -125,6 +125,10 @@ class Options:
     maintenance_notice_seconds: float = 60.0
     max_cost_usd: float | None = None  # the stack's default cap (pcp:max_cost_usd)
     budget_stop_threshold: float = 1.0
+    # For runs that name an OCI image: the agents' --container-engine (None: docker if
+    # installed, else podman) and what the engine needs in its environment (CONTAINERS_CONF).
+    container_engine: str | None = None
+    agent_extra_env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def worker_count(self) -> int:
@@ -563,6 +567,7 @@ class Replica:
                     "GOOGLE_CLOUD_PROJECT": self.options.project,
                     # the reference trainer listens on loopback only, never on every interface
                     "PCP_TRAINER_HOST": "127.0.0.1"})
+        env.update(self.options.agent_extra_env)
         if metadata_host is not None:
             env["GCE_METADATA_HOST"] = metadata_host
         return env
@@ -570,10 +575,12 @@ class Replica:
     def _agent_argv(self, role: str, node: str) -> list[str]:
         o = self.options
         interval = str(o.agent_interval)
+        engine = ["--container-engine", o.container_engine] if o.container_engine else []
         return [sys.executable, "-m", "pcp.agent", role, "--work-dir",
                 str(self.node_dir / node), "--grace", str(o.grace), "--upload-interval",
                 interval, "--poll-interval", interval, "--output-interval", "0",
-                "--gpu-interval", interval, "--gpu-minute-seconds", str(o.gpu_minute_seconds)]
+                "--gpu-interval", interval, "--gpu-minute-seconds", str(o.gpu_minute_seconds),
+                *engine]
 
     def _vm_started(self, vm: VmRecord) -> None:
         """LocalCompute's on_start: the VM booted, so its agent starts (unless held back)."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pcp_dev.local import oci
 from pcp_dev.local.emulators import EmulatorMissing
 from pcp_dev.local.replica import Options, Replica
 from tests.conftest import require_emulator
@@ -27,12 +29,22 @@ def launch(options: Options) -> Replica:
         require_emulator("the local replica's emulators", exc)
 
 
+def container_options(state: Path) -> dict[str, Any]:
+    """The agents' Podman, set up as these machines need it (pcp_dev/local/oci.py), when it
+    is installed; runs that name an image skip otherwise (tests/e2e/test_images.py)."""
+    if oci.missing() is not None:
+        return {}
+    podman = oci.podman_engine(state / "podman")
+    return {"container_engine": podman.command, "agent_extra_env": podman.env}
+
+
 @pytest.fixture(scope="module")
 def tiny_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     state: Path = tmp_path_factory.mktemp("replica-tiny")
     replica = launch(Options(stack="tiny", state_dir=state, boot_timeout_minutes=0.35,
                              keep_alive_hours=0.004, sweep_interval=2.0, agent_interval=0.5,
-                             grace=3.0, gpu_minute_seconds=1.0))
+                             grace=3.0, gpu_minute_seconds=1.0,
+                             **container_options(state)))
     try:
         yield replica
     finally:

@@ -145,7 +145,7 @@ def test_function_environment_is_all_strings():
         "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
         "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY", "PCP_LAYOUT",
         "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
-        "PCP_FIRST_BOOT_GRACE_MINUTES",
+        "PCP_FIRST_BOOT_GRACE_MINUTES", "PCP_IMAGE",
     }  # fmt: skip
     assert all(isinstance(v, str) for v in env.values())
     assert env["PCP_WORKER_HOURLY_USD"] == "0.54"
@@ -271,3 +271,14 @@ def test_prices_override_the_default_table_key_by_key():
                        ('{"pd-ssd": -1}', ">= 0"), ("{", "object of prices")):
         with pytest.raises(ConfigError, match=words):
             parse(prices=bad)
+def test_image_is_a_strict_reference_and_reaches_the_functions():
+    def env(cfg: StackConfig) -> dict[str, str]:
+        return cfg.function_environment("b", timeout_seconds=60)
+
+    ref = "us-central1-docker.pkg.dev/my-project/pcp-tiny/trainer:v1"
+    assert env(parse(image=ref))["PCP_IMAGE"] == ref
+    assert env(parse())["PCP_IMAGE"] == ""
+    with pytest.raises(ConfigError, match="names no registry"):
+        parse(image="trainer:v1")
+    with pytest.raises(ConfigError, match="sha256"):
+        parse(image="us-docker.pkg.dev/p/r/t@sha256:abc")

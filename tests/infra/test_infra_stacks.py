@@ -41,6 +41,8 @@ INSTANCE_MEMBER = "gcp:compute/instanceIAMMember:InstanceIAMMember"
 RUN_MEMBER = "gcp:cloudrunv2/serviceIamMember:ServiceIamMember"
 CUSTOM_ROLE = "gcp:projects/iAMCustomRole:IAMCustomRole"
 POOL = "gcp:iam/workloadIdentityPool:WorkloadIdentityPool"
+REPOSITORY = "gcp:artifactregistry/repository:Repository"
+REPOSITORY_MEMBER = "gcp:artifactregistry/repositoryIamMember:RepositoryIamMember"
 POOL_PROVIDER = "gcp:iam/workloadIdentityPoolProvider:WorkloadIdentityPoolProvider"
 
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
@@ -50,7 +52,7 @@ PCP_ENV = {
     "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
     "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY",
     "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
-    "PCP_FIRST_BOOT_GRACE_MINUTES", "PCP_LAYOUT",
+    "PCP_FIRST_BOOT_GRACE_MINUTES", "PCP_LAYOUT", "PCP_IMAGE",
 }  # fmt: skip
 
 #: The event-driven maximum (Cloud Functions 2nd gen): every function may wait on VM stops,
@@ -329,6 +331,7 @@ def test_functions_environment(any_run):
         "PCP_SWEEP_INTERVAL_MINUTES": cfg["pcp:sweep_interval_minutes"],
         "PCP_BINARY": cfg["pcp:binary"],
         "PCP_LAYOUT": cfg.get("pcp:layout", "all-nodes"),
+        "PCP_IMAGE": cfg.get("pcp:image", ""),
         "PCP_WORKER_HOURLY_USD": cfg["pcp:worker_hourly_usd"],
         "PCP_SHEPHERD_HOURLY_USD": cfg["pcp:shepherd_hourly_usd"],
         # not a stack setting: the policy's default, written so the contract is complete
@@ -606,6 +609,7 @@ def test_grants_per_service_account(any_run):
                 or i.get("subscription")
                 or i.get("instanceName")
                 or i.get("serviceAccountId")
+                or i.get("repository")
                 or (i.get("name") if r["type"] == RUN_MEMBER else None)
                 or "project"
             )
@@ -628,10 +632,13 @@ def test_grants_per_service_account(any_run):
     assert grants_of("shepherd") == {
         ("SubscriptionIAMMember", f"{p}-shepherd-host", "roles/pubsub.subscriber"),
         ("BucketIAMMember", bucket, "roles/storage.objectAdmin"),
+        ("RepositoryIamMember", p, "roles/artifactregistry.reader"),
     }
     assert grants_of("worker") == {
         ("BucketIAMMember", bucket, "roles/storage.objectAdmin"),
         ("IAMMember", "project", "roles/logging.logWriter"),
+        # pulls the run's image (docs/trainers.md)
+        ("RepositoryIamMember", p, "roles/artifactregistry.reader"),
     }
     functions = grants_of("functions")
     worker_sa = (
@@ -643,6 +650,7 @@ def test_grants_per_service_account(any_run):
         ("TopicIAMMember", f"{p}-stop", "roles/pubsub.publisher"),
         ("IAMMember", worker_sa, "roles/iam.serviceAccountUser"),
         ("IAMMember", "project", "roles/eventarc.eventReceiver"),
+        ("RepositoryIamMember", p, "roles/artifactregistry.reader"),  # pins tags to digests
     ]:
         assert expected in functions
     # No predefined project-wide compute role: only the custom fleet roles.
@@ -814,7 +822,7 @@ def test_every_resource_lives_in_a_component(any_run):
         "pcp:infra:StateBucket", "pcp:infra:Messaging", "pcp:infra:WorkerNetwork",
         "pcp:infra:WorkerFleet", "pcp:infra:ControlFunctions", "pcp:infra:SweepSchedule",
         "pcp:infra:CodeArchives", "pcp:infra:ServiceAgents", "pcp:infra:LogMetrics",
-        "pcp:infra:Alerts", "pcp:infra:StackDashboard",
+        "pcp:infra:Alerts", "pcp:infra:StackDashboard", "pcp:infra:ImageRepository",
     } | ({"pcp:infra:StackBudget"}
          if any_run.config.get("pcp:billing_account") else set())  # fmt: skip
     for r in any_run.custom:
@@ -899,3 +907,23 @@ def test_readme_quota_table_matches_the_stacks(mock_runs):
     for metric, (*per_stack, total) in rows.items():
         assert per_stack == [computed[s][metric] for s in stacks], metric
         assert total == sum(per_stack), metric
+
+
+def test_the_stack_has_an_image_repository_its_nodes_and_functions_read(any_run):
+    """One docker repository per stack, in the stack's region; the workers (and the shepherd
+    and the functions, which pin tags) are its readers, and nobody is granted more here."""
+    (repo,) = any_run.of_type(REPOSITORY)
+    r = repo["inputs"]
+    assert r["repositoryId"] == any_run.prefix
+    assert r["format"] == "DOCKER"
+    assert r["location"] == any_run.config.get("pcp:region", "us-central1")
+    assert r["project"] == any_run.config["gcp:project"]
+    members = {m["inputs"]["member"]: m["inputs"] for m in any_run.of_type(REPOSITORY_MEMBER)}
+    assert set(members) == {f"serviceAccount:{any_run.sa_email(a)}"
+                            for a in ("worker", "shepherd", "functions")}
+    for m in members.values():
+        assert m["role"] == "roles/artifactregistry.reader"
+        assert m["repository"] == any_run.prefix
+        assert m["location"] == r["location"]
+    assert any_run.outputs["image_repository"] == (
+        f"{r['location']}-docker.pkg.dev/{r['project']}/{any_run.prefix}")

@@ -223,7 +223,7 @@ def fake_pcp(tmp_path: Path) -> Path:
 
 def wait(fake_pcp: Path, tmp_path: Path, *, exit_code: int, seconds_left: int,
          training_config: str = "", keep: str = "false", layout: str = "stack-default",
-         max_cost: str = ""):  # noqa: ANN201
+         max_cost: str = "", image: str = ""):  # noqa: ANN201
     assert shutil.which("timeout"), "coreutils timeout is needed (the runner has it)"
     args_file = tmp_path / "pcp-args"
     env = {
@@ -236,6 +236,7 @@ def wait(fake_pcp: Path, tmp_path: Path, *, exit_code: int, seconds_left: int,
         "TRAINING_CONFIG": training_config,
         "LAYOUT": layout,
         "MAX_COST_USD": max_cost,
+        "IMAGE": image,
     }
     proc, out, _ = run_script(step_by_id("run")["run"], env, tmp_path)
     argv = args_file.read_text().splitlines() if args_file.exists() else []
@@ -297,6 +298,13 @@ def test_the_max_cost_input_becomes_the_max_cost_flag(fake_pcp, tmp_path) -> Non
     assert not (tmp_path / "pwned").exists()
     _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100)
     assert "--max-cost" not in argv  # the stack's default
+def test_the_image_input_becomes_one_image_argument(fake_pcp, tmp_path) -> None:  # noqa: ANN001
+    image = "us-docker.pkg.dev/p/pcp-tiny/trainer:v1 $(touch pwned)"
+    _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100, image=image)
+    assert option(argv, "--image") == image  # one argument; pcp run's parser refuses it
+    assert not (tmp_path / "pwned").exists()
+    _, _, argv = wait(fake_pcp, tmp_path, exit_code=0, seconds_left=100)
+    assert "--image" not in argv  # the stack's default
 
 
 def test_the_wait_is_backed_up_by_timeout() -> None:

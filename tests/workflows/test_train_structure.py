@@ -50,8 +50,9 @@ def train() -> dict[str, Any]:
 def test_dispatch_inputs(train) -> None:
     inputs = trigger(train)["workflow_dispatch"]["inputs"]
     assert set(inputs) == {"stack", "keep_vm_alive", "training_config", "layout",
-                           "max_cost_usd"}
+                           "max_cost_usd", "image"}
     assert len(inputs) <= 10  # GitHub's limit on workflow_dispatch inputs
+    assert inputs["image"]["type"] == "string" and inputs["image"]["default"] == ""
     assert inputs["layout"]["options"] == ["stack-default", "all-nodes", "workers-only"]
     assert inputs["stack"]["type"] == "choice"
     assert inputs["stack"]["options"] == ["tiny", "small", "large", "huge"]
