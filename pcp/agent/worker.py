@@ -139,7 +139,7 @@ class Worker:
                 return 0
 
     def power_off(self, why: str, log: Log | None = None) -> int:
-        return power_off(list(self.cfg.poweroff), why, log or self.log)
+        return power_off(list(self.cfg.poweroff), why, log or self.log, console=self.cfg.console)
 
     def _meta(self, key: str) -> str | None:
         try:

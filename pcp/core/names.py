@@ -264,3 +264,8 @@ class Names:
 
     def labels(self, **extra: str) -> dict[str, str]:
         return {LABEL_STACK: self.stack, **extra}
+
+
+#: The first word of the line a worker's dead-man switch writes to the serial console before
+#: powering off (pcp/agent/deadman.py); the log-based metric `deadman-power-offs` matches it.
+DEAD_MAN_CONSOLE_TAG = "pcp-dead-man-power-off"
