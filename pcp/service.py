@@ -44,6 +44,7 @@ from pcp.core.names import (
     run_prefix,
     summary_doc,
     sweep_doc,
+    wandb_group_url,
 )
 from pcp.core.policy import Policy
 from pcp.core.ports import BlobStore, Bus, Fleet, Listed
@@ -280,8 +281,20 @@ class Service:
         run = self.load().state.active
         return None if run is None else (run.run_id, run.attempt)
 
+    def wandb(self, run: Run) -> dict[str, Any] | None:
+        """Where the run's nodes log to wandb (its request, else the stack's defaults)."""
+        project = run.request.wandb_project or self.policy.default_wandb_project
+        if not project:
+            return None
+        entity = run.request.wandb_entity or self.policy.default_wandb_entity
+        return {"project": project, "entity": entity, "group": run.run_id,
+                "url": wandb_group_url(entity, project, run.run_id)}
+
     def archive(self, run: Run) -> None:
-        self.store.put(run_doc(run.run_id), run.to_json())
+        wandb = self.wandb(run)
+        # The record with where its wandb runs are (readers of Run ignore the extra key).
+        self.store.put(run_doc(run.run_id), run.to_json() if wandb is None
+                       else dump({**run.to_dict(), "wandb": wandb}))
         if run.phase is Phase.ENDED:
             self.store.put(summary_doc(run.run_id), dump(self.summary(run)))
 
@@ -318,6 +331,7 @@ class Service:
             "metrics": metrics,
             "metrics_node": node,
             "files": files,
+            **({"wandb": wandb} if (wandb := self.wandb(run)) is not None else {}),
         }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pcp.core.messages import LAYOUTS
+from pcp.core.messages import LAYOUTS, WANDB_ENTITY_RE, WANDB_PROJECT_RE
 from pcp.core.names import (
     INSTALL_NVIDIA_DRIVER,
     META_CACHIX_CACHE,
@@ -66,6 +66,8 @@ DEFAULTS: Mapping[str, Any] = {
     "nix_substituter": "",
     "alert_email": "",
     "alert_pubsub_topic": "",
+    "wandb_project": "",
+    "wandb_entity": "",
 }
 
 #: Stack sizes are bounded by the design (1..15 workers); larger needs a deliberate change here.
@@ -211,6 +213,8 @@ class StackConfig:
     nix_substituter: str
     alert_email: str = ""
     alert_pubsub_topic: str = ""
+    wandb_project: str = ""
+    wandb_entity: str = ""
 
     # ------------------------------------------------------------------ construction
 
@@ -332,6 +336,8 @@ class StackConfig:
             alert_pubsub_topic=_parse_optional(
                 "alert_pubsub_topic", v["alert_pubsub_topic"], _TOPIC_RE
             ),
+            wandb_project=_parse_optional("wandb_project", v["wandb_project"], WANDB_PROJECT_RE),
+            wandb_entity=_parse_optional("wandb_entity", v["wandb_entity"], WANDB_ENTITY_RE),
         )
 
     # ------------------------------------------------------------------ derived values
@@ -386,6 +392,8 @@ class StackConfig:
             keep_alive_hours=self.keep_alive_hours,
             sweep_interval_minutes=self.sweep_interval_minutes,
             default_binary=self.binary or None, default_layout=self.layout,
+            default_wandb_project=self.wandb_project or None,
+            default_wandb_entity=self.wandb_entity or None,
             worker_hourly_usd=self.worker_hourly_usd,
             shepherd_hourly_usd=self.shepherd_hourly_usd)
         return Settings(stack=self.stack, project=self.project, zone=self.zone,

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker: also write the power-off line here, the serial console that "
                    f"Compute Engine sends to Cloud Logging; empty = nowhere (default "
                    f"{DEFAULT_CONSOLE})")
+    p.add_argument("--wandb-key-file", type=Path, metavar="FILE",
+                   help="read the wandb API key from FILE (default: the stack's Secret "
+                   "Manager secret pcp-<stack>-wandb-api-key, for runs that name a wandb "
+                   "project)")
     p.add_argument("--work-dir", type=Path, default=Path(DEFAULT_WORK_DIR),
                    help=f"per-run working directories (default {DEFAULT_WORK_DIR})")
     p.add_argument("--once", action="store_true",
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AgentConfig(
         role=args.role, work_dir=args.work_dir, bucket=args.bucket, project=args.project,
         stack=args.stack, poweroff=tuple(parse_command(args.poweroff_command)), once=args.once,
-        console=args.console or None,
+        console=args.console or None, wandb_key_file=args.wandb_key_file,
         grace=args.grace, upload_interval=args.upload_interval,
         poll_interval=args.poll_interval, output_interval=args.output_interval,
         boot_grace=args.boot_grace, nix_bin_dir=args.nix_bin_dir,

@@ -27,6 +27,7 @@ from pcp.agent.record import RunView, read_run
 from pcp.agent.runner import CANNOT_EXECUTE, Exit, Runner
 from pcp.agent.ticker import Task, Ticker
 from pcp.agent.uploader import Uploader
+from pcp.agent.wandb import KeySource, wandb_env
 from pcp.core.messages import Assignment
 from pcp.core.ports import BlobStore
 
@@ -42,8 +43,10 @@ class Result:
 
 class Session:
     def __init__(self, a: Assignment, store: BlobStore, cfg: AgentConfig, log: Log,
-                 agent_stop: threading.Event, gpus: str | None = None) -> None:
+                 agent_stop: threading.Event, gpus: str | None = None,
+                 wandb_key: KeySource | None = None) -> None:
         self.a = a
+        self.wandb_key = wandb_key
         self.gpus = gpus  # the worker's pcp-gpu-count metadata, checked before anything runs
         self.store = store
         self.cfg = cfg
@@ -155,6 +158,7 @@ class Session:
         argv = prefix + self.a.argv(prefix[0])[1:]
         env = {**os.environ, **self.a.env(str(self.output))}
         env.update({k: v for k, v in socket_env(self.cfg.socket_ifname).items() if k not in env})
+        env.update(wandb_env(self.a, str(self.output), self.wandb_key, self.log))
         runner = Runner(argv, env, self.dir, self.stdout, self.stderr)
         self.uploader.marker("booted")
         started = time.monotonic()

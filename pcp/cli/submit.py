@@ -103,6 +103,10 @@ def capped(view: Any) -> str | None:
 @click.option("--max-restarts", type=int, help="restarts after a lost node or boot timeout")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="rank layout (docs/agent.md); "
                                                           "default: the stack's")
+@click.option("--wandb-project", metavar="PROJECT",
+              help="wandb project the nodes log to (default: the stack's pcp:wandb_project)")
+@click.option("--wandb-entity", metavar="ENTITY",
+              help="wandb user or team (default: the stack's pcp:wandb_entity)")
 @click.option("--run-id", help="fix the run id (default r-YYYYMMDD-HHMMSS-xxxx)")
 @click.option("--wait", is_flag=True, help="follow the run until it ends; exit 0 on success")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
@@ -113,6 +117,7 @@ def capped(view: Any) -> str | None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         max_hours: float | None, max_restarts: int | None, layout: str | None,
+        wandb_project: str | None, wandb_entity: str | None,
         run_id: str | None, wait: bool, timeout: float | None, poll: float,
         as_json: bool) -> None:
     """Request a training run; print its id (and with --wait, follow it to the end)."""
@@ -132,6 +137,10 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         body["max_restarts"] = max_restarts
     if layout is not None:
         body["layout"] = layout
+    if wandb_project is not None:
+        body["wandb_project"] = wandb_project
+    if wandb_entity is not None:
+        body["wandb_entity"] = wandb_entity
     if flags.get("stack"):
         body["stack"] = flags["stack"]
     try:  # the control plane's own parser: what fails here would be rejected there

@@ -563,6 +563,8 @@ def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
             keep_vm_alive=run.request.keep_vm_alive,
             secret=run.secret,
             layout=run.request.layout or policy.default_layout,
+            wandb_project=run.request.wandb_project or policy.default_wandb_project,
+            wandb_entity=run.request.wandb_entity or policy.default_wandb_entity,
         )
         for rank, name in enumerate(policy.node_names)
     )

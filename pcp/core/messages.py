@@ -32,6 +32,11 @@ RUN_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 #: A run's secret (docs/agent.md, PCP_RUN_SECRET): hex, drawn where the run is accepted.
 SECRET_RE = re.compile(r"^[0-9a-f]{32,128}$")
 PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_]+$")
+#: What pcp accepts as a wandb project and entity (user or team): they go into the binary's
+#: environment and into a https://wandb.ai/ENTITY/PROJECT/... link, so nothing that needs
+#: quoting (wandb refuses / \\ # ? % : in project names itself).
+WANDB_PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+WANDB_ENTITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CONFIG_BYTES = 16 * 1024
 MAX_TEXT = 1024
@@ -284,7 +289,22 @@ START_FIELDS = (
     "requested_by",
     "layout",
     "metrics_node",
+    "wandb_project",
+    "wandb_entity",
 )
+
+
+def validate_wandb(value: object, key: str, what: str) -> str | None:
+    """A wandb project (`key="wandb_project"`) or entity (`"wandb_entity"`), or None."""
+    if value is None:
+        return None
+    pattern = WANDB_PROJECT_RE if key == "wandb_project" else WANDB_ENTITY_RE
+    if not isinstance(value, str) or not pattern.match(value):
+        rule = ("letters, digits, '.', '_' and '-', at most 128, starting with a letter or "
+                "digit" if key == "wandb_project" else
+                "letters, digits, '_' and '-', at most 64, starting with a letter or digit")
+        raise PermanentError(f"{what}: {key} {value!r} must be {rule}")
+    return value
 
 #: How ranks are numbered (docs/agent.md, "Rank layouts"): `all-nodes` makes the shepherd
 #: rank 0 of WORLD_SIZE = nodes; `workers-only` makes the workers ranks 0..N-1 of
@@ -325,6 +345,9 @@ class StartRequest:
     layout: str | None = None
     #: The node whose metrics.json the run summary reads; None: rank 0 of the layout.
     metrics_node: str | None = None
+    #: The wandb project and entity the nodes log to; None takes the stack's default.
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
     #: The run's secret, drawn by the function that accepts the request (never on the wire:
     #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
     #: so a redelivered request still equals the one accepted.
@@ -368,6 +391,8 @@ class StartRequest:
             stack=stack,
             layout=validate_layout(obj.get("layout"), what),
             metrics_node=_metrics_node(obj.get("metrics_node"), what),
+            wandb_project=validate_wandb(obj.get("wandb_project"), "wandb_project", what),
+            wandb_entity=validate_wandb(obj.get("wandb_entity"), "wandb_entity", what),
         )
 
     def to_dict(self) -> JsonObj:
@@ -388,6 +413,10 @@ class StartRequest:
             out["layout"] = self.layout
         if self.metrics_node is not None:
             out["metrics_node"] = self.metrics_node
+        if self.wandb_project is not None:
+            out["wandb_project"] = self.wandb_project
+        if self.wandb_entity is not None:
+            out["wandb_entity"] = self.wandb_entity
         return out
 
     def to_json(self) -> bytes:
@@ -586,6 +615,8 @@ ASSIGNMENT_FIELDS = (
     "keep_vm_alive",
     "secret",
     "layout",
+    "wandb_project",
+    "wandb_entity",
 )
 
 
@@ -615,6 +646,9 @@ class Assignment:
     #: never a label or a log line. The binary gets it as PCP_RUN_SECRET (docs/agent.md).
     secret: str = field(default="", repr=False)
     layout: str = DEFAULT_LAYOUT
+    #: wandb: the project (None: no wandb) and entity the binary logs to (docs/trainers.md).
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
 
     @property
     def vm(self) -> str:
@@ -692,6 +726,8 @@ class Assignment:
             "keep_vm_alive": self.keep_vm_alive,
             **({"secret": self.secret} if self.secret else {}),
             **({"layout": self.layout} if self.layout != DEFAULT_LAYOUT else {}),
+            **({"wandb_project": self.wandb_project} if self.wandb_project else {}),
+            **({"wandb_entity": self.wandb_entity} if self.wandb_entity else {}),
         }
 
     def to_json(self) -> bytes:
@@ -733,6 +769,8 @@ class Assignment:
             keep_vm_alive=_bool(obj, "keep_vm_alive", what),
             secret=validate_secret(obj.get("secret"), what),
             layout=validate_layout(obj.get("layout"), what) or DEFAULT_LAYOUT,
+            wandb_project=validate_wandb(obj.get("wandb_project"), "wandb_project", what),
+            wandb_entity=validate_wandb(obj.get("wandb_entity"), "wandb_entity", what),
         )
 
     @classmethod

@@ -7,7 +7,10 @@ Served, as GCE serves them:
 - `/computeMetadata/v1/instance/name`: the VM name;
 - `/computeMetadata/v1/instance/attributes/<key>`: one attribute's value, 404 when missing;
 - `/computeMetadata/v1/instance/attributes/?recursive=true`: every attribute as JSON (without
-  `recursive`, the keys one per line).
+  `recursive`, the keys one per line);
+- `/computeMetadata/v1/instance/service-accounts/default/token`: the VM's access token
+  (`{"access_token", "expires_in", "token_type": "Bearer"}`), `token` below, which a local
+  stand-in of a Google API (the Secret Manager one in the wandb tests) accepts.
 
 Every request must carry `Metadata-Flavor: Google` (403 without it, as on GCE: the header is
 what stops a server-side request forgery from reading the metadata). Attributes are looked up
@@ -31,9 +34,11 @@ PREFIX = "/computeMetadata/v1/instance/"
 class MetadataServer:
     """One VM's metadata on 127.0.0.1; `lookup()` returns its live attributes."""
 
-    def __init__(self, lookup: Callable[[], dict[str, str]], name: str) -> None:
+    def __init__(self, lookup: Callable[[], dict[str, str]], name: str,
+                 token: str | None = None) -> None:
         self.lookup = lookup
         self.name = name
+        self.token = token or f"ya29.local-{name}"
         self._server: LoopbackServer | None = None
 
     @property
@@ -68,6 +73,9 @@ class MetadataServer:
         """(status, content type, body) for a GET of `path`."""
         if path == PREFIX + "name":
             return 200, "application/text", self.name
+        if path == PREFIX + "service-accounts/default/token":
+            return 200, "application/json", json.dumps(
+                {"access_token": self.token, "expires_in": 3599, "token_type": "Bearer"})
         if not path.startswith(PREFIX + "attributes/"):
             return 404, "text/html", "Not Found"
         try:
