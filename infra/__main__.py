@@ -24,6 +24,7 @@ from pcp_infra.messaging import Messaging  # noqa: E402
 from pcp_infra.monitoring import Alerts, LogMetrics, StackDashboard  # noqa: E402
 from pcp_infra.network import WorkerNetwork  # noqa: E402
 from pcp_infra.scheduler import SweepSchedule  # noqa: E402
+from pcp_infra.secrets import WandbSecret  # noqa: E402
 from pcp_infra.source import CodeArchives  # noqa: E402
 from pcp_infra.storage import StateBucket  # noqa: E402
 
@@ -47,6 +48,7 @@ schedule = SweepSchedule("scheduler", cfg, messaging, depends_on=[*enabled, func
 metrics = LogMetrics("monitoring", cfg, depends_on=enabled)
 alerting = Alerts("alerts", cfg, metrics, depends_on=enabled)
 board = StackDashboard("dashboard", cfg, metrics, depends_on=enabled)
+wandb_key = WandbSecret("secrets", cfg, accounts, depends_on=enabled)
 
 # The CLI and the workflows read these (`pulumi stack output --json`).
 pulumi.export("stack", cfg.stack)
@@ -70,6 +72,7 @@ pulumi.export("scheduler_job", schedule.job.name)
 pulumi.export("log_metrics", metrics.metric_names)
 pulumi.export("alert_policies", alerting.policy_names)
 pulumi.export("dashboard", board.dashboard.id)
+pulumi.export("wandb_secret", wandb_key.secret.secret_id)
 pulumi.export("service_accounts", accounts.emails)
 pulumi.export("workload_identity_provider", github.provider_name)
 pulumi.export("dispatch_service_account", accounts.emails["dispatch"])

@@ -49,7 +49,7 @@ PCP_ENV = {
     "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
     "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY",
     "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
-    "PCP_FIRST_BOOT_GRACE_MINUTES", "PCP_LAYOUT",
+    "PCP_FIRST_BOOT_GRACE_MINUTES", "PCP_LAYOUT", "PCP_WANDB_PROJECT", "PCP_WANDB_ENTITY",
 }  # fmt: skip
 
 #: The event-driven maximum (Cloud Functions 2nd gen): every function may wait on VM stops,
@@ -321,6 +321,8 @@ def test_functions_environment(any_run):
         "PCP_SWEEP_INTERVAL_MINUTES": cfg["pcp:sweep_interval_minutes"],
         "PCP_BINARY": cfg["pcp:binary"],
         "PCP_LAYOUT": cfg.get("pcp:layout", "all-nodes"),
+        "PCP_WANDB_PROJECT": cfg.get("pcp:wandb_project", ""),
+        "PCP_WANDB_ENTITY": cfg.get("pcp:wandb_entity", ""),
         "PCP_WORKER_HOURLY_USD": cfg["pcp:worker_hourly_usd"],
         "PCP_SHEPHERD_HOURLY_USD": cfg["pcp:shepherd_hourly_usd"],
         # not a stack setting: the policy's default, written so the contract is complete
@@ -588,6 +590,7 @@ def test_grants_per_service_account(any_run):
                 or i.get("subscription")
                 or i.get("instanceName")
                 or i.get("serviceAccountId")
+                or i.get("secretId")
                 or (i.get("name") if r["type"] == RUN_MEMBER else None)
                 or "project"
             )
@@ -607,13 +610,16 @@ def test_grants_per_service_account(any_run):
         ("TopicIAMMember", f"{p}-shepherd", "roles/pubsub.viewer"),
         ("IAMMember", "project", "roles/cloudscheduler.viewer"),
     }
+    wandb_key = ("SecretIamMember", f"{p}-wandb-api-key", "roles/secretmanager.secretAccessor")
     assert grants_of("shepherd") == {
         ("SubscriptionIAMMember", f"{p}-shepherd-host", "roles/pubsub.subscriber"),
         ("BucketIAMMember", bucket, "roles/storage.objectAdmin"),
+        wandb_key,
     }
     assert grants_of("worker") == {
         ("BucketIAMMember", bucket, "roles/storage.objectAdmin"),
         ("IAMMember", "project", "roles/logging.logWriter"),
+        wandb_key,
     }
     functions = grants_of("functions")
     worker_sa = (
@@ -796,7 +802,7 @@ def test_every_resource_lives_in_a_component(any_run):
         "pcp:infra:StateBucket", "pcp:infra:Messaging", "pcp:infra:WorkerNetwork",
         "pcp:infra:WorkerFleet", "pcp:infra:ControlFunctions", "pcp:infra:SweepSchedule",
         "pcp:infra:CodeArchives", "pcp:infra:ServiceAgents", "pcp:infra:LogMetrics",
-        "pcp:infra:Alerts", "pcp:infra:StackDashboard",
+        "pcp:infra:Alerts", "pcp:infra:StackDashboard", "pcp:infra:WandbSecret",
     }  # fmt: skip
     for r in any_run.custom:
         parent_type = r["parent"].split("::")[-2].split("$")[-1]
