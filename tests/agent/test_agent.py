@@ -156,24 +156,24 @@ class Harness:
         return agent
 
     def worker(self, a: Assignment | None, name: str = "worker-0", *flags: str,
-               bucket: str | None = None) -> Agent:
+               bucket: str | None = None, env: dict[str, str] | None = None) -> Agent:
         attrs = {"pcp-bucket": bucket or self.bucket.name, "pcp-stack": self.stack,
                  "pcp-project": TEST_PROJECT}
         if a is not None:
             attrs["pcp-assignment"] = a.to_json().decode()
         server = MetadataServer(lambda: dict(attrs), name).start()
         self.servers.append(server)
-        env = self.env() | {"GCE_METADATA_HOST": server.host}
-        return self.spawn(name, ["worker", "--boot-grace", "1", *flags], env)
+        full = self.env() | {"GCE_METADATA_HOST": server.host} | (env or {})
+        return self.spawn(name, ["worker", "--boot-grace", "1", *flags], full)
 
-    def shepherd(self, *flags: str) -> Agent:
+    def shepherd(self, *flags: str, env: dict[str, str] | None = None) -> Agent:
         assert self.pubsub_host is not None
         ensure_topic(self.pubsub_host, TEST_PROJECT, f"pcp-{self.stack}-shepherd")
         ensure_subscription(self.pubsub_host, TEST_PROJECT, f"pcp-{self.stack}-shepherd-host",
                             f"pcp-{self.stack}-shepherd")
         return self.spawn("shepherd", ["shepherd", "--stack", self.stack, "--project",
                                        TEST_PROJECT, "--bucket", self.bucket.name, *flags],
-                          self.env())
+                          self.env() | (env or {}))
 
     def publish(self, data: bytes) -> None:
         assert self.pubsub_host is not None
