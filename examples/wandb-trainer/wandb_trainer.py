@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +52,40 @@ def split_mode(argv: list[str]) -> tuple[str | None, list[str]]:
     return mode, rest
 
 
+def start_wandb(mode: str | None, args: list[str], out: Path, into: dict[str, Any]) -> None:
+    """wandb.init, off the training's critical path: importing wandb and starting its service
+    takes seconds, and the shepherd must listen (and the workers connect) without waiting."""
+    try:
+        import wandb
+
+        config = {"pcp_run_id": os.environ.get("PCP_RUN_ID"),
+                  "pcp_node": os.environ.get("PCP_NODE"),
+                  "pcp_attempt": os.environ.get("PCP_ATTEMPT"), "trainer_args": args}
+        # Project, entity, group, name and directory come from the WANDB_* environment.
+        into["run"] = wandb.init(config=config,
+                                 mode=mode or os.environ.get("WANDB_MODE") or "online",
+                                 dir=os.environ.get("WANDB_DIR") or str(out))
+    except Exception as e:  # noqa: BLE001 - reported after the training, which goes on
+        into["error"] = e
+
+
 def main(argv: list[str] | None = None) -> int:
     mode, args = split_mode(list(sys.argv[1:] if argv is None else argv))
-    import wandb
-
     out = Path(os.environ.get("PCP_OUTPUT_DIR", "output"))
     out.mkdir(parents=True, exist_ok=True)
-    config = {"pcp_run_id": os.environ.get("PCP_RUN_ID"), "pcp_node": os.environ.get("PCP_NODE"),
-              "pcp_attempt": os.environ.get("PCP_ATTEMPT"), "trainer_args": args}
-    # Project, entity, group, name and directory come from the WANDB_* environment.
-    run = wandb.init(config=config, mode=mode or os.environ.get("WANDB_MODE") or "online",
-                     dir=os.environ.get("WANDB_DIR") or str(out))
+    started: dict[str, Any] = {}
+    init = threading.Thread(target=start_wandb, args=(mode, args, out, started), daemon=True)
+    init.start()
     code = 1
     try:
         code = int(reference().main(args))
+    finally:
+        init.join()
+    if "error" in started:
+        print(f"wandb_trainer: wandb.init failed: {started['error']}", file=sys.stderr)
+        return code or 1
+    run = started["run"]
+    try:
         metrics_file = out / "metrics.json"
         if metrics_file.exists():
             metrics = json.loads(metrics_file.read_text())
