@@ -64,7 +64,6 @@ from pcp_dev.local.emulators import (
 )
 from pcp_dev.local.gcs_proxy import GcsProxy
 from pcp_dev.local.metadata import MetadataServer
-from pcp_dev.local.secrets import SecretManagerStandIn
 from pcp_dev.local.processes import (
     TOKEN_ENV,
     Child,
@@ -72,6 +71,7 @@ from pcp_dev.local.processes import (
     _kill,
     token_pids,
 )
+from pcp_dev.local.secrets import SecretManagerStandIn
 from pcp_dev.local.ticker import Ticker
 
 if TYPE_CHECKING:

@@ -26,17 +26,13 @@ from pcp.core.messages import Assignment, ShepherdCommand
 from pcp_dev import REPO
 from pcp_dev.local.metadata import MetadataServer
 from pcp_dev.local.secrets import SecretManagerStandIn
-from tests.agent.test_agent import (  # noqa: F401 - cluster and harness are fixtures
-    TRAIN,
-    Harness,
-    assignments,
-    cluster,
-    emulator,
-    free_port,
-    harness,
-    new_run,
-)
+from tests.agent import test_agent
+from tests.agent.test_agent import TRAIN, Harness, assignments, emulator, free_port, new_run
 from tests.conftest import TEST_PROJECT
+
+# The agent tests' fixtures: a harness of real agent processes, with the Pub/Sub emulator.
+harness = test_agent.harness
+cluster = test_agent.cluster
 
 KEY = "wk" + "3f9c2a7d" * 5  # 42 characters, like a wandb key; never written anywhere
 WANDB_TRAINER = REPO / "examples" / "wandb-trainer" / "wandb_trainer.py"
