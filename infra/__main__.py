@@ -26,6 +26,7 @@ from pcp_infra.monitoring import Alerts, LogMetrics, StackDashboard  # noqa: E40
 from pcp_infra.network import WorkerNetwork  # noqa: E402
 from pcp_infra.registry import ImageRepository  # noqa: E402
 from pcp_infra.scheduler import SweepSchedule  # noqa: E402
+from pcp_infra.secrets import WandbSecret  # noqa: E402
 from pcp_infra.source import CodeArchives  # noqa: E402
 from pcp_infra.storage import StateBucket  # noqa: E402
 
@@ -52,6 +53,7 @@ schedule = SweepSchedule("scheduler", cfg, messaging, depends_on=[*enabled, func
 metrics = LogMetrics("monitoring", cfg, depends_on=enabled)
 alerting = Alerts("alerts", cfg, metrics, depends_on=enabled)
 board = StackDashboard("dashboard", cfg, metrics, depends_on=enabled)
+wandb_key = WandbSecret("secrets", cfg, accounts, depends_on=enabled)
 
 # The CLI and the workflows read these (`pulumi stack output --json`).
 pulumi.export("stack", cfg.stack)
@@ -79,6 +81,7 @@ pulumi.export("budget", budget.budget.name if budget is not None else None)
 pulumi.export("log_metrics", metrics.metric_names)
 pulumi.export("alert_policies", alerting.policy_names)
 pulumi.export("dashboard", board.dashboard.id)
+pulumi.export("wandb_secret", wandb_key.secret.secret_id)
 pulumi.export("service_accounts", accounts.emails)
 pulumi.export("workload_identity_provider", github.provider_name)
 pulumi.export("dispatch_service_account", accounts.emails["dispatch"])

@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from pcp.core.commands import (
@@ -23,7 +23,7 @@ from pcp.core.commands import (
     StopNodes,
 )
 from pcp.core.errors import CapacityError, Conflict, CorruptState, PermanentError
-from pcp.core.events import Event, Reconcile, Rejected, StartFailed
+from pcp.core.events import Event, Reconcile, Rejected, StartFailed, hard_cap_stops
 from pcp.core.heals import heal_of, heals
 from pcp.core.lifecycle import (
     Note,
@@ -36,6 +36,7 @@ from pcp.core.lifecycle import (
 )
 from pcp.core.messages import NodeMarker, decode_json, dump, metrics_node_of
 from pcp.core.names import (
+    LABEL_RUN,
     STACK_DOC,
     corrupt_stack_doc,
     markers_prefix,
@@ -43,6 +44,7 @@ from pcp.core.names import (
     run_prefix,
     summary_doc,
     sweep_doc,
+    wandb_group_url,
 )
 from pcp.core.policy import Policy
 from pcp.core.ports import BlobStore, Bus, Fleet, Listed
@@ -63,6 +65,8 @@ class Outcome:
     saved: bool
     conflicts: int = 0
     errors: list[str] = field(default_factory=list)
+    #: A sweep's: the VMs GCE's hard cap (maxRunDuration) stopped within the last interval.
+    hard_cap_stops: tuple[str, ...] = ()
 
     @property
     def reason(self) -> str:
@@ -193,6 +197,8 @@ class Service:
 
         outcome = self.handle(observation, now)
         vms = seen.pop("vms", ())
+        capped = hard_cap_stops(vms, now, self.policy.sweep_interval.total_seconds())
+        outcome = replace(outcome, hard_cap_stops=tuple(v.name for v in capped))
         record = {
             "at": iso(now),
             "stack": self.policy.stack,
@@ -201,6 +207,10 @@ class Service:
             "reason": outcome.reason,
             "kinds": [k.value for k in outcome.transition.kinds()],
             "heals": heals(outcome.transition.notes),
+            "hard_cap_stops": [{"vm": v.name, "run_id": v.labels.get(LABEL_RUN),
+                                "stopped_at": iso(datetime.fromtimestamp(v.capped_stop or 0,
+                                                                         UTC))}
+                               for v in capped],
             "notes": [note_record(n) for n in outcome.transition.notes],
             "actions": [describe(c) for c in outcome.commands],
             "errors": outcome.errors,
@@ -271,8 +281,20 @@ class Service:
         run = self.load().state.active
         return None if run is None else (run.run_id, run.attempt)
 
+    def wandb(self, run: Run) -> dict[str, Any] | None:
+        """Where the run's nodes log to wandb (its request, else the stack's defaults)."""
+        project = run.request.wandb_project or self.policy.default_wandb_project
+        if not project:
+            return None
+        entity = run.request.wandb_entity or self.policy.default_wandb_entity
+        return {"project": project, "entity": entity, "group": run.run_id,
+                "url": wandb_group_url(entity, project, run.run_id)}
+
     def archive(self, run: Run) -> None:
-        self.store.put(run_doc(run.run_id), run.to_json())
+        wandb = self.wandb(run)
+        # The record with where its wandb runs are (readers of Run ignore the extra key).
+        self.store.put(run_doc(run.run_id), run.to_json() if wandb is None
+                       else dump({**run.to_dict(), "wandb": wandb}))
         if run.phase is Phase.ENDED:
             self.store.put(summary_doc(run.run_id), dump(self.summary(run)))
 
@@ -309,6 +331,7 @@ class Service:
             "metrics": metrics,
             "metrics_node": node,
             "files": files,
+            **({"wandb": wandb} if (wandb := self.wandb(run)) is not None else {}),
         }
 
 

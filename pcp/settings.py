@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pcp.core.errors import PermanentError
 from pcp.core.images import parse_image
-from pcp.core.messages import DEFAULT_LAYOUT, GpuIdle, validate_layout
+from pcp.core.messages import DEFAULT_LAYOUT, GpuIdle, validate_layout, validate_wandb
 from pcp.core.names import Names
 from pcp.core.policy import Policy
 
@@ -109,6 +109,10 @@ class Settings:
             default_image=_image_setting(env.get("PCP_IMAGE") or None),
             default_layout=validate_layout(env.get("PCP_LAYOUT") or None, "PCP_LAYOUT")
             or DEFAULT_LAYOUT,
+            default_wandb_project=validate_wandb(env.get("PCP_WANDB_PROJECT") or None,
+                                                 "wandb_project", "PCP_WANDB_PROJECT"),
+            default_wandb_entity=validate_wandb(env.get("PCP_WANDB_ENTITY") or None,
+                                                "wandb_entity", "PCP_WANDB_ENTITY"),
             worker_hourly_usd=number("PCP_WORKER_HOURLY_USD", 0),
             shepherd_hourly_usd=number("PCP_SHEPHERD_HOURLY_USD", 0),
             default_gpu_idle=gpu_idle,
@@ -141,6 +145,8 @@ class Settings:
             "PCP_BINARY": p.default_binary or "",
             "PCP_IMAGE": p.default_image or "",
             "PCP_LAYOUT": p.default_layout,
+            "PCP_WANDB_PROJECT": p.default_wandb_project or "",
+            "PCP_WANDB_ENTITY": p.default_wandb_entity or "",
             "PCP_WORKER_HOURLY_USD": _num(p.worker_hourly_usd),
             "PCP_SHEPHERD_HOURLY_USD": _num(p.shepherd_hourly_usd),
             "PCP_FIRST_BOOT_GRACE_MINUTES": _num(p.first_boot_grace_minutes),

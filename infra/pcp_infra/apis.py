@@ -30,6 +30,7 @@ REQUIRED_APIS: tuple[str, ...] = (
     "cloudscheduler.googleapis.com",  # sweep ticks
     "logging.googleapis.com",  # function, build and worker logs; log-based metrics
     "monitoring.googleapis.com",  # alert policies, notification channels
+    "secretmanager.googleapis.com",  # the wandb API key
 )
 #: Enabled only for a stack with a budget (pcp:billing_account, pcp:monthly_budget_usd).
 BUDGET_APIS: tuple[str, ...] = ("billingbudgets.googleapis.com",)

@@ -17,7 +17,7 @@ from typing import Any
 from pcp.core import costs
 from pcp.core.errors import PermanentError
 from pcp.core.images import parse_image
-from pcp.core.messages import LAYOUTS, GpuIdle
+from pcp.core.messages import LAYOUTS, WANDB_ENTITY_RE, WANDB_PROJECT_RE, GpuIdle
 from pcp.core.names import (
     INSTALL_NVIDIA_DRIVER,
     META_CACHIX_CACHE,
@@ -76,6 +76,8 @@ DEFAULTS: Mapping[str, Any] = {
     "billing_account": "",
     "monthly_budget_usd": "",
     "budget_stop_threshold": "1.0",
+    "wandb_project": "",
+    "wandb_entity": "",
 }
 
 #: Stack sizes are bounded by the design (1..15 workers); larger needs a deliberate change here.
@@ -256,6 +258,8 @@ class StackConfig:
     budget_stop_threshold: float = 1.0
     #: The stack's default OCI image (pcp:image), pinned to its digest at each run's start.
     image: str = ""
+    wandb_project: str = ""
+    wandb_entity: str = ""
 
     # ------------------------------------------------------------------ construction
 
@@ -401,6 +405,8 @@ class StackConfig:
             billing_account=billing_account,
             monthly_budget_usd=monthly_budget_usd,
             budget_stop_threshold=threshold,
+            wandb_project=_parse_optional("wandb_project", v["wandb_project"], WANDB_PROJECT_RE),
+            wandb_entity=_parse_optional("wandb_entity", v["wandb_entity"], WANDB_ENTITY_RE),
         )
 
     # ------------------------------------------------------------------ derived values
@@ -469,6 +475,8 @@ class StackConfig:
             sweep_interval_minutes=self.sweep_interval_minutes,
             default_binary=self.binary or None, default_layout=self.layout,
             default_image=self.image or None,
+            default_wandb_project=self.wandb_project or None,
+            default_wandb_entity=self.wandb_entity or None,
             worker_hourly_usd=self.worker_hourly_usd,
             shepherd_hourly_usd=self.shepherd_hourly_usd, default_gpu_idle=self.gpu_idle,
             max_cost_usd=self.max_cost_usd,

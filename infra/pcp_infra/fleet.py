@@ -47,6 +47,7 @@ WORKER_IGNORE_CHANGES: list[str] = [
 ]
 
 BOOT_DISK_TYPE = "pd-balanced"
+SERIAL_PORT_LOGGING = "serial-port-logging-enable"
 
 
 def worker_scheduling(cfg: StackConfig) -> gcp.compute.InstanceSchedulingArgs:
@@ -150,6 +151,10 @@ class WorkerFleet(PcpComponent):
                     **cfg.worker_gpu_metadata(),
                     **cfg.worker_bootstrap_metadata(),
                     "enable-oslogin": "TRUE",
+                    # Serial port 1 to Cloud Logging: the dead-man switch's power-off line
+                    # (the images run no logging agent). An organization policy
+                    # compute.disableSerialPortLogging overrides it (docs/reliability.md).
+                    SERIAL_PORT_LOGGING: "TRUE",
                     # In metadata (not metadata_startup_script, which forces a new VM and so
                     # a new disk): a changed script is applied in place, on the next boot.
                     "startup-script": startup_script,

@@ -70,6 +70,7 @@ PROJECT_ROLES: dict[str, tuple[str, ...]] = {
         "roles/eventarc.admin",
         "roles/logging.configWriter",  # log-based metrics
         "roles/monitoring.editor",  # alert policies, notification channels
+        "roles/secretmanager.admin",  # the wandb key's secret and who may read it
     ),
 }
 

@@ -4,7 +4,10 @@ Each metric's filter names only fields the code really logs (the stable fields o
 docs/architecture.md, "Log lines and metrics"); tests/infra/test_monitoring.py emits those
 lines from the real code and matches them against these filters. The filters use a small
 subset of the Logging query language: comparisons `FIELD = "string"`, `FIELD = true`,
-`FIELD > number`, `FIELD >= number`, joined by `AND`, nothing else.
+`FIELD > number`, `FIELD >= number`, and `textPayload : "substring"`, joined by `AND`,
+nothing else. One metric (`deadman-power-offs`) reads the workers' serial console
+(`serialconsole.googleapis.com/serial_port_1_output`, `textPayload`), the others the
+functions' JSON lines (`jsonPayload`).
 
 A dashboard per stack (`StackDashboard`) charts these counters and the workers' uptime.
 Alert policies (`Alerts`) page the notification channel of `pcp:alert_email` or
@@ -22,27 +25,44 @@ import pulumi
 import pulumi_gcp as gcp
 
 from pcp.core.heals import Heal
+from pcp.core.names import DEAD_MAN_CONSOLE_TAG as CONSOLE_TAG
 from pcp.core.names import LABEL_ROLE, LABEL_STACK, Names
 
 from .base import PcpComponent
 from .config import StackConfig
 
+#: The log Compute Engine writes a VM's serial port 1 to (with `serial-port-logging-enable`).
+SERIAL_LOG = "serialconsole.googleapis.com%2Fserial_port_1_output"
+
 
 @dataclass(frozen=True)
 class LogMetric:
-    """One counter: `what` names it (pcp-S-<what>); labels map to their field in the line."""
+    """One counter: `what` names it (pcp-S-<what>); labels map to their field in the line.
+
+    `serial`: the metric reads the workers' serial console lines (`textPayload`, the label
+    values by `REGEXP_EXTRACT` of `key=value`), not the functions' JSON lines."""
 
     what: str
     description: str
     conditions: tuple[str, ...]
     labels: dict[str, str] = field(default_factory=dict)
+    serial: bool = False
 
-    def filter(self, stack: str) -> str:
+    def filter(self, stack: str, project: str) -> str:
+        if self.serial:
+            return " AND ".join((f'logName="projects/{project}/logs/{SERIAL_LOG}"',
+                                 'resource.type="gce_instance"',
+                                 f'textPayload:"{CONSOLE_TAG} stack={stack} "',
+                                 *self.conditions))
         return " AND ".join((f'jsonPayload.stack="{stack}"', *self.conditions))
 
+    def extractor(self, path: str) -> str:
+        if self.serial:
+            return f'REGEXP_EXTRACT(textPayload, "{path}=([^ ]+)")'
+        return f"EXTRACT(jsonPayload.{path})"
 
-def _extract(path: str) -> str:
-    return f"EXTRACT(jsonPayload.{path})"
+    def label_doc(self, path: str) -> str:
+        return f"{path}= in the serial line" if self.serial else f"jsonPayload.{path}"
 
 
 LOG_METRICS: tuple[LogMetric, ...] = (
@@ -55,10 +75,14 @@ LOG_METRICS: tuple[LogMetric, ...] = (
                 f"Sweeps that healed: {h.value}",
                 ('jsonPayload.event="sweep"', f"jsonPayload.heals.{h.value}>0"))
       for h in Heal),
-    LogMetric("deadman-power-offs", "Worker agents that powered their VM off (dead-man switch); "
-              "counted where the agent's journal reaches Cloud Logging",
-              ('jsonPayload.component="agent"', 'jsonPayload.event="power_off"'),
-              {"node": "node"}),
+    LogMetric("hard-cap-stops", "Sweeps that saw a worker VM stopped by GCE's run-duration cap "
+              "(maxRunDuration) within the last interval",
+              ('jsonPayload.event="sweep"', "jsonPayload.hard_cap_stops>0")),
+    LogMetric("deadman-power-offs", "Worker agents that powered their VM off (dead-man switch), "
+              "from the serial console line the agent writes before powering off",
+              (), {"node": "node"}, serial=True),
+    LogMetric("storage-429s", "Cloud Storage 429 rateLimitExceeded on an object write, each "
+              "retried by the client library", ("jsonPayload.throttled=true",)),
     LogMetric("rejected", "Inputs that can never succeed, acknowledged and recorded",
               ("jsonPayload.rejected=true",), {"event": "event"}),
     LogMetric("cas-conflicts", "Invocations that lost at least one compare-and-swap race on "
@@ -90,16 +114,16 @@ class LogMetrics(PcpComponent):
                 project=cfg.project,
                 name=metric_name,
                 description=m.description,
-                filter=m.filter(cfg.stack),
+                filter=m.filter(cfg.stack, cfg.project),
                 metric_descriptor=gcp.logging.MetricMetricDescriptorArgs(
                     metric_kind="DELTA",
                     value_type="INT64",
                     unit="1",
                     labels=[gcp.logging.MetricMetricDescriptorLabelArgs(
-                        key=key, value_type="STRING", description=f"jsonPayload.{path}")
+                        key=key, value_type="STRING", description=m.label_doc(path))
                         for key, path in m.labels.items()],
                 ),
-                label_extractors={key: _extract(path) for key, path in m.labels.items()},
+                label_extractors={key: m.extractor(path) for key, path in m.labels.items()},
                 opts=self.child_opts(),
             )
         self.register_outputs({"metrics": {k: v.name for k, v in self.metrics.items()}})
@@ -115,7 +139,9 @@ def user_metric(names: Names, what: str) -> str:
 
 @dataclass(frozen=True)
 class Alert:
-    """One alert policy: a threshold (> `above`) or, with `absent_s`, an absence condition."""
+    """One alert policy: a threshold (> `above`), with `denominator` a ratio of two series
+    (the filter's over the denominator's, summed per `group_by`), or with `absent_s` an
+    absence condition."""
 
     what: str
     title: str
@@ -125,6 +151,27 @@ class Alert:
     above: float = 0
     window_s: int = 300
     absent_s: int | None = None
+    denominator: str | None = None
+    group_by: tuple[str, ...] = ()
+
+
+#: Cloud Run's request counter: a Cloud Functions (2nd gen) function is served by the Cloud
+#: Run service of the same name, and an invocation that raises answers 500 (the trigger then
+#: redelivers), so `response_code_class="5xx"` over all requests is its error rate.
+REQUEST_COUNT = "run.googleapis.com/request_count"
+#: Above this share of failed requests in the window, the function-errors policy fires.
+ERROR_RATE = 0.2
+
+
+def function_requests(cfg: StackConfig) -> str:
+    """The filter of every request to this stack's functions (Cloud Run revisions)."""
+    from .functions import BUDGET_FUNCTIONS, FUNCTIONS
+
+    names = Names(cfg.stack, cfg.project)
+    specs = (*FUNCTIONS, *(BUDGET_FUNCTIONS if cfg.budget_enabled else ()))
+    services = ", ".join(f'"{names.function(spec.kind)}"' for spec in specs)
+    return (f'metric.type="{REQUEST_COUNT}" AND resource.type="cloud_run_revision" AND '
+            f"resource.label.service_name=one_of({services})")
 
 
 def alerts(cfg: StackConfig) -> tuple[Alert, ...]:
@@ -141,18 +188,32 @@ def alerts(cfg: StackConfig) -> tuple[Alert, ...]:
               user_metric(names, "deadman-power-offs"),
               "A worker's dead-man switch powered it off: expected after every run without "
               "keep_vm_alive; outside that, the control plane did not stop it in time. "
-              "Counted only where the worker journal reaches Cloud Logging.",
+              "Counted from the serial console (serial-port-logging-enable; an organization "
+              "policy compute.disableSerialPortLogging turns it off and the metric stays 0).",
               f"pcp events --stack {s} --kind dead_man_power_off"),
         Alert("deadline-enforced", "the sweeper ended a run at its deadline",
               user_metric(names, "heal-deadline-enforced"),
               "A run timed out (max_hours) or its nodes never booted (boot_timeout): the "
               "sweeper ended it and stopped its VMs.",
               f"pcp events --stack {s} --kind deadline_enforced"),
-        Alert("function-errors", "a control-plane function keeps failing",
+        Alert("hard-cap", "GCE's run-duration cap stopped a worker",
+              user_metric(names, "hard-cap-stops"),
+              "Compute Engine's maxRunDuration stopped a worker VM: the run's deadline passed "
+              "and neither the control plane nor the node's dead-man switch stopped it within "
+              "the margin. The guard below both had to act.",
+              f"pcp events --stack {s} --kind hard_cap_stop"),
+        Alert("function-errors", "a control-plane function's error rate is high",
+              f'{function_requests(cfg)} AND metric.label.response_code_class="5xx"',
+              f"More than {ERROR_RATE:.0%} of one function's invocations failed (HTTP 5xx) "
+              "over 10 minutes: Cloud Storage, Compute Engine or Pub/Sub is failing, or a "
+              "bug raises on every delivery (the trigger redelivers each).",
+              f"pcp doctor --stack {s}", above=ERROR_RATE, window_s=600,
+              denominator=function_requests(cfg),
+              group_by=("resource.label.service_name",)),
+        Alert("function-retries", "a control-plane function keeps being retried",
               user_metric(names, "function-retries"),
               "A function failed transiently (its trigger redelivers the event) more than "
-              "3 times in 10 minutes: Cloud Storage, Compute Engine or Pub/Sub is failing, or "
-              "a bug raises on every delivery.",
+              "3 times in 10 minutes.",
               f"pcp doctor --stack {s}", above=3, window_s=600),
         Alert("dead-letter", "events are waiting in the dead-letter subscription",
               'resource.type="pubsub_subscription" AND resource.label.subscription_id='
@@ -168,6 +229,12 @@ def alerts(cfg: StackConfig) -> tuple[Alert, ...]:
               "(orphan stops, deadlines, lost markers) is down.",
               f"pcp doctor --stack {s}", absent_s=3 * interval_s),
     )
+
+
+def notification_agent(project_number: str) -> str:
+    """Cloud Monitoring's notification service agent of a project, as an IAM member."""
+    return (f"serviceAccount:service-{project_number}"
+            "@gcp-sa-monitoring-notification.iam.gserviceaccount.com")
 
 
 def _channel_args(cfg: StackConfig) -> list[tuple[str, str, dict[str, str]]]:
@@ -204,12 +271,26 @@ class Alerts(PcpComponent):
             )
             for key, kind, labels in _channel_args(cfg)
         ]
-        metric_deps = list(metrics.metrics.values())
+        # A Pub/Sub channel publishes as Cloud Monitoring's notification service agent, which
+        # needs roles/pubsub.publisher on the topic (it exists once the project used alerting).
+        self.publisher_grant: gcp.pubsub.TopicIAMMember | None = None
+        if cfg.alert_pubsub_topic:
+            project = gcp.organizations.get_project_output(project_id=cfg.project)
+            self.publisher_grant = gcp.pubsub.TopicIAMMember(
+                f"{names.prefix}-alerts-pubsub-publisher",
+                topic=cfg.alert_pubsub_topic,  # projects/P/topics/T: may be another project
+                role="roles/pubsub.publisher",
+                member=project.number.apply(notification_agent),
+                opts=self.child_opts(),
+            )
+        metric_deps: list[pulumi.Resource] = list(metrics.metrics.values())
+        if self.publisher_grant is not None:
+            metric_deps.append(self.publisher_grant)
         self.policies: dict[str, gcp.monitoring.AlertPolicy] = {}
         for a in alerts(cfg):
             aggregation = gcp.monitoring.AlertPolicyConditionConditionThresholdAggregationArgs(
                 alignment_period=f"{a.window_s}s", per_series_aligner="ALIGN_SUM",
-                cross_series_reducer="REDUCE_SUM")
+                cross_series_reducer="REDUCE_SUM", group_by_fields=list(a.group_by) or None)
             if a.absent_s is not None:
                 condition = gcp.monitoring.AlertPolicyConditionArgs(
                     display_name=a.title,
@@ -224,7 +305,15 @@ class Alerts(PcpComponent):
                     display_name=a.title,
                     condition_threshold=gcp.monitoring.AlertPolicyConditionConditionThresholdArgs(
                         filter=a.filter, comparison="COMPARISON_GT", threshold_value=a.above,
-                        duration="0s", aggregations=[aggregation]))
+                        duration="0s", aggregations=[aggregation],
+                        denominator_filter=a.denominator,
+                        denominator_aggregations=None if a.denominator is None else [
+                            gcp.monitoring
+                            .AlertPolicyConditionConditionThresholdDenominatorAggregationArgs(
+                                alignment_period=f"{a.window_s}s",
+                                per_series_aligner="ALIGN_SUM",
+                                cross_series_reducer="REDUCE_SUM",
+                                group_by_fields=list(a.group_by))]))
             self.policies[a.what] = gcp.monitoring.AlertPolicy(
                 f"{names.prefix}-alert-{a.what}",
                 project=cfg.project,
@@ -279,12 +368,18 @@ def dashboard(cfg: StackConfig) -> dict[str, Any]:
             _chart("Function retries, by event and error",
                    _series(user_metric(names, "function-retries"),
                            ("metric.label.event", "metric.label.error_type"))),
-            _chart("Idle fleet: orphan stops and dead-man power-offs",
+            _chart("Function errors: failed requests (5xx), by function",
+                   _series(f'{function_requests(cfg)} AND '
+                           'metric.label.response_code_class="5xx"',
+                           ("resource.label.service_name",))),
+            _chart("Idle fleet: orphan stops, dead-man power-offs and hard-cap stops",
                    _series(user_metric(names, "heal-orphans-stopped")),
-                   _series(user_metric(names, "deadman-power-offs"))),
-            _chart("Rejected inputs and lost compare-and-swap races",
+                   _series(user_metric(names, "deadman-power-offs")),
+                   _series(user_metric(names, "hard-cap-stops"))),
+            _chart("Rejected inputs, lost compare-and-swap races and storage 429s",
                    _series(user_metric(names, "rejected"), ("metric.label.event",)),
-                   _series(user_metric(names, "cas-conflicts"), ("metric.label.event",))),
+                   _series(user_metric(names, "cas-conflicts"), ("metric.label.event",)),
+                   _series(user_metric(names, "storage-429s"))),
             _chart("Sweeps", _series(user_metric(names, "sweeps"))),
         ]},
     }

@@ -63,14 +63,38 @@ FINGERPRINT_TRIES = 5
 STOPPABLE = frozenset({*RUNNING_STATES, "SUSPENDED", "REPAIRING"})
 
 
-def created_epoch(instance: Any) -> int | None:
-    """The instance's `creationTimestamp` (RFC 3339, e.g. 2026-12-01T10:00:00.123-08:00) as
-    epoch seconds; None when it is missing or unreadable (the sweeper then grants no grace)."""
-    raw = getattr(instance, "creation_timestamp", "") or ""
+def _epoch(raw: str) -> int | None:
     try:
         return int(datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp())
     except ValueError:
         return None
+
+
+def created_epoch(instance: Any) -> int | None:
+    """The instance's `creationTimestamp` (RFC 3339, e.g. 2026-12-01T10:00:00.123-08:00) as
+    epoch seconds; None when it is missing or unreadable (the sweeper then grants no grace)."""
+    return _epoch(getattr(instance, "creation_timestamp", "") or "")
+
+
+def capped_stop_epoch(instance: Any) -> int | None:
+    """When GCE's hard cap stopped this VM (epoch seconds of `lastStopTimestamp`), else None.
+
+    A TERMINATED VM whose last stop came at least its armed `scheduling.maxRunDuration` after
+    its last start (`lastStartTimestamp`) was stopped by the cap: the control plane stops a
+    VM at its run's deadline, `hard_cap_margin_seconds` before the cap, and the dead-man
+    switch earlier still. Compute Engine clears `scheduling.terminationTime` when the VM
+    stops, but keeps `maxRunDuration` and both timestamps, so the stop can be told afterwards.
+    """
+    if getattr(instance, "status", "") != "TERMINATED":
+        return None
+    start = _epoch(getattr(instance, "last_start_timestamp", "") or "")
+    stop = _epoch(getattr(instance, "last_stop_timestamp", "") or "")
+    scheduling = getattr(instance, "scheduling", None)
+    duration = getattr(scheduling, "max_run_duration", None)
+    seconds = int(getattr(duration, "seconds", 0) or 0)
+    if start is None or stop is None or seconds <= 0 or stop < start:
+        return None
+    return stop if stop - start >= seconds else None
 
 
 class _TransientOp(Exception):
@@ -150,7 +174,8 @@ class ComputeFleet:
     # ------------------------------------------------------------ the port
 
     def list(self) -> list[VmView]:
-        return [VmView(i.name, i.status, dict(i.labels), created=created_epoch(i))
+        return [VmView(i.name, i.status, dict(i.labels), created=created_epoch(i),
+                       capped_stop=capped_stop_epoch(i))
                 for i in self._instances()]
 
     def _instances(self) -> list[compute_v1.Instance]:

@@ -11,6 +11,11 @@ we report `Conflict`; the caller re-reads, sees its own write, and decides again
 (decisions are idempotent, commands are re-issued level-triggered). An unconditional put is
 last-writer-wins anyway, so replaying it changes nothing the caller could rely on. Errors
 left after the retries propagate, so the trigger redelivers the event.
+
+Every 429 the library is about to retry on an object write (Cloud Storage's limit of about
+one update per second per object: `rateLimitExceeded`) is logged as one WARNING line with the
+stable fields `throttled=true`, `http_status=429` and `object`, so the log-based metric
+`storage-429s` counts them (docs/architecture.md, "Log lines and metrics").
 """
 
 from __future__ import annotations
@@ -18,19 +23,33 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
+from google.api_core import retry as api_retry
 from google.api_core.exceptions import NotFound, PreconditionFailed
 from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from pcp.core.errors import Conflict
 from pcp.core.ports import Blob, Listed
+from pcp.logs import log
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an error the storage library retries: an api_core error (`code`) or
+    an upload's `InvalidResponse` (`response.status_code`)."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
 
 
 class GcsStore:
     """Objects in one bucket. The client is built on first use, never at import time."""
 
     def __init__(self, bucket: str, client: storage.Client | None = None,
-                 project: str | None = None) -> None:
+                 project: str | None = None, stack: str = "-") -> None:
         self.bucket_name = bucket
+        self.stack = stack
         self._client = client
         self._project = project
         self._bucket: storage.Bucket | None = None
@@ -67,11 +86,27 @@ class GcsStore:
             blob.metadata = dict(metadata)
         try:
             blob.upload_from_string(data, content_type=content_type,
-                                    if_generation_match=if_generation_match)
+                                    if_generation_match=if_generation_match,
+                                    retry=self._write_retry(name))
         except PreconditionFailed as exc:
             raise Conflict(f"gs://{self.bucket_name}/{name}: generation is not "
                            f"{if_generation_match}") from exc
         return int(blob.generation)
+
+    def _write_retry(self, name: str) -> api_retry.Retry:
+        """The library's default retry of a write, logging each 429 it is about to retry."""
+        retryable = DEFAULT_RETRY._predicate  # noqa: SLF001 - the library's own predicate
+
+        def predicate(exc: Exception) -> bool:
+            again = bool(retryable(exc))
+            if again and http_status(exc) == 429:
+                log("WARNING", "storage", stack=self.stack,
+                    reason=f"429 rateLimitExceeded writing gs://{self.bucket_name}/{name} "
+                           "(about one update per second per object); retrying with backoff",
+                    throttled=True, http_status=429, object=name)
+            return again
+
+        return DEFAULT_RETRY.with_predicate(predicate)
 
     def list(self, prefix: str) -> list[str]:
         client = self.bucket.client

@@ -75,6 +75,7 @@ class MemoryVm:
     labels: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     max_run_seconds: int | None = None
+    capped_stop: int | None = None  # set by a test: GCE's hard cap stopped it at this epoch
     starts: int = 0
     stops: int = 0
 
@@ -92,7 +93,8 @@ class MemoryFleet:
     def list(self) -> list[VmView]:
         with self._lock:
             self.calls.append(("list", ""))
-            return [VmView(v.name, v.status, dict(v.labels)) for v in self.vms.values()]
+            return [VmView(v.name, v.status, dict(v.labels), capped_stop=v.capped_stop)
+                    for v in self.vms.values()]
 
     def start(self, assignments: Sequence[Assignment], deadline: datetime) -> None:
         with self._lock:

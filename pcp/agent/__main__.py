@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from pcp.agent.config import AgentConfig
-from pcp.agent.deadman import DEFAULT_POWEROFF, parse_command
+from pcp.agent.deadman import DEFAULT_CONSOLE, DEFAULT_POWEROFF, parse_command
 from pcp.agent.log import Log, LogFile, use_log_file
 from pcp.core.ports import BlobStore
 
@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poweroff-command", default=DEFAULT_POWEROFF, metavar="CMD",
                    help="worker power-off command, split into arguments and run without a "
                    f"shell; empty = just exit (default {DEFAULT_POWEROFF!r})")
+    p.add_argument("--console", default=DEFAULT_CONSOLE, metavar="PATH",
+                   help="worker: also write the power-off line here, the serial console that "
+                   f"Compute Engine sends to Cloud Logging; empty = nowhere (default "
+                   f"{DEFAULT_CONSOLE})")
+    p.add_argument("--wandb-key-file", type=Path, metavar="FILE",
+                   help="read the wandb API key from FILE (default: the stack's Secret "
+                   "Manager secret pcp-<stack>-wandb-api-key, for runs that name a wandb "
+                   "project)")
     p.add_argument("--work-dir", type=Path, default=Path(DEFAULT_WORK_DIR),
                    help=f"per-run working directories (default {DEFAULT_WORK_DIR})")
     p.add_argument("--once", action="store_true",
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AgentConfig(
         role=args.role, work_dir=args.work_dir, bucket=args.bucket, project=args.project,
         stack=args.stack, poweroff=tuple(parse_command(args.poweroff_command)), once=args.once,
+        console=args.console or None, wandb_key_file=args.wandb_key_file,
         grace=args.grace, upload_interval=args.upload_interval,
         poll_interval=args.poll_interval, output_interval=args.output_interval,
         boot_grace=args.boot_grace, nix_bin_dir=args.nix_bin_dir,

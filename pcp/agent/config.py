@@ -16,6 +16,12 @@ class AgentConfig:
     project: str | None = None
     stack: str | None = None
     poweroff: tuple[str, ...] = ("shutdown", "-h", "now")
+    #: Where a worker's power-off line is also written (the serial console; the command line
+    #: defaults to /dev/console); None: nowhere.
+    console: str | None = None
+    #: The wandb API key from this file instead of Secret Manager (the shepherd Mac, the local
+    #: replica); None: Secret Manager (pcp/agent/wandb.py).
+    wandb_key_file: Path | None = None
     once: bool = False
     grace: float = 10.0  # SIGTERM -> SIGKILL for the binary (fits a Spot VM's 30 s, docs/agent.md)
     stop_upload_budget: float = 10.0  # after the agent's own SIGTERM: time for output uploads

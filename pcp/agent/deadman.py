@@ -8,6 +8,7 @@ says "now".
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 from datetime import datetime
@@ -15,11 +16,20 @@ from datetime import datetime
 from pcp.agent.log import Log
 from pcp.agent.record import RunView
 from pcp.core.messages import Assignment, dump
-from pcp.core.names import power_off_doc
+from pcp.core.names import DEAD_MAN_CONSOLE_TAG, power_off_doc
 from pcp.core.ports import BlobStore
 from pcp.core.timefmt import iso
 
 DEFAULT_POWEROFF = "shutdown -h now"
+
+#: The worker images run no logging agent, so the agent's stdout (the journal) never reaches
+#: Cloud Logging. The power-off line is also written to the serial console: with the instance
+#: metadata `serial-port-logging-enable=TRUE` (the Pulumi program sets it) Compute Engine sends
+#: serial port 1 to Cloud Logging as the log `serialconsole.googleapis.com/serial_port_1_output`
+#: of the `gce_instance`, one `textPayload` per line, where the metric `deadman-power-offs`
+#: counts the lines starting with CONSOLE_TAG (infra/pcp_infra/monitoring.py).
+DEFAULT_CONSOLE = "/dev/console"
+CONSOLE_TAG = DEAD_MAN_CONSOLE_TAG
 
 
 def power_off_at(a: Assignment, record: RunView | None, now: datetime) -> tuple[datetime, str]:
@@ -57,12 +67,44 @@ def parse_command(text: str) -> list[str]:
     return shlex.split(text)
 
 
-def power_off(argv: list[str], reason: str, log: Log) -> int:
-    """Run the power-off command without a shell. Returns the agent's exit code."""
+def console_line(log: Log, reason: str) -> str:
+    """The serial-console line of a power-off: the tag, then `key=value` fields (the stack
+    name, node names and run ids hold no spaces), the reason last, on one line."""
+    ctx = log.context
+    flat = " ".join(reason.split())
+    return (f"{CONSOLE_TAG} stack={log.stack or '-'} node={ctx.get('node', '-')} "
+            f"run_id={log.run_id or '-'} attempt={ctx.get('attempt', '-')} reason={flat}\n")
+
+
+def write_console(path: str, line: str, log: Log) -> bool:
+    """Append one line to the console device (no shell, no create). Best effort: a failed
+    write never keeps the VM up."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOCTTY)
+    except OSError as e:
+        log.warning("power_off_console_failed", f"{path}: {e}")
+        return False
+    try:
+        os.write(fd, line.encode("utf-8", "backslashreplace"))
+    except OSError as e:
+        log.warning("power_off_console_failed", f"{path}: {e}")
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def power_off(argv: list[str], reason: str, log: Log, console: str | None = None) -> int:
+    """Run the power-off command without a shell. Returns the agent's exit code.
+
+    With a `console` path, the power-off is first written there as `console_line` (so it
+    reaches Cloud Logging through the serial port); not when only exiting (empty command)."""
     if not argv:
         log.info("power_off_skipped", f"{reason}; the power-off command is empty: exiting")
         return 0
     log.info("power_off", reason, command=argv)
+    if console:
+        write_console(console, console_line(log, reason), log)
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:

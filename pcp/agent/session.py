@@ -29,6 +29,7 @@ from pcp.agent.record import RunView, read_run
 from pcp.agent.runner import CANNOT_EXECUTE, Exit, Runner
 from pcp.agent.ticker import Task, Ticker
 from pcp.agent.uploader import Uploader
+from pcp.agent.wandb import KeySource, wandb_env
 from pcp.core.images import ImageRef
 from pcp.core.messages import Assignment
 from pcp.core.ports import BlobStore
@@ -47,13 +48,14 @@ class Result:
 class Session:
     def __init__(self, a: Assignment, store: BlobStore, cfg: AgentConfig, log: Log,
                  agent_stop: threading.Event, gpus: str | None = None,
-                 notices_host: str | None = None) -> None:
+                 notices_host: str | None = None, wandb_key: KeySource | None = None) -> None:
         self.a = a
         #: The metadata server to watch for maintenance and preemption notices (worker VMs).
         self.notices_host = notices_host
         self.end_reason: str | None = None
         self.gpu_samples: list[gpu.GpuSample] | None = None
         self.gpu_error: str | None = None
+        self.wandb_key = wandb_key
         self.gpus = gpus  # the worker's pcp-gpu-count metadata, checked before anything runs
         self.store = store
         self.cfg = cfg
@@ -193,11 +195,14 @@ class Session:
         env = {**os.environ, **contract}
         sockets = {k: v for k, v in socket_env(self.cfg.socket_ifname).items() if k not in env}
         env.update(sockets)
+        wandb = wandb_env(self.a, str(self.output), self.wandb_key, self.log)
+        env.update(wandb)
         runner: Runner
         if self.image is not None and self.engine is not None:
             # Every contract variable by name (the value is in the engine's environment).
             gpus = gpu.parse_count(self.gpus) if self.a.role == "worker" else 0
-            argv = container.run_argv(self.engine, self.a, self.image, [*contract, *sockets],
+            names = [*contract, *sockets, *wandb]
+            argv = container.run_argv(self.engine, self.a, self.image, names,
                                       str(self.output), gpus, self.cfg.grace)
             runner = container.ContainerRunner(self.engine, container.container_name(self.a),
                                                argv, env, self.dir, self.stdout, self.stderr)

@@ -26,7 +26,8 @@ from pcp.agent.config import AgentConfig
 from pcp.agent.log import Log
 from pcp.agent.record import done_attempt, read_run
 from pcp.agent.session import Result, Session
-from pcp.core.messages import ShepherdCommand
+from pcp.agent.wandb import KeySource, adc_token, file_key, secret_manager_source
+from pcp.core.messages import Assignment, ShepherdCommand
 from pcp.core.ports import BlobStore
 
 RESUBSCRIBE_SECONDS = 5.0
@@ -111,7 +112,8 @@ class Shepherd:
             current.request_stop(f"replaced by run {cmd.run_id} attempt {cmd.attempt}")
             self.thread.join()
             self.reap()
-        session = Session(cmd.assignment, self.store, self.cfg, self.log, self.agent_stop)
+        session = Session(cmd.assignment, self.store, self.cfg, self.log, self.agent_stop,
+                          wandb_key=self.wandb_key(cmd.assignment))
         self.session = session
         self.sessions += 1
         self.thread = threading.Thread(target=self._run_session, args=(session,),
@@ -141,6 +143,14 @@ class Shepherd:
         record = read_run(self.store, cmd.run_id)
         over = record.over_for(cmd.attempt) if record is not None else None
         return over
+
+    def wandb_key(self, a: Assignment) -> KeySource:
+        """The key from --wandb-key-file, else the stack's secret with the host's
+        Application Default Credentials (the shepherd service account's key)."""
+        if self.cfg.wandb_key_file is not None:
+            path = self.cfg.wandb_key_file
+            return lambda: file_key(path)
+        return secret_manager_source(self.cfg.project, a.stack, adc_token)
 
     def _run_session(self, session: Session) -> None:
         try:

@@ -22,6 +22,7 @@ from pcp.agent.deadman import power_off, power_off_at, record_power_off
 from pcp.agent.log import Log
 from pcp.agent.record import done_attempt, read_run
 from pcp.agent.session import Session
+from pcp.agent.wandb import KeySource, file_key, metadata_token, secret_manager_source
 from pcp.core.errors import PermanentError
 from pcp.core.messages import Assignment
 from pcp.core.names import ASSIGNMENT_KEY, META_BUCKET, META_GPU_COUNT, META_PROJECT, META_STACK
@@ -89,11 +90,20 @@ class Worker:
             log.info("run_over", f"not starting: {over}")
         else:
             Session(a, store, self.cfg, log, self.agent_stop,
-                    gpus=self._meta(META_GPU_COUNT), notices_host=self.metadata.host).run()
+                    gpus=self._meta(META_GPU_COUNT), notices_host=self.metadata.host,
+                    wandb_key=self.wandb_key(a)).run()
         if self.agent_stop.is_set():
             log.info("agent_exit", "SIGTERM: leaving the VM to whoever stops it")
             return 0
         return self.dead_man(a, store, log)
+
+    def wandb_key(self, a: Assignment) -> KeySource:
+        """The key from --wandb-key-file, else the stack's secret with this VM's token."""
+        if self.cfg.wandb_key_file is not None:
+            path = self.cfg.wandb_key_file
+            return lambda: file_key(path)
+        return secret_manager_source(self.cfg.project, a.stack,
+                                     lambda: metadata_token(self.metadata))
 
     def resolve(self) -> None:
         """Fill bucket, stack and project from metadata where no flag gave them."""
@@ -139,7 +149,7 @@ class Worker:
                 return 0
 
     def power_off(self, why: str, log: Log | None = None) -> int:
-        return power_off(list(self.cfg.poweroff), why, log or self.log)
+        return power_off(list(self.cfg.poweroff), why, log or self.log, console=self.cfg.console)
 
     def _meta(self, key: str) -> str | None:
         try:

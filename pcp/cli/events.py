@@ -4,7 +4,8 @@ Three sources, merged by time: the sweep audits (control/sweeps/<time>.json, one
 with the heal it stands for), the run records (runs/<id>/run.json, one row per phase change)
 and the nodes' dead-man records (runs/<id>/<node>/power_off.json). The same story the
 log-based metrics tell in Cloud Monitoring, for the local replica and for a person without
-console access. Kinds are stable: `NoteKind` and `Heal` values, `run_<phase>` and
+console access. Kinds are stable: `NoteKind` and `Heal` values, `run_<phase>`,
+`hard_cap_stop` (a sweep saw a VM that GCE's maxRunDuration stopped) and
 `dead_man_power_off` (docs/architecture.md, "Log lines and metrics").
 """
 
@@ -22,6 +23,7 @@ from pcp.core.ports import BlobStore
 from pcp.core.state import Run
 
 DEAD_MAN = "dead_man_power_off"
+HARD_CAP = "hard_cap_stop"
 POWER_OFF_FILE = "power_off.json"
 
 
@@ -38,12 +40,15 @@ def sweep_rows(store: BlobStore, name: str) -> list[dict[str, Any]]:
     if record is None:
         return []
     at = record.get("at")
+    capped = [_row(c.get("stopped_at") or at, HARD_CAP, c.get("run_id"), "sweep",
+                   f"{c.get('vm')}: GCE's run-duration cap (maxRunDuration) stopped it")
+              for c in record.get("hard_cap_stops") or [] if isinstance(c, dict)]
     notes = record.get("notes")
     if isinstance(notes, list):
         return [_row(at, str(n.get("kind")), n.get("run_id"), "sweep", n.get("text"),
-                     n.get("heal")) for n in notes if isinstance(n, dict)]
+                     n.get("heal")) for n in notes if isinstance(n, dict)] + capped
     kinds = record.get("kinds") or []
-    return [_row(at, str(k), None, "sweep", record.get("reason")) for k in kinds]
+    return [_row(at, str(k), None, "sweep", record.get("reason")) for k in kinds] + capped
 
 
 def run_rows(store: BlobStore, run_id: str) -> list[dict[str, Any]]:
@@ -94,7 +99,7 @@ def collect(store: BlobStore, run_id: str | None = None,
 @click.option("--run", "run_id", help="only this run's events")
 @click.option("--kind", "kinds", multiple=True,
               help="only events of this kind or heal (repeatable): e.g. orphans_stopped, "
-                   "run_ended, dead_man_power_off")
+                   "run_ended, dead_man_power_off, hard_cap_stop")
 @click.option("--limit", type=click.IntRange(1, 100000), default=200, show_default=True,
               help="the newest this many")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")

@@ -50,6 +50,14 @@ def duration(seconds: float | None) -> str:
     return f"{s}s"
 
 
+def wandb_text(w: dict[str, Any]) -> str:
+    """The wandb group's link, or (no entity known) where to find it."""
+    if w.get("url"):
+        return str(w["url"])
+    return (f"project {w['project']}, group {w['group']} (the API key's default entity; "
+            "name one with --wandb-entity for a link)")
+
+
 def cost(usd: Any) -> str:
     """Dollars and cents; under a cent, the fraction of a cent (never a $0.00 that the JSON
     contradicts)."""
@@ -274,6 +282,8 @@ def run_renderable(view: RunView, stack: str,
     grid.add_row("[bold]ended[/]", when(view.ended_at))
     grid.add_row("[bold]duration[/]", duration(view.duration_s))
     grid.add_row("[bold]estimated cost[/]", cost(view.cost_usd))
+    if view.wandb is not None:
+        grid.add_row("[bold]wandb[/]", escape(wandb_text(view.wandb)))
     if view.lease is not None:
         grid.add_row("[bold]VMs kept alive until[/]", when(view.lease.until))
     parts: list[RenderableType] = [grid]
@@ -416,6 +426,10 @@ def markdown(view: RunView, stack: str, losses: list[float] | None = None) -> st
     lines += [f"| started | {when(view.started_at)} |", f"| ended | {when(view.ended_at)} |",
               f"| duration | {duration(view.duration_s)} |",
               f"| estimated cost | {cost(view.cost_usd)} |"]
+    if view.wandb is not None:
+        w = view.wandb
+        lines.append(f"| wandb | [{_md(w['project'])} / {_md(w['group'])}]({w['url']}) |"
+                     if w.get("url") else f"| wandb | {_md(wandb_text(w))} |")
     if view.run is not None and view.run.nodes:
         lines += ["", "| node | state | duration |", "|---|---|---|"]
         for n in view.run.nodes:

@@ -152,6 +152,10 @@ def capped(view: Any) -> str | None:
               help="end the run (reason gpu_idle) if every GPU of a node stays below P%% for "
                    "WINDOW after the first GRACE, e.g. 5%%:15m:10m (docs/agent.md); default: "
                    "the stack's (PCP_GPU_IDLE), if any")
+@click.option("--wandb-project", metavar="PROJECT",
+              help="wandb project the nodes log to (default: the stack's pcp:wandb_project)")
+@click.option("--wandb-entity", metavar="ENTITY",
+              help="wandb user or team (default: the stack's pcp:wandb_entity)")
 @click.option("--run-id", help="fix the run id (default r-YYYYMMDD-HHMMSS-xxxx)")
 @click.option("--wait", is_flag=True, help="follow the run until it ends; exit 0 on success")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
@@ -163,7 +167,8 @@ def capped(view: Any) -> str | None:
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
         image: str | None, max_hours: float | None, max_restarts: int | None,
         max_cost: float | None, layout: str | None, gpu_idle: str | None, run_id: str | None,
-        wait: bool, timeout: float | None, poll: float, as_json: bool) -> None:
+        wandb_project: str | None, wandb_entity: str | None, wait: bool,
+        timeout: float | None, poll: float, as_json: bool) -> None:
     """Request a training run; print its id (and with --wait, follow it to the end)."""
     flags = click.get_current_context().meta.get(FLAGS, {})
     if timeout is not None and not wait:
@@ -190,6 +195,10 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
             body["gpu_idle"] = GpuIdle.parse(gpu_idle).to_dict()
         except PermanentError as e:
             fail(str(e), EXIT_USAGE)
+    if wandb_project is not None:
+        body["wandb_project"] = wandb_project
+    if wandb_entity is not None:
+        body["wandb_entity"] = wandb_entity
     if flags.get("stack"):
         body["stack"] = flags["stack"]
     try:  # the control plane's own parser: what fails here would be rejected there

@@ -15,8 +15,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pcp.core.errors import PermanentError
-from pcp.core.messages import decode_json
-from pcp.core.names import REJECTED, STACK_DOC, node_file, run_doc, run_prefix, summary_doc
+from pcp.core.messages import decode_json, validate_wandb
+from pcp.core.names import (
+    REJECTED,
+    STACK_DOC,
+    node_file,
+    run_doc,
+    run_prefix,
+    summary_doc,
+    wandb_group_url,
+)
 from pcp.core.ports import BlobStore
 from pcp.core.state import Lease, Phase, RecentRun, Run, StackState, Status
 from pcp.core.timefmt import iso, opt_iso
@@ -38,6 +46,21 @@ def load_state(store: BlobStore) -> StackState | None:
     raises."""
     blob = store.get(STACK_DOC)
     return None if blob is None else observe(store, StackState.from_json(blob.data))[0]
+
+
+def _wandb_of(raw: object, run_id: str) -> dict[str, Any] | None:
+    """A wandb block read from the bucket, re-validated; the link is rebuilt, never read."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        project = validate_wandb(raw.get("project"), "wandb_project", "wandb")
+        entity = validate_wandb(raw.get("entity"), "wandb_entity", "wandb")
+    except PermanentError:
+        return None
+    if project is None:
+        return None
+    return {"project": project, "entity": entity, "group": run_id,
+            "url": wandb_group_url(entity, project, run_id)}
 
 
 def load_json(store: BlobStore, name: str) -> dict[str, Any] | None:
@@ -67,6 +90,8 @@ class RunView:
     position: int | None = None
     lease: Lease | None = None
     summary: dict[str, Any] | None = None
+    #: `wandb` of the run record (runs/<id>/run.json): the project the service resolved.
+    wandb_record: dict[str, Any] | None = None
 
     @property
     def final(self) -> bool:
@@ -113,6 +138,18 @@ class RunView:
         return self.run.cost_usd if self.run is not None else None
 
     @property
+    def wandb(self) -> dict[str, Any] | None:
+        """{project, entity, group, url} of the run's wandb group, if it logs to wandb."""
+        request = self.run.request if self.run is not None else None
+        for source in ((self.summary or {}).get("wandb"), self.wandb_record,
+                       None if request is None else
+                       {"project": request.wandb_project, "entity": request.wandb_entity}):
+            found = _wandb_of(source, self.run_id)
+            if found is not None:
+                return found
+        return None
+
+    @property
     def metrics(self) -> dict[str, Any]:
         raw = (self.summary or {}).get("metrics")
         return raw if isinstance(raw, dict) else {}
@@ -132,6 +169,7 @@ class RunView:
             "keep_alive_until": None if self.lease is None else iso(self.lease.until),
             "run": None if self.run is None else public(self.run),
             "summary": self.summary,
+            "wandb": self.wandb,
         }
 
 
@@ -142,7 +180,9 @@ def find_run(store: BlobStore, run_id: str, state: StackState | None = None) -> 
     if state is not None:
         lease = state.lease if state.lease is not None and state.lease.run_id == run_id else None
         if state.active is not None and state.active.run_id == run_id:
-            return RunView(run_id, state.active.status, run=state.active, lease=lease)
+            record = load_json(store, run_doc(run_id)) or {}
+            return RunView(run_id, state.active.status, run=state.active, lease=lease,
+                           wandb_record=record.get("wandb") if isinstance(record, dict) else None)
         position = state.queue_position(run_id)
         if position is not None:
             queued = state.queue[position - 1]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from pcp.core.messages import (
     BudgetNotification,
@@ -20,12 +21,15 @@ RUNNING_STATES = frozenset({"PROVISIONING", "STAGING", "RUNNING"})
 @dataclass(frozen=True)
 class VmView:
     """A VM as Compute Engine reports it. Label times are epoch seconds; `created` is the
-    VM's creation time (epoch seconds), when the API gave one."""
+    VM's creation time (epoch seconds), when the API gave one. `capped_stop` is the time
+    (epoch seconds) of the VM's last stop when that stop came at or after its armed
+    `scheduling.maxRunDuration` had run out since its last start: GCE's hard cap stopped it."""
 
     name: str
     status: str
     labels: dict[str, str] = field(default_factory=dict)
     created: int | None = None
+    capped_stop: int | None = None
 
     @property
     def up(self) -> bool:
@@ -35,6 +39,13 @@ class VmView:
     def label_epoch(self, key: str) -> int | None:
         value = self.labels.get(key, "")
         return int(value) if value.isdigit() else None
+
+
+def hard_cap_stops(vms: Sequence[VmView], now: datetime, window_s: float) -> list[VmView]:
+    """The VMs GCE's hard cap stopped within the `window_s` seconds before `now` (one sweep
+    interval: each such stop is reported by the sweep that follows it)."""
+    t = now.timestamp()
+    return [v for v in vms if v.capped_stop is not None and t - window_s < v.capped_stop]
 
 
 def holds_attempt(labels: Mapping[str, str], run_id: str, attempt: int) -> bool:

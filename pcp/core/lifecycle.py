@@ -661,6 +661,8 @@ def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
             secret=run.secret,
             layout=run.request.layout or policy.default_layout,
             gpu_idle=run.request.gpu_idle or policy.default_gpu_idle,
+            wandb_project=run.request.wandb_project or policy.default_wandb_project,
+            wandb_entity=run.request.wandb_entity or policy.default_wandb_entity,
         )
         for rank, name in enumerate(policy.node_names)
     )

@@ -33,6 +33,11 @@ RUN_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 #: A run's secret (docs/agent.md, PCP_RUN_SECRET): hex, drawn where the run is accepted.
 SECRET_RE = re.compile(r"^[0-9a-f]{32,128}$")
 PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_]+$")
+#: What pcp accepts as a wandb project and entity (user or team): they go into the binary's
+#: environment and into a https://wandb.ai/ENTITY/PROJECT/... link, so nothing that needs
+#: quoting (wandb refuses / \\ # ? % : in project names itself).
+WANDB_PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+WANDB_ENTITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CONFIG_BYTES = 16 * 1024
 MAX_TEXT = 1024
@@ -402,7 +407,22 @@ START_FIELDS = (
     "gpu_idle",
     "max_cost_usd",
     "image",
+    "wandb_project",
+    "wandb_entity",
 )
+
+
+def validate_wandb(value: object, key: str, what: str) -> str | None:
+    """A wandb project (`key="wandb_project"`) or entity (`"wandb_entity"`), or None."""
+    if value is None:
+        return None
+    pattern = WANDB_PROJECT_RE if key == "wandb_project" else WANDB_ENTITY_RE
+    if not isinstance(value, str) or not pattern.match(value):
+        rule = ("letters, digits, '.', '_' and '-', at most 128, starting with a letter or "
+                "digit" if key == "wandb_project" else
+                "letters, digits, '_' and '-', at most 64, starting with a letter or digit")
+        raise PermanentError(f"{what}: {key} {value!r} must be {rule}")
+    return value
 
 #: How ranks are numbered (docs/agent.md, "Rank layouts"): `all-nodes` makes the shepherd
 #: rank 0 of WORLD_SIZE = nodes; `workers-only` makes the workers ranks 0..N-1 of
@@ -457,6 +477,9 @@ class StartRequest:
     #: resolved once by the function that accepts the request, like `secret` never on the
     #: wire and not compared; the run record keeps it, so every node and restart runs it.
     pinned_image: str = field(default="", compare=False)
+    #: The wandb project and entity the nodes log to; None takes the stack's default.
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
     #: The run's secret, drawn by the function that accepts the request (never on the wire:
     #: no parser reads it and no writer writes it; the run record keeps it). Not compared,
     #: so a redelivered request still equals the one accepted.
@@ -503,6 +526,8 @@ class StartRequest:
             gpu_idle=GpuIdle.from_value(obj.get("gpu_idle"), f"{what}: gpu_idle"),
             max_cost_usd=positive_usd(obj.get("max_cost_usd"), f"{what}: max_cost_usd"),
             image=_image(obj, what),
+            wandb_project=validate_wandb(obj.get("wandb_project"), "wandb_project", what),
+            wandb_entity=validate_wandb(obj.get("wandb_entity"), "wandb_entity", what),
         )
 
     def to_dict(self) -> JsonObj:
@@ -529,6 +554,10 @@ class StartRequest:
             out["max_cost_usd"] = self.max_cost_usd
         if self.image is not None:
             out["image"] = self.image
+        if self.wandb_project is not None:
+            out["wandb_project"] = self.wandb_project
+        if self.wandb_entity is not None:
+            out["wandb_entity"] = self.wandb_entity
         return out
 
     def to_json(self) -> bytes:
@@ -742,6 +771,8 @@ ASSIGNMENT_FIELDS = (
     "layout",
     "gpu_idle",
     "image",
+    "wandb_project",
+    "wandb_entity",
 )
 
 
@@ -775,6 +806,9 @@ class Assignment:
     gpu_idle: GpuIdle | None = None
     #: The OCI image this node runs instead of `binary`, pinned: REGISTRY/REPO@sha256:HEX.
     image: str | None = None
+    #: wandb: the project (None: no wandb) and entity the binary logs to (docs/trainers.md).
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
 
     @property
     def vm(self) -> str:
@@ -854,6 +888,8 @@ class Assignment:
             **({"layout": self.layout} if self.layout != DEFAULT_LAYOUT else {}),
             **({"gpu_idle": self.gpu_idle.to_dict()} if self.gpu_idle is not None else {}),
             **({"image": self.image} if self.image is not None else {}),
+            **({"wandb_project": self.wandb_project} if self.wandb_project else {}),
+            **({"wandb_entity": self.wandb_entity} if self.wandb_entity else {}),
         }
 
     def to_json(self) -> bytes:
@@ -897,6 +933,8 @@ class Assignment:
             layout=validate_layout(obj.get("layout"), what) or DEFAULT_LAYOUT,
             gpu_idle=GpuIdle.from_value(obj.get("gpu_idle"), f"{what}: gpu_idle"),
             image=_image(obj, what, pinned=True),
+            wandb_project=validate_wandb(obj.get("wandb_project"), "wandb_project", what),
+            wandb_entity=validate_wandb(obj.get("wandb_entity"), "wandb_entity", what),
         )
 
     @classmethod

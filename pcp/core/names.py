@@ -242,6 +242,12 @@ class Names:
         """A log-based metric (infra/pcp_infra/monitoring.py): pcp-S-<what>."""
         return f"{self.prefix}-{what}"
 
+    @property
+    def wandb_secret(self) -> str:
+        """The Secret Manager secret holding the stack's wandb API key (infra/pcp_infra/
+        secrets.py creates it empty; a person adds the version)."""
+        return f"{self.prefix}-wandb-api-key"
+
     # identity
     def service_account_id(self, role: str) -> str:
         account_id = f"{self.prefix}-{role}"
@@ -267,3 +273,17 @@ class Names:
 
     def labels(self, **extra: str) -> dict[str, str]:
         return {LABEL_STACK: self.stack, **extra}
+
+
+#: The first word of the line a worker's dead-man switch writes to the serial console before
+#: powering off (pcp/agent/deadman.py); the log-based metric `deadman-power-offs` matches it.
+DEAD_MAN_CONSOLE_TAG = "pcp-dead-man-power-off"
+
+
+def wandb_group_url(entity: str | None, project: str | None, run_id: str) -> str | None:
+    """The wandb web page of a run's group (every node's wandb run, WANDB_RUN_GROUP = the run
+    id): https://wandb.ai/ENTITY/PROJECT/groups/RUN_ID; None without an entity or project
+    (wandb's default entity is the key's user, which pcp does not know)."""
+    if not entity or not project:
+        return None
+    return f"https://wandb.ai/{entity}/{project}/groups/{run_id}"

@@ -45,6 +45,10 @@ class Policy:
     default_image: str | None = None
     #: The rank layout of a run whose request names none (docs/agent.md, "Rank layouts").
     default_layout: str = "all-nodes"
+    #: The wandb project and entity of a run whose request names none (`pcp:wandb_project`,
+    #: `pcp:wandb_entity`); no project: no wandb.
+    default_wandb_project: str | None = None
+    default_wandb_entity: str | None = None
     worker_hourly_usd: float = 0.0
     shepherd_hourly_usd: float = 0.0
     #: A VM that has never been given a run and was created less than this long ago is still

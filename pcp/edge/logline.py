@@ -19,7 +19,8 @@ def log_outcome(settings: Settings, event: str, outcome: Outcome, run_id: str | 
     """The entry point's one line: what the service decided and how many races it lost.
 
     Stable fields (docs/architecture.md, "Log lines and metrics"): `kinds`, `conflicts`,
-    `end_reason`, `end_status` and `ended` when runs ended, and `heals` on a sweep's line.
+    `end_reason`, `end_status` and `ended` when runs ended, and `heals` and
+    `hard_cap_stops` (with `hard_cap_vms` when some) on a sweep's line.
     """
     severity = "WARNING" if outcome.errors else "INFO"
     known = None if run_id is None else outcome.transition.state.find(run_id)
@@ -29,6 +30,9 @@ def log_outcome(settings: Settings, event: str, outcome: Outcome, run_id: str | 
     extra: dict[str, Any] = ended_fields(notes, run_id)
     if event == "sweep":
         extra["heals"] = heals(notes)
+        extra["hard_cap_stops"] = len(outcome.hard_cap_stops)
+        if outcome.hard_cap_stops:
+            extra["hard_cap_vms"] = list(outcome.hard_cap_stops)
     log(severity, event, stack=settings.stack, run_id=run_id, reason=outcome.reason,
         kinds=[k.value for k in outcome.transition.kinds()], conflicts=outcome.conflicts,
         commands=len(outcome.commands), saved=outcome.saved,

@@ -48,7 +48,7 @@ def build_service(settings: Settings) -> Service:
             from pcp.adapters.pubsub_bus import PubSubBus
 
             service = Service(
-                GcsStore(settings.bucket, project=settings.project),
+                GcsStore(settings.bucket, project=settings.project, stack=settings.stack),
                 ComputeFleet(settings.project, settings.zone, settings.stack,
                              endpoint=settings.compute_endpoint,
                              op_timeout=settings.operation_timeout_seconds,

@@ -7,7 +7,10 @@ Served, as GCE serves them:
 - `/computeMetadata/v1/instance/name`: the VM name;
 - `/computeMetadata/v1/instance/attributes/<key>`: one attribute's value, 404 when missing;
 - `/computeMetadata/v1/instance/attributes/?recursive=true`: every attribute as JSON (without
-  `recursive`, the keys one per line).
+  `recursive`, the keys one per line);
+- `/computeMetadata/v1/instance/service-accounts/default/token`: the VM's access token
+  (`{"access_token", "expires_in", "token_type": "Bearer"}`), `token` below, which a local
+  stand-in of a Google API (the Secret Manager one in the wandb tests) accepts.
 
 - `/computeMetadata/v1/instance/maintenance-event` (`NONE`, `MIGRATE_ON_HOST_MAINTENANCE`,
   `TERMINATE_ON_HOST_MAINTENANCE`) and `/computeMetadata/v1/instance/preempted` (`FALSE`,
@@ -57,10 +60,12 @@ class MetadataServer:
     """One VM's metadata on 127.0.0.1; `lookup()` returns its live attributes."""
 
     def __init__(self, lookup: Callable[[], dict[str, str]], name: str,
-                 on_notice: Callable[[str, str], None] | None = None) -> None:
+                 on_notice: Callable[[str, str], None] | None = None,
+                 token: str | None = None) -> None:
         self.lookup = lookup
         self.name = name
         self.on_notice = on_notice  # called after a notice is posted (the replica acts on it)
+        self.token = token or f"ya29.local-{name}"
         self._server: LoopbackServer | None = None
         self._notices = {k: quiet for k, (quiet, _) in NOTICE_VALUES.items()}
         self._changed = threading.Condition()
@@ -141,6 +146,9 @@ class MetadataServer:
         """(status, content type, body) for a GET of `path`."""
         if path == PREFIX + "name":
             return 200, "application/text", self.name
+        if path == PREFIX + "service-accounts/default/token":
+            return 200, "application/json", json.dumps(
+                {"access_token": self.token, "expires_in": 3599, "token_type": "Bearer"})
         if not path.startswith(PREFIX + "attributes/"):
             return 404, "text/html", "Not Found"
         try:

@@ -73,6 +73,7 @@ from pcp_dev.local.processes import (
     _kill,
     token_pids,
 )
+from pcp_dev.local.secrets import SecretManagerStandIn
 from pcp_dev.local.ticker import Ticker
 
 if TYPE_CHECKING:
@@ -187,6 +188,7 @@ class Replica:
         self.gcs_proxy: GcsProxy | None = None
         self.compute: LocalCompute | None = None
         self.metadata: dict[str, MetadataServer] = {}
+        self.secrets: SecretManagerStandIn | None = None
         self.functions: dict[str, Child] = {}
         self.function_ports = {kind: free_port() for kind in FUNCTIONS}
         self.shepherd: Child | None = None
@@ -246,6 +248,15 @@ class Replica:
                 metadata={META_STACK: o.stack, META_BUCKET: o.bucket, META_PROJECT: o.project})
             self.metadata[vm] = MetadataServer(self._lookup(vm), vm,
                                                on_notice=self._notice_hook(vm)).start()
+        # The stack's wandb key secret, as the Pulumi program makes it (empty), readable by the
+        # workers' tokens; a key in <state dir>/wandb-api-key becomes its version, and the
+        # shepherd (no metadata server) reads that file.
+        self.secrets = SecretManagerStandIn(o.project).start()
+        self.secrets.create(Names(o.stack).wandb_secret)
+        self.secrets.tokens.update(m.token for m in self.metadata.values())
+        if self.wandb_key_file.is_file():
+            self.secrets.add_version(Names(o.stack).wandb_secret,
+                                     self.wandb_key_file.read_bytes().strip())
         for kind in FUNCTIONS:
             self.start_function(kind, source, wait=False)
         for kind in FUNCTIONS:
@@ -254,7 +265,8 @@ class Replica:
             ensure_subscription(host, o.project, f"{Names(o.stack).topic(kind)}-trigger",
                                 self.topic(topic), push_endpoint=self.push_endpoint(kind))
         self.shepherd = Child("shepherd", self._agent_argv("shepherd", "shepherd") + [
-            "--stack", o.stack, "--project", o.project, "--bucket", o.bucket],
+            "--stack", o.stack, "--project", o.project, "--bucket", o.bucket,
+            "--wandb-key-file", str(self.wandb_key_file)],
             self._agent_env(), self.log_dir / "shepherd.log").start()
         self.ticker = Ticker(lambda data: self.publish("sweep", data), o.sweep_interval,
                              stack=o.stack).start()
@@ -293,6 +305,8 @@ class Replica:
             steps.append(("compute", self.compute.stop))
         for server in self.metadata.values():
             steps.append(("metadata", server.stop))
+        if self.secrets is not None:
+            steps.append(("secret-manager", self.secrets.stop))
         if self.gcs_proxy is not None:
             steps.append(("gcs-proxy", self.gcs_proxy.stop))
         if self.gcs is not None:
@@ -570,7 +584,14 @@ class Replica:
         env.update(self.options.agent_extra_env)
         if metadata_host is not None:
             env["GCE_METADATA_HOST"] = metadata_host
+        if self.secrets is not None:
+            env["PCP_SECRETMANAGER_ENDPOINT"] = self.secrets.endpoint
         return env
+
+    @property
+    def wandb_key_file(self) -> Path:
+        """A wandb API key for the replica's runs, if a person put one there."""
+        return self.state_dir / "wandb-api-key"
 
     def _agent_argv(self, role: str, node: str) -> list[str]:
         o = self.options

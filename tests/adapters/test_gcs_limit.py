@@ -125,3 +125,26 @@ def test_a_conditional_write_that_would_fail_its_precondition_gets_412_not_429(
     assert proxy.limited_snapshot() == {}
     status, body = upload(proxy, gcs_bucket.name, f"control/stack.json&ifGenerationMatch={first}")
     assert status == 429 and body["error"]["errors"][0]["reason"] == "rateLimitExceeded"
+
+
+def test_a_429_the_library_retries_is_logged_once_per_retry(
+        proxy: GcsProxy, gcs_bucket: GcsBucket, capsys: pytest.CaptureFixture[str]) -> None:
+    """The production store, through the limiter: the second write of one object within a
+    second is answered 429, retried by the library (and then taken), and logged as the one
+    line the `storage-429s` metric counts (fields: throttled, http_status, object)."""
+    store = GcsStore(gcs_bucket.name, client=storage_client(proxy.endpoint, TEST_PROJECT),
+                     stack="tiny")
+    store.put("control/stack.json", b"{}")
+    capsys.readouterr()
+    store.put("control/stack.json", b'{"n": 2}')
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    throttled = [r for r in lines if r.get("throttled") is True]
+    assert throttled, lines
+    assert proxy.limited_snapshot().get("control/stack.json", 0) >= len(throttled)
+    for r in throttled:
+        assert (r["stack"], r["severity"], r["http_status"], r["object"]) == (
+            "tiny", "WARNING", 429, "control/stack.json")
+    assert store.get("control/stack.json").data == b'{"n": 2}'
+    store.put("markers/r/worker-0/booted.json", b"{}")  # another object: not limited
+    assert not [line for line in capsys.readouterr().out.splitlines() if "throttled" in line]

@@ -39,6 +39,7 @@ from pcp.core.messages import (
     StartRequest,
     split_training_config,
 )
+from pcp.core.names import DEAD_MAN_CONSOLE_TAG
 from pcp.core.state import Phase, Reason, Run
 from pcp_dev import REFERENCE_BINARY
 from pcp_dev.local.emulators import ensure_subscription, ensure_topic, publisher
@@ -90,6 +91,7 @@ class Agent:
     proc: subprocess.Popen[bytes]
     out: Path
     poweroff: Path
+    console: Path | None = None  # stands in for /dev/console (the serial port)
 
     def wait(self, timeout: float = WAIT) -> int:
         try:
@@ -139,36 +141,39 @@ class Harness:
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Agent:
         out = self.tmp / f"{name}.agent.log"
         poweroff = self.tmp / f"{name}.poweroff"
+        console = self.tmp / f"{name}.console"
+        console.write_bytes(b"")  # a device exists; the agent never creates one
         argv = [sys.executable, "-m", "pcp.agent", *argv, "--work-dir",
                 str(self.tmp / name / "work"), "--upload-interval", "0.5",
                 "--poll-interval", "0.5", "--grace", "5", "--output-interval", "0",
-                "--poweroff-command", shlex.join(["touch", str(poweroff)])]
+                "--poweroff-command", shlex.join(["touch", str(poweroff)]),
+                "--console", str(console)]
         with open(out, "wb") as f:
             proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env,
                                     cwd=self.tmp, start_new_session=True)
-        agent = Agent(proc, out, poweroff)
+        agent = Agent(proc, out, poweroff, console)
         self.agents.append(agent)
         return agent
 
     def worker(self, a: Assignment | None, name: str = "worker-0", *flags: str,
-               bucket: str | None = None) -> Agent:
+               bucket: str | None = None, env: dict[str, str] | None = None) -> Agent:
         attrs = {"pcp-bucket": bucket or self.bucket.name, "pcp-stack": self.stack,
                  "pcp-project": TEST_PROJECT}
         if a is not None:
             attrs["pcp-assignment"] = a.to_json().decode()
         server = MetadataServer(lambda: dict(attrs), name).start()
         self.servers.append(server)
-        env = self.env() | {"GCE_METADATA_HOST": server.host}
-        return self.spawn(name, ["worker", "--boot-grace", "1", *flags], env)
+        full = self.env() | {"GCE_METADATA_HOST": server.host} | (env or {})
+        return self.spawn(name, ["worker", "--boot-grace", "1", *flags], full)
 
-    def shepherd(self, *flags: str) -> Agent:
+    def shepherd(self, *flags: str, env: dict[str, str] | None = None) -> Agent:
         assert self.pubsub_host is not None
         ensure_topic(self.pubsub_host, TEST_PROJECT, f"pcp-{self.stack}-shepherd")
         ensure_subscription(self.pubsub_host, TEST_PROJECT, f"pcp-{self.stack}-shepherd-host",
                             f"pcp-{self.stack}-shepherd")
         return self.spawn("shepherd", ["shepherd", "--stack", self.stack, "--project",
                                        TEST_PROJECT, "--bucket", self.bucket.name, *flags],
-                          self.env())
+                          self.env() | (env or {}))
 
     def publish(self, data: bytes) -> None:
         assert self.pubsub_host is not None
@@ -313,9 +318,16 @@ def test_run_writes_markers_logs_and_outputs_then_powers_off(cluster: Harness,
         power = json.loads(cluster.get(f"runs/{run_id}/{a.node}/power_off.json") or b"null")
         if a.role == "worker":
             assert power["kind"] == "dead_man_power_off" and power["node"] == a.node, power
+            # ... and on the serial console, in the form the deadman-power-offs metric
+            # matches (tests/infra/test_monitoring.py matches the same function's line).
+            assert agent.console is not None
+            [line] = agent.console.read_text().splitlines()
+            assert line.startswith(f"{DEAD_MAN_CONSOLE_TAG} stack={cluster.stack} "
+                                   f"node={a.node} run_id={run_id} attempt=1 reason="), line
             assert power["attempt"] == 1 and power["reason"]
         else:
             assert power is None, power
+            assert agent.console is not None and agent.console.read_text() == ""
     assert cluster.get(f"runs/{run_id}/shepherd/checkpoint.npz")
     assert cluster.store.list(f"markers/{run_id}/") == sorted(  # logs stay out of markers/
         f"markers/{run_id}/{a.node}/{kind}.json" for a in plan_ for kind in ("booted", "done"))

@@ -67,3 +67,20 @@ def test_events_as_text(invoke, stack: Stack) -> None:
     assert "dead_man_power_off" in result.output and "r1" in result.output
     empty = invoke(["events", "--run", "nope"], obj=stack.context)
     assert empty.output.strip() == "no events on stack tiny for run nope"
+
+
+def test_events_tell_a_hard_cap_stop_once(invoke, stack: Stack) -> None:
+    """A VM that GCE's maxRunDuration stopped is one `hard_cap_stop` row: the sweep that
+    follows the stop reports it, a later one (outside its interval) does not again."""
+    stack.start("r1", T0)
+    vm = next(iter(stack.fleet.vms.values()))
+    vm.status = "TERMINATED"
+    vm.capped_stop = int((T0 + timedelta(minutes=58)).timestamp())
+    stack.service.sweep(T0 + timedelta(minutes=60))
+    stack.service.sweep(T0 + timedelta(minutes=70))
+    rows = _events(invoke, stack, "--kind", "hard_cap_stop")
+    assert len(rows) == 1
+    [row] = rows
+    assert (row["run_id"], row["source"]) == ("r1", "sweep")
+    assert row["at"].startswith((T0 + timedelta(minutes=58)).isoformat()[:16])
+    assert row["text"].startswith("pcp-tiny-worker-0: ")

@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
             "pcp:cachix_public_key=pcp-example.cachix.org-1:AbCdEf0123456789+/AbCdEf0123456789=",
             "pcp:alert_email=oncall@example.org",
             "pcp:alert_pubsub_topic=projects/pcp-test-project/topics/pcp-alerts",
+            "pcp:wandb_project=pcp-demo",
+            "pcp:wandb_entity=example-team",
         ],
     ),
     "small-budget": (

@@ -145,7 +145,7 @@ def test_function_environment_is_all_strings():
         "PCP_SHEPHERD_HOST", "PCP_TCP_PORT", "PCP_MAX_RUN_HOURS", "PCP_BOOT_TIMEOUT_MINUTES",
         "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY", "PCP_LAYOUT",
         "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
-        "PCP_FIRST_BOOT_GRACE_MINUTES", "PCP_IMAGE",
+        "PCP_FIRST_BOOT_GRACE_MINUTES", "PCP_IMAGE", "PCP_WANDB_PROJECT", "PCP_WANDB_ENTITY",
     }  # fmt: skip
     assert all(isinstance(v, str) for v in env.values())
     assert env["PCP_WORKER_HOURLY_USD"] == "0.54"

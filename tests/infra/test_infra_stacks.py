@@ -53,6 +53,7 @@ PCP_ENV = {
     "PCP_KEEP_ALIVE_HOURS", "PCP_SWEEP_INTERVAL_MINUTES", "PCP_BINARY",
     "PCP_WORKER_HOURLY_USD", "PCP_SHEPHERD_HOURLY_USD", "PCP_FUNCTION_TIMEOUT_SECONDS",
     "PCP_FIRST_BOOT_GRACE_MINUTES", "PCP_LAYOUT", "PCP_IMAGE",
+    "PCP_WANDB_PROJECT", "PCP_WANDB_ENTITY",
 }  # fmt: skip
 
 #: The event-driven maximum (Cloud Functions 2nd gen): every function may wait on VM stops,
@@ -332,6 +333,8 @@ def test_functions_environment(any_run):
         "PCP_BINARY": cfg["pcp:binary"],
         "PCP_LAYOUT": cfg.get("pcp:layout", "all-nodes"),
         "PCP_IMAGE": cfg.get("pcp:image", ""),
+        "PCP_WANDB_PROJECT": cfg.get("pcp:wandb_project", ""),
+        "PCP_WANDB_ENTITY": cfg.get("pcp:wandb_entity", ""),
         "PCP_WORKER_HOURLY_USD": cfg["pcp:worker_hourly_usd"],
         "PCP_SHEPHERD_HOURLY_USD": cfg["pcp:shepherd_hourly_usd"],
         # not a stack setting: the policy's default, written so the contract is complete
@@ -610,6 +613,7 @@ def test_grants_per_service_account(any_run):
                 or i.get("instanceName")
                 or i.get("serviceAccountId")
                 or i.get("repository")
+                or i.get("secretId")
                 or (i.get("name") if r["type"] == RUN_MEMBER else None)
                 or "project"
             )
@@ -629,16 +633,19 @@ def test_grants_per_service_account(any_run):
         ("TopicIAMMember", f"{p}-shepherd", "roles/pubsub.viewer"),
         ("IAMMember", "project", "roles/cloudscheduler.viewer"),
     }
+    wandb_key = ("SecretIamMember", f"{p}-wandb-api-key", "roles/secretmanager.secretAccessor")
     assert grants_of("shepherd") == {
         ("SubscriptionIAMMember", f"{p}-shepherd-host", "roles/pubsub.subscriber"),
         ("BucketIAMMember", bucket, "roles/storage.objectAdmin"),
         ("RepositoryIamMember", p, "roles/artifactregistry.reader"),
+        wandb_key,
     }
     assert grants_of("worker") == {
         ("BucketIAMMember", bucket, "roles/storage.objectAdmin"),
         ("IAMMember", "project", "roles/logging.logWriter"),
         # pulls the run's image (docs/trainers.md)
         ("RepositoryIamMember", p, "roles/artifactregistry.reader"),
+        wandb_key,
     }
     functions = grants_of("functions")
     worker_sa = (
@@ -823,6 +830,7 @@ def test_every_resource_lives_in_a_component(any_run):
         "pcp:infra:WorkerFleet", "pcp:infra:ControlFunctions", "pcp:infra:SweepSchedule",
         "pcp:infra:CodeArchives", "pcp:infra:ServiceAgents", "pcp:infra:LogMetrics",
         "pcp:infra:Alerts", "pcp:infra:StackDashboard", "pcp:infra:ImageRepository",
+        "pcp:infra:WandbSecret",
     } | ({"pcp:infra:StackBudget"}
          if any_run.config.get("pcp:billing_account") else set())  # fmt: skip
     for r in any_run.custom:
