@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,6 +16,7 @@ from pcp.cli.views import (
     download,
     failures,
     find_run,
+    loss_curve,
     overview,
     recent_runs,
 )
@@ -175,6 +177,33 @@ def logs(run_id: str, node: str | None, stream: str, keep: bool, poll: float) ->
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
+#: The loss curve `pcp results` draws next to a run's files (never over one of them).
+LOSS_CURVE = "loss-curve.png"
+
+
+def write_loss_curve(root: Path, files: list[dict[str, Any]],
+                     prefer: str | None) -> dict[str, Any] | None:
+    """Draw the run's loss curve (its `pcp-progress` lines) into ROOT/loss-curve.png."""
+    from pcp.cli.plot import loss_png
+
+    if any(f["object"].endswith(f"/{LOSS_CURVE}") and f["object"].count("/") == 2
+           for f in files):
+        return None  # the run wrote one itself
+    logs = {}
+    for f in files:
+        parts = f["object"].split("/")
+        if len(parts) == 4 and parts[3] == "stdout.log":
+            logs[parts[2]] = Path(f["path"]).read_bytes()
+    losses = loss_curve(logs, prefer if isinstance(prefer, str) else None)
+    if len(losses) < 2:
+        return None
+    data = loss_png(losses, title=f"loss of run {root.name}")
+    path = root / LOSS_CURVE
+    path.write_bytes(data)
+    return {"object": None, "path": str(path), "bytes": len(data),
+            "made_by": "pcp results: the loss from the pcp-progress lines"}
+
+
 @click.command()
 @resources
 @click.argument("run_id")
@@ -193,6 +222,9 @@ def results(run_id: str, dest: str, as_json: bool) -> None:
         unknown_run(ctx, run_id)
     root = Path(dest) / run_id
     files = download(ctx.store, run_id, root)
+    picture = write_loss_curve(root, files, (view.summary or {}).get("metrics_node"))
+    if picture is not None:
+        files.append(picture)
     if as_json:
         echo_json({"run_id": run_id, "dest": str(root), "files": files, "run": view.to_dict()})
         return

@@ -420,6 +420,8 @@ class TrainingProgress:
     losses: list[float] = field(default_factory=list)
     #: The one node whose lines count (the first to report; every rank may print the same).
     node: str | None = None
+    #: How many losses to keep (the live view's sparkline needs only the recent ones).
+    keep: int = 500
 
     def read(self, chunks: list[tuple[str, bytes]]) -> TrainingProgress:
         for name, data in chunks:
@@ -445,8 +447,20 @@ class TrainingProgress:
                 if loss is not None:
                     self.loss = loss
                     self.losses.append(loss)
-                    del self.losses[:-500]
+                    del self.losses[:-self.keep]
         return self
+
+
+def loss_curve(logs: dict[str, bytes], prefer: str | None = None) -> list[float]:
+    """Every loss the binaries reported in their stdout logs (node -> stdout.log bytes): the
+    `prefer`red node's (the run's metrics node) when it reported any, else the first node's
+    to report."""
+    chunks = [(f"{node}/stdout.log", data) for node, data in sorted(logs.items())]
+    if prefer is not None and prefer in logs:
+        mine = TrainingProgress(node=prefer, keep=1_000_000).read(chunks)
+        if len(mine.losses) > 1:
+            return mine.losses
+    return TrainingProgress(keep=1_000_000).read(chunks).losses
 
 
 def last_lines(chunks: list[tuple[str, bytes]], into: dict[str, str]) -> dict[str, str]:
