@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from google.api_core.exceptions import NotFound, PreconditionFailed
 from google.cloud import storage
@@ -29,12 +30,23 @@ class GcsStore:
     """Objects in one bucket. The client is built on first use, never at import time."""
 
     def __init__(self, bucket: str, client: storage.Client | None = None,
-                 project: str | None = None) -> None:
+                 project: str | None = None, *, read_limits: Mapping[str, Any] | None = None
+                 ) -> None:
         self.bucket_name = bucket
         self._client = client
         self._project = project
         self._bucket: storage.Bucket | None = None
         self._lock = threading.Lock()
+        # `timeout` and `retry` for reads (get, list, scan); the library's defaults (60 s a
+        # request, retried for up to 120 s) unless given: a reader a person watches (the CLI)
+        # wants to hear of an unreachable bucket in seconds.
+        self.read_limits = dict(read_limits or {})
+
+    def with_read_limits(self, **limits: Any) -> GcsStore:
+        """The same bucket and client, reads bounded by `limits` (`timeout`, `retry`)."""
+        other = GcsStore(self.bucket_name, self._client, self._project, read_limits=limits)
+        other._bucket = self._bucket
+        return other
 
     @property
     def bucket(self) -> storage.Bucket:
@@ -52,11 +64,11 @@ class GcsStore:
         # data and generation always belong together (a metadata read first could race).
         blob = self.bucket.blob(name)
         try:
-            data = blob.download_as_bytes()
+            data = blob.download_as_bytes(**self.read_limits)
         except NotFound:
             return None
         if blob.generation is None:  # a server that omits the header: ask for it
-            blob.reload()
+            blob.reload(**self.read_limits)
         return Blob(data, int(blob.generation))
 
     def put(self, name: str, data: bytes, *, if_generation_match: int | None = None,
@@ -75,10 +87,11 @@ class GcsStore:
 
     def list(self, prefix: str) -> list[str]:
         client = self.bucket.client
-        return sorted(b.name for b in client.list_blobs(self.bucket, prefix=prefix))
+        return sorted(b.name for b in client.list_blobs(self.bucket, prefix=prefix,
+                                                          **self.read_limits))
 
     def scan(self, prefix: str) -> list[Listed]:
         client = self.bucket.client
         found = [Listed(b.name, int(b.generation or 0), dict(b.metadata or {}))
-                 for b in client.list_blobs(self.bucket, prefix=prefix)]
+                 for b in client.list_blobs(self.bucket, prefix=prefix, **self.read_limits)]
         return sorted(found, key=lambda x: x.name)
