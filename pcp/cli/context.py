@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from pcp.cli.config import Config
+from pcp.cli.config import Config, ConfigError, local_dir, read_local_state
 from pcp.core.names import Names
 from pcp.core.ports import BlobStore, Bus
 
@@ -203,6 +203,10 @@ class Context:
         """What the CLI reads, for `cannot reach ...`."""
         return f"the stack bucket {self.bucket}"
 
+    def replica_problem(self) -> str | None:
+        """Why the local replica is down, or None (also when there is none to check)."""
+        return None
+
     def check_backend(self) -> None:
         """Raise `ReplicaDown` at once when the backend is known to be gone (between the
         polls of a wait, so a dead replica is said in seconds, not after a 120 s timeout).
@@ -276,9 +280,29 @@ class CloudContext(Context):
                or getattr(creds, "signer_email", None) or type(creds).__name__)
         return f"application default credentials ({who})"
 
+    def replica_problem(self) -> str | None:
+        """Why the local replica is down (its supervisor gone or silent), or None."""
+        from pcp.cli.supervisor import supervisor_problem
+
+        config = self.config
+        if config is None or not config.local or not config.supervisor:
+            return None
+        supervisor = dict(config.supervisor)
+        try:  # the heartbeat moves on while a wait runs: read it afresh
+            fresh = read_local_state(local_dir(os.environ), self.stack) or {}
+        except ConfigError:
+            fresh = {}
+        if fresh.get("pid") == supervisor.get("pid") and fresh.get("heartbeat_at"):
+            supervisor["heartbeat_at"] = fresh["heartbeat_at"]
+        return supervisor_problem(self.stack, supervisor, self.clock())
+
     def _check_replica(self, endpoint: str) -> None:
         """Fail at once when a stale state file points at a replica that is gone: the client
-        libraries would retry a refused connection for minutes."""
+        libraries would retry a refused connection for minutes. A supervisor that crashed
+        may leave its emulators answering, so it is checked first."""
+        problem = self.replica_problem()
+        if problem is not None:
+            raise ReplicaDown(problem)
         url = urlsplit(endpoint if "//" in endpoint else f"//{endpoint}")
         try:
             socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), 2).close()

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pcp
+from pcp.cli.supervisor import process_start
 from pcp.core.names import (
     LABEL_NODE,
     LABEL_ROLE,
@@ -69,6 +70,7 @@ from pcp_dev.local.processes import (
     Child,
     _http_answers,
     _kill,
+    record,
     token_pids,
 )
 from pcp_dev.local.ticker import Ticker
@@ -199,14 +201,15 @@ class Replica:
     def _start(self, source: Path) -> None:
         o = self.options
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.pubsub = PubSubEmulator(o.project).start()
+        token = {TOKEN_ENV: self.token}  # so `pcp local down` finds them if we cannot
+        self.pubsub = PubSubEmulator(o.project, env=token).start()
         host = self.pubsub.host
         for kind in TOPICS:
             ensure_topic(host, o.project, self.topic(kind))
         ensure_subscription(host, o.project, Names(o.stack).shepherd_subscription,
                             self.topic("shepherd"))
         self.gcs = FakeGcs(notify_project=o.project, notify_topic=self.topic("markers"),
-                           notify_prefix="markers/", pubsub_host=host).start()
+                           notify_prefix="markers/", pubsub_host=host, env=token).start()
         self.gcs_proxy = GcsProxy(self.gcs.endpoint, o.gcs_mutation_interval).start()
         storage_client(self.storage_endpoint, o.project).create_bucket(o.bucket)
         self.compute = LocalCompute(o.project, o.zone, on_start=self._vm_started,
@@ -348,8 +351,23 @@ class Replica:
             "shepherd_host": "127.0.0.1", "tcp_port": self.tcp_port,
             "worker_vms": list(self.vms), "sweep_interval_s": o.sweep_interval,
             "logs": str(self.log_dir), "pid": os.getpid(), "token": self.token,
+            "pid_start": process_start(os.getpid()),
             "started_at": self.started_at.isoformat() if self.started_at else None,
+            "processes": self.processes(),
         }
+
+    def processes(self) -> list[dict[str, Any]]:
+        """Every process the replica started and that runs now, as `pcp local down` needs
+        them to stop each (with what it started) after the replica itself was killed."""
+        with self._lock:
+            children = [*self.functions.values(), *self.workers.values()]
+        if self.shepherd is not None:
+            children.append(self.shepherd)
+        found = [record(name, server.pid) for name, server in
+                 (("pubsub-emulator", self.pubsub), ("fake-gcs-server", self.gcs))
+                 if server is not None]
+        found += [record(c.name, c.pid) for c in children if c.running]
+        return [r for r in found if r is not None]
 
     # ------------------------------------------------------------ functions
 
