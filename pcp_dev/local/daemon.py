@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pcp_dev.local.emulators import (
 if TYPE_CHECKING:
     pass
 from pcp_dev.local.processes import _kill, same_process, stop_recorded
-from pcp_dev.local.replica import Options, Replica, check_prerequisites
+from pcp_dev.local.replica import Options, Replica, bucket_dir, check_prerequisites
 
 
 @contextmanager
@@ -150,6 +151,23 @@ def up(stack: str, state_dir: Path | str, *, timeout: float = 120.0,
                        f"see {log_path}")
 
 
+def wipe(state_dir: Path | str, stack: str | None = None) -> list[str]:
+    """Delete the kept bucket and the nodes' work directories of `stack` (default: every
+    stack), so the next `up` starts clean. Returns the stacks wiped."""
+    root = Path(state_dir)
+    stacks = [stack] if stack is not None else sorted(
+        {p.name for sub in ("gcs", "nodes") if (root / sub).is_dir()
+         for p in (root / sub).iterdir() if p.is_dir()})
+    wiped = []
+    for name in stacks:
+        dirs = [bucket_dir(root, name), root / "nodes" / name]
+        if any(d.exists() for d in dirs):
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            wiped.append(name)
+    return wiped
+
+
 def down(state_dir: Path | str, stack: str | None = None, timeout: float = 60.0) -> list[str]:
     """Stop the background replica(s) in `state_dir` and everything they started."""
     stopped = []
@@ -205,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of Compute Engine's real boot and stop times (1: real)")
     s.add_argument("--no-gcs-limit", action="store_true",
                    help="lift the one-update-per-second-per-object limit (debugging only)")
+    s.add_argument("--keep-bucket", action="store_true",
+                   help="keep the bucket in STATE_DIR/gcs/STACK across restarts")
     args = p.parse_args(argv)
     return serve(Options(stack=args.stack, state_dir=args.state_dir,
                          sweep_interval=args.sweep_interval,
@@ -212,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                          keep_alive_hours=args.keep_alive_hours,
                          max_run_hours=args.max_run_hours, grace=args.grace,
                          gcs_mutation_interval=None if args.no_gcs_limit else 1.0,
-                         compute_time_scale=args.compute_time_scale))
+                         compute_time_scale=args.compute_time_scale,
+                         keep_bucket=args.keep_bucket))
 
 
 if __name__ == "__main__":

@@ -231,7 +231,8 @@ class _Server:
 
 
 class FakeGcs(_Server):
-    """fake-gcs-server, memory backend, optionally publishing object events into Pub/Sub.
+    """fake-gcs-server, memory backend (or, with `root`, the filesystem backend there),
+    optionally publishing object events into Pub/Sub.
 
     With `notify_project` and `notify_topic`, every finalized object (under `notify_prefix`
     when given) is published as a JSON_API_V1 notification, like a GCS Pub/Sub notification.
@@ -241,8 +242,11 @@ class FakeGcs(_Server):
     def __init__(self, *, notify_project: str | None = None, notify_topic: str | None = None,
                  notify_prefix: str | None = None, pubsub_host: str | None = None,
                  port: int | None = None, startup_timeout: float = 15.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, root: Path | None = None) -> None:
         self.extra_env = dict(env or {})  # added to the server's environment
+        # With a root, the filesystem backend keeps the buckets there across restarts;
+        # without, the memory backend forgets them when the server stops.
+        self.root = None if root is None else Path(root)
         if (notify_project is None) != (notify_topic is None):
             raise ValueError("notify_project and notify_topic go together")
         if notify_topic is not None and not pubsub_host:
@@ -263,7 +267,11 @@ class FakeGcs(_Server):
     def argv(self, port: int) -> list[str]:
         argv = [str(fake_gcs_binary()), "-scheme", "http", "-host", "127.0.0.1",
                 "-port", str(port), "-external-url", f"http://127.0.0.1:{port}",
-                "-backend", "memory", "-log-level", "warn"]
+                "-log-level", "warn"]
+        if self.root is None:
+            argv += ["-backend", "memory"]
+        else:
+            argv += ["-backend", "filesystem", "-filesystem-root", str(self.root)]
         if self.notify_topic is not None:
             argv += ["-event.pubsub-project-id", str(self.notify_project),
                      "-event.pubsub-topic", self.notify_topic, "-event.list", "finalize"]

@@ -109,6 +109,9 @@ class Options:
     # guest's shutdown) take this fraction of their real time: 0.01 makes a boot 0.3 s.
     compute_time_scale: float = 0.01
     extra_env: Mapping[str, str] = field(default_factory=dict)  # for the functions
+    # Keep the bucket on disk (<state_dir>/gcs/<stack>/, fake-gcs-server's filesystem
+    # backend), so run history survives a restart; off: memory, gone when the replica stops.
+    keep_bucket: bool = False
 
     @property
     def worker_count(self) -> int:
@@ -119,9 +122,36 @@ class Options:
         return Names(self.stack, self.project).bucket
 
 
+#: What the replica's own processes import (module, package to install), beyond the CLI:
+#: the function servers, the agents and the reference trainer.
+PYTHON_NEEDS = (("functions_framework", "functions-framework"), ("cloudevents", "cloudevents"),
+                ("google.cloud.compute_v1", "google-cloud-compute"),
+                ("google.cloud.pubsub_v1", "google-cloud-pubsub"),
+                ("google.cloud.storage", "google-cloud-storage"),
+                ("googleapiclient", "google-api-python-client"), ("numpy", "numpy"))
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def bucket_dir(state_dir: Path, stack: str) -> Path:
+    """Where a kept bucket lives (fake-gcs-server's filesystem root)."""
+    return Path(state_dir) / "gcs" / stack
+
+
 def check_prerequisites() -> None:
     """Name every missing emulator or runtime at once, with how to install it."""
     missing = []
+    absent = [name for module, name in PYTHON_NEEDS if not _importable(module)]
+    if absent:
+        missing.append(f"the Python packages {', '.join(absent)} (pip install '.[demo]' in "
+                       "the checkout, or `make demo`)")
     for check in (java_binary, pubsub_jar, fake_gcs_binary):
         try:
             check()
@@ -155,6 +185,7 @@ class Replica:
         self.state_dir = Path(o.state_dir).resolve()
         self.log_dir = self.state_dir / "logs" / o.stack
         self.node_dir = self.state_dir / "nodes" / o.stack
+        self.bucket_dir = bucket_dir(self.state_dir, o.stack)
         self.tcp_port = free_port()
         self.vms = tuple(Names(o.stack).worker_vm(i) for i in range(o.worker_count))
         self.hold_boot: set[str] = set()  # VMs that come up but whose agent never starts
@@ -208,10 +239,17 @@ class Replica:
             ensure_topic(host, o.project, self.topic(kind))
         ensure_subscription(host, o.project, Names(o.stack).shepherd_subscription,
                             self.topic("shepherd"))
+        root = None
+        if o.keep_bucket:
+            root = self.bucket_dir
+            root.mkdir(parents=True, exist_ok=True)
         self.gcs = FakeGcs(notify_project=o.project, notify_topic=self.topic("markers"),
-                           notify_prefix="markers/", pubsub_host=host, env=token).start()
+                           notify_prefix="markers/", pubsub_host=host, env=token,
+                           root=root).start()
         self.gcs_proxy = GcsProxy(self.gcs.endpoint, o.gcs_mutation_interval).start()
-        storage_client(self.storage_endpoint, o.project).create_bucket(o.bucket)
+        client = storage_client(self.storage_endpoint, o.project)
+        if client.lookup_bucket(o.bucket) is None:  # kept from the last `pcp local up`
+            client.create_bucket(o.bucket)
         self.compute = LocalCompute(o.project, o.zone, on_start=self._vm_started,
                                     on_stop=self._vm_stopping,
                                     time_scale=o.compute_time_scale).start()

@@ -54,11 +54,11 @@ def gone(pid: int) -> bool:
     return False
 
 
-def background(state_dir: Path) -> dict[str, Any]:
+def background(state_dir: Path, **options: Any) -> dict[str, Any]:
     if not Path("/proc").is_dir():
         pytest.skip("the orphan checks read /proc (Linux)")
     try:
-        return up("tiny", state_dir, **FAST)
+        return up("tiny", state_dir, **FAST, **options)
     except EmulatorMissing as exc:
         require_emulator("the local replica's emulators", exc)
 
@@ -92,7 +92,7 @@ def assert_all_gone(info: dict[str, Any], run_id: str) -> None:
 
 
 def test_local_up_serves_the_cli_and_down_leaves_nothing_behind(tmp_path: Path) -> None:
-    info = background(tmp_path)
+    info = background(tmp_path, keep_bucket=True)  # as `pcp local up` starts it
     try:
         assert STATE_KEYS <= set(info)
         assert json.loads((tmp_path / "tiny.json").read_text())["pid"] == info["pid"]
@@ -109,6 +109,17 @@ def test_local_up_serves_the_cli_and_down_leaves_nothing_behind(tmp_path: Path) 
     assert stopped == ["tiny"]
     assert not (tmp_path / "tiny.json").exists()
     assert_all_gone(info, "e2e-cli-long")
+    # The run history survives down and up (the bucket is kept on disk); --wipe deletes it.
+    background(tmp_path, keep_bucket=True)
+    try:
+        again = cli(tmp_path, "status", "e2e-cli-run", "--stack", "tiny", "--json")
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["status"] == "succeeded"
+    finally:
+        wiped = cli(tmp_path, "local", "down", "--wipe")
+    assert "local replica stopped: tiny" in wiped.stdout
+    assert "wiped the kept bucket and node directories of: tiny" in wiped.stdout
+    assert not (tmp_path / "gcs" / "tiny").exists() and not (tmp_path / "nodes" / "tiny").exists()
 
 
 def test_ctrl_c_mid_run_stops_every_process(tmp_path: Path) -> None:
@@ -179,3 +190,4 @@ def test_a_killed_supervisor_is_said_and_local_down_stops_all_it_started(
     for address in (info["pubsub_host"], info["storage_endpoint"],
                     *info["functions"].values()):
         assert refuses(address), f"{address} still accepts connections"
+
