@@ -140,28 +140,50 @@ def queue(as_json: bool) -> None:
 @click.option("--follow", "-f", "keep", is_flag=True, help="print new output until the run ends")
 @click.option("--stream", type=click.Choice(["both", "stdout", "stderr"]), default="both",
               show_default=True, help="which of the node's outputs to print")
+@click.option("--timestamps", "-t", is_flag=True,
+              help="start each line with the time its node wrote it (UTC)")
 @click.option("--poll", type=click.FloatRange(min=0, min_open=True), default=3.0,
               show_default=True, metavar="SECONDS")
-def logs(run_id: str, node: str | None, stream: str, keep: bool, poll: float) -> None:
-    """Print a run's stdout.log and stderr.log (runs/RUN_ID/NODE/)."""
+def logs(run_id: str, node: str | None, stream: str, timestamps: bool, keep: bool,
+         poll: float) -> None:
+    """Print a run's stdout.log and stderr.log (runs/RUN_ID/NODE/), every node's, merged in
+    the order they were written."""
+    from pcp.cli.logtimes import Line, Merger, in_time_order, read_index
+
     if node is not None and not NODE_RE.match(node):
         fail(f"--node {node!r}: use shepherd or worker-<n>", EXIT_USAGE)
     ctx = context()
     run_id = run_arg(ctx, run_id)
     tail = LogTail(ctx.store, run_id, node, None if stream == "both" else stream)
+    merger = Merger()
     current: list[str] = []
 
-    def show_new() -> bool:
+    def show(lines: list[Line]) -> None:
+        for line in lines:
+            if not current or current[-1] != line.log:
+                click.echo(f"==> {line.log} <==")
+                current.append(line.log)
+            stamp = ""
+            if timestamps:
+                stamp = (f"{line.at:%H:%M:%S}.{line.at.microsecond // 1000:03d} "
+                         if line.at is not None else "-            ")
+            click.echo(f"{stamp}{line.text}")
+
+    def show_new(final: bool = False) -> bool:
         chunks = tail.poll()
+        nodes = {name.split("/", 1)[0] for name, _ in chunks}
+        indexes = {n: read_index(ctx.store, run_id, n) for n in sorted(nodes)}
+        lines: list[Line] = []
         for name, data in chunks:
-            if not current or current[-1] != name:
-                click.echo(f"==> {name} <==")
-                current.append(name)
-            click.echo(data.decode("utf-8", errors="replace"), nl=False)
+            lines += merger.lines(name, tail.starts.get(name, 0), data,
+                                  indexes[name.split("/", 1)[0]])
+        show(in_time_order(lines))
+        if final:
+            show(merger.flush())
         return bool(chunks)
 
     view = find_run(ctx.store, run_id)
-    if not show_new() and view is None:
+    if not show_new(final=not keep) and view is None:
         unknown_run(ctx, run_id)
     if not keep:
         if not tail.seen:
@@ -172,7 +194,7 @@ def logs(run_id: str, node: str | None, stream: str, keep: bool, poll: float) ->
             ctx.sleep(poll)
             show_new()
             view = find_run(ctx.store, run_id)
-        show_new()  # what the nodes wrote just before the end
+        show_new(final=True)  # what the nodes wrote just before the end
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 

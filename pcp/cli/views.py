@@ -263,6 +263,8 @@ class LogTail:
         self.node = node
         self.stream = stream  # "stdout" or "stderr" for one of them; None for both
         self.offsets: dict[str, int] = {}
+        #: Where in its log each chunk of the last poll begins (0: from the start).
+        self.starts: dict[str, int] = {}
 
     @property
     def seen(self) -> bool:
@@ -286,6 +288,7 @@ class LogTail:
                 start = 0
             if len(blob.data) > start:
                 chunks.append((name.removeprefix(self.prefix), blob.data[start:]))
+                self.starts[name.removeprefix(self.prefix)] = start
             self.offsets[name] = len(blob.data)
         return chunks
 
