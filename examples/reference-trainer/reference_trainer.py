@@ -37,6 +37,9 @@ Fault injection: ``--fail-at-step K`` makes a node exit with ``--fail-exit-code`
 the shepherd does not. ``--lose-shepherd-at-step K``: the shepherd vanishes (exit 137, no
 metrics) at step K. ``--hang``: sleep forever once connected.
 
+Progress: the shepherd prints ``pcp-progress step=S loss=L`` on stdout (the global loss, about 50
+times a run), the line pcp's live view and run summary read (docs/agent.md, "Progress").
+
 Outputs in PCP_OUTPUT_DIR (default ./output): ``metrics.json`` on every node (also written on
 failure and SIGTERM; ``loss[k]`` is the loss before update k+1), and on the shepherd
 ``checkpoint.npz`` (key ``w``: the parameters, ``step``: updates applied).
@@ -83,6 +86,12 @@ class PeerLost(Stop):
 
 def log(tag: str, msg: str) -> None:
     print(f"[{tag}] {msg}", flush=True)
+
+
+def progress(step: int, loss: float) -> None:
+    """The binary contract's progress line (docs/agent.md): `pcp run --wait` shows the step,
+    the loss and a loss curve from it, and the run summary draws the curve."""
+    print(f"pcp-progress step={step} loss={loss:.6g}", flush=True)
 
 
 def err(tag: str, msg: str) -> None:
@@ -302,6 +311,7 @@ def run_shepherd(args: argparse.Namespace, num_workers: int, out: Path) -> int:
             losses.append(float(loss))
             if step % every == 0 or step == args.steps:
                 log("shepherd", f"step {step}/{args.steps} loss {loss:.6f}")
+                progress(step, loss)
             time.sleep(args.step_sleep)
         broadcast(conns, {"type": "done", "step": args.steps}, w)
         log("shepherd", f"done: loss {losses[0]:.6f} -> {losses[-1]:.6f}" if losses else "done")

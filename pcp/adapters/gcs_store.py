@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from google.api_core import retry as api_retry
 from google.api_core.exceptions import NotFound, PreconditionFailed
@@ -47,13 +48,25 @@ class GcsStore:
     """Objects in one bucket. The client is built on first use, never at import time."""
 
     def __init__(self, bucket: str, client: storage.Client | None = None,
-                 project: str | None = None, stack: str = "-") -> None:
+                 project: str | None = None, stack: str = "-", *,
+                 read_limits: Mapping[str, Any] | None = None) -> None:
         self.bucket_name = bucket
         self.stack = stack
         self._client = client
         self._project = project
         self._bucket: storage.Bucket | None = None
         self._lock = threading.Lock()
+        # `timeout` and `retry` for reads (get, list, scan); the library's defaults (60 s a
+        # request, retried for up to 120 s) unless given: a reader a person watches (the CLI)
+        # wants to hear of an unreachable bucket in seconds.
+        self.read_limits = dict(read_limits or {})
+
+    def with_read_limits(self, **limits: Any) -> GcsStore:
+        """The same bucket and client, reads bounded by `limits` (`timeout`, `retry`)."""
+        other = GcsStore(self.bucket_name, self._client, self._project, self.stack,
+                         read_limits=limits)
+        other._bucket = self._bucket
+        return other
 
     @property
     def bucket(self) -> storage.Bucket:
@@ -71,11 +84,11 @@ class GcsStore:
         # data and generation always belong together (a metadata read first could race).
         blob = self.bucket.blob(name)
         try:
-            data = blob.download_as_bytes()
+            data = blob.download_as_bytes(**self.read_limits)
         except NotFound:
             return None
         if blob.generation is None:  # a server that omits the header: ask for it
-            blob.reload()
+            blob.reload(**self.read_limits)
         return Blob(data, int(blob.generation))
 
     def put(self, name: str, data: bytes, *, if_generation_match: int | None = None,
@@ -110,10 +123,11 @@ class GcsStore:
 
     def list(self, prefix: str) -> list[str]:
         client = self.bucket.client
-        return sorted(b.name for b in client.list_blobs(self.bucket, prefix=prefix))
+        return sorted(b.name for b in client.list_blobs(self.bucket, prefix=prefix,
+                                                          **self.read_limits))
 
     def scan(self, prefix: str) -> list[Listed]:
         client = self.bucket.client
         found = [Listed(b.name, int(b.generation or 0), dict(b.metadata or {}))
-                 for b in client.list_blobs(self.bucket, prefix=prefix)]
+                 for b in client.list_blobs(self.bucket, prefix=prefix, **self.read_limits)]
         return sorted(found, key=lambda x: x.name)

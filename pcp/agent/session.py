@@ -24,6 +24,7 @@ from pcp.agent import container, gpu
 from pcp.agent.binary import NOT_REALISED, BinaryError, Realiser
 from pcp.agent.config import AgentConfig
 from pcp.agent.log import Log
+from pcp.agent.logtimes import LogTimes
 from pcp.agent.notices import NoticeWatch
 from pcp.agent.record import RunView, read_run
 from pcp.agent.runner import CANNOT_EXECUTE, Exit, Runner
@@ -66,6 +67,7 @@ class Session:
         self.output = self.dir / "output"
         self.stdout = self.dir / "stdout.log"
         self.stderr = self.dir / "stderr.log"
+        self.times = LogTimes(self.stdout, self.stderr, self.dir / "logtimes.txt")
         self.record: RunView | None = None
         self.stop_reason: str | None = None
         self._stop = threading.Event()
@@ -125,6 +127,7 @@ class Session:
             what = "the image" if self.a.image is not None else "the binary"
             self.log.error("binary_not_realised", str(e))
             return self._fail(NOT_REALISED, f"cannot realise {what}: {e}", started)
+        self.times.observe(force=True)  # what realising wrote to stderr.log
         self.log.info("binary_realised", " ".join(prefix), argv0=prefix[0])
         if self.a.role == "worker" and not self.wait_for_head():
             return Result(False, None, self.stopping())
@@ -223,7 +226,7 @@ class Session:
                  if self.notices_host else None)
         tasks = [
             Task("upload_logs", self.cfg.upload_interval,
-                 lambda: up.logs(self.stdout, self.stderr)),
+                 lambda: up.logs(self.stdout, self.stderr, times=self.times.index)),
             Task("heartbeat", self.cfg.upload_interval, lambda: self._heartbeat(runner.pid)),
             Task("watch_run", self.cfg.poll_interval, self._watch_run),
             Task("upload_output", self.cfg.output_interval, lambda: up.output(self.output)),
@@ -244,6 +247,7 @@ class Session:
                     self._note(f"stopping the binary: {why}")
                     runner.terminate(self.cfg.grace)
                 runner.tick()
+                self.times.observe()
                 ticker.tick()
                 time.sleep(LOOP_SECONDS)
         finally:
@@ -305,8 +309,10 @@ class Session:
         they do after a maintenance or preemption notice, which leaves as little time."""
         short = self.agent_stop.is_set() or end_reason in ("maintenance", "preempted")
         until = time.monotonic() + self.cfg.stop_upload_budget if short else None
+        self.times.observe(force=True)
         steps: list[tuple[str, Callable[[], object]]] = [
-            ("upload_logs", lambda: self.uploader.logs(self.stdout, self.stderr, True)),
+            ("upload_logs", lambda: self.uploader.logs(self.stdout, self.stderr, True,
+                                                       times=self.times.index)),
             ("upload_output", lambda: self.uploader.output(self.output, until))]
         if heartbeat:
             steps.append(("heartbeat", lambda: self._heartbeat(None, "exited")))
@@ -329,6 +335,7 @@ class Session:
         """A line from the agent in the node's stderr.log, where `pcp logs` shows it."""
         with open(self.stderr, "a", encoding="utf-8") as f:
             f.write(f"pcp-agent: {text}\n")
+        self.times.observe(force=True)
 
 
 def prune(work_dir: Path, keep: int, current: str) -> None:

@@ -24,7 +24,7 @@ from pcp.core.ports import BlobStore
 from pcp.core.timefmt import iso
 
 # Names the agent writes itself; an output file of the same name would overwrite them.
-RESERVED = frozenset({"stdout.log", "stderr.log", "heartbeat.json"})
+RESERVED = frozenset({"stdout.log", "stderr.log", "logtimes.txt", "heartbeat.json"})
 
 
 def content_type(name: str) -> str:
@@ -60,9 +60,14 @@ class Uploader:
         self._sent[name] = stamp
         return True
 
-    def logs(self, stdout: Path, stderr: Path, force: bool = False) -> None:
+    def logs(self, stdout: Path, stderr: Path, force: bool = False,
+             times: Path | None = None) -> None:
+        """The two logs, then `times` (their logtimes.txt, pcp/agent/logtimes.py): a reader
+        that sees the index finds logs at least as long as the index says."""
         self.file(stdout, self.prefix + "stdout.log", force)
         self.file(stderr, self.prefix + "stderr.log", force)
+        if times is not None:
+            self.file(times, self.prefix + "logtimes.txt", force)
 
     def output(self, directory: Path, until: float | None = None) -> int:
         """Upload every changed regular file under `directory`, keeping relative paths.

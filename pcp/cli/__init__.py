@@ -8,6 +8,11 @@ Errors a person can fix are one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - the imports below need what require() checks
+from pcp.cli.needs import require
+
+require()  # a bare `pip install .` has no click: say what to install, in one line
+
 import click
 
 from pcp import __version__

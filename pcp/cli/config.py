@@ -55,6 +55,9 @@ class Config:
     zone: str | None = None
     compute_endpoint: str | None = None  # the local replica's Compute endpoint
     prices: Any = None
+    #: The local replica's supervisor, from its state file: pid, when that process started
+    #: (so a reused pid is not mistaken for it) and its latest heartbeat (ISO time).
+    supervisor: Mapping[str, Any] = field(default_factory=dict)
 
     def topic(self, kind: str) -> str:
         return Names(self.stack).topic(kind)
@@ -132,6 +135,7 @@ def resolve(flags: Mapping[str, str | None], env: Mapping[str, str],
 
     storage_endpoint = pubsub_host = None
     local = False
+    supervisor: dict[str, Any] = {}
     if names["project"] is None and names["bucket"] is None:
         state = local_state(stack)
         if state:
@@ -147,6 +151,8 @@ def resolve(flags: Mapping[str, str | None], env: Mapping[str, str],
                 raise ConfigError(f"the local replica's state file for stack {stack} lacks "
                                   f"{', '.join(missing)}: run `pcp local up --stack {stack}` again")
             sources.update(project="local replica", bucket="local replica")
+            supervisor = {k: state[k] for k in ("pid", "pid_start", "heartbeat_at")
+                          if state.get(k) is not None}
             if names["region"] is None and _text(state.get("region")):
                 names["region"], sources["region"] = _text(state.get("region")), "local replica"
             zone = zone or _text(state.get("zone"))
@@ -164,7 +170,7 @@ def resolve(flags: Mapping[str, str | None], env: Mapping[str, str],
     return Config(stack=stack, project=project, bucket=bucket, region=names["region"],
                   scheduler_job=job, storage_endpoint=storage_endpoint, pubsub_host=pubsub_host,
                   local=local, sources=dict(sources), zone=zone,
-                  compute_endpoint=compute_endpoint, prices=prices)
+                  compute_endpoint=compute_endpoint, prices=prices, supervisor=supervisor)
 
 
 # ---------------------------------------------------------------- the readers

@@ -18,13 +18,41 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from pcp.cli.config import Config
+from pcp.cli.config import Config, ConfigError, local_dir, read_local_state
 from pcp.core.names import Names
 from pcp.core.ports import BlobStore, Bus
 
 
 class ReplicaDown(Exception):
     """The local replica's state file names endpoints nobody answers at."""
+
+
+#: Bounds on the CLI's bucket reads: each request gets this many seconds to connect and to
+#: answer (Cloud Storage answers a small read in well under one), and a command retries a
+#: failed read for at most READ_RETRY_S (the library's defaults are 60 s and 120 s: a dead
+#: backend froze `pcp run --wait` for two minutes). A wait does not retry inside a read at
+#: all: its own loop retries, and says what it cannot reach meanwhile.
+READ_TIMEOUT_S = 5.0
+READ_RETRY_S = 20.0
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether `e` says the backend did not answer (a timeout, a refused or reset
+    connection, a 5xx or 429, an exhausted retry), as opposed to a bug or a refusal."""
+    if isinstance(e, ReplicaDown):
+        return False  # its own one-line error, at once
+    if isinstance(e, ConnectionError | TimeoutError | socket.timeout):
+        return True
+    module = type(e).__module__
+    if module.startswith(("requests", "urllib3")):
+        return True
+    try:
+        from google.api_core import exceptions as api
+        from google.auth.exceptions import TransportError
+    except ImportError:  # pragma: no cover - the CLI ships with both
+        return False
+    return isinstance(e, api.ServerError | api.TooManyRequests | api.RetryError
+                      | api.DeadlineExceeded | TransportError)
 
 
 NO_CREDENTIALS = ("no Google Cloud credentials: run `gcloud auth application-default login` "
@@ -173,6 +201,21 @@ class Context:
     def job_name(self) -> str | None:
         return None if self.config is None else self.config.job_name
 
+    @property
+    def watch_store(self) -> BlobStore:
+        """The store a wait polls: each read bounded and never retried inside (the wait's
+        loop retries and says meanwhile what it cannot reach)."""
+        return self.store
+
+    @property
+    def backend(self) -> str:
+        """What the CLI reads, for `cannot reach ...`."""
+        return f"the stack bucket {self.bucket}"
+
+    def replica_problem(self) -> str | None:
+        """Why the local replica is down, or None (also when there is none to check)."""
+        return None
+
     def check_backend(self) -> None:
         """Raise `ReplicaDown` at once when the backend is known to be gone (between the
         polls of a wait, so a dead replica is said in seconds, not after a 120 s timeout).
@@ -227,6 +270,7 @@ class CloudContext(Context):
     def __init__(self, config: Config, **kwargs: Any) -> None:
         super().__init__(config.stack, config=config, local=config.local, **kwargs)
         self._creds: Any = None
+        self._watch_store: BlobStore | None = None
 
     def _google_credentials(self) -> Any:
         """Application Default Credentials, looked up once; raises when there are none."""
@@ -248,9 +292,29 @@ class CloudContext(Context):
                or getattr(creds, "signer_email", None) or type(creds).__name__)
         return f"application default credentials ({who})"
 
+    def replica_problem(self) -> str | None:
+        """Why the local replica is down (its supervisor gone or silent), or None."""
+        from pcp.cli.supervisor import supervisor_problem
+
+        config = self.config
+        if config is None or not config.local or not config.supervisor:
+            return None
+        supervisor = dict(config.supervisor)
+        try:  # the heartbeat moves on while a wait runs: read it afresh
+            fresh = read_local_state(local_dir(os.environ), self.stack) or {}
+        except ConfigError:
+            fresh = {}
+        if fresh.get("pid") == supervisor.get("pid") and fresh.get("heartbeat_at"):
+            supervisor["heartbeat_at"] = fresh["heartbeat_at"]
+        return supervisor_problem(self.stack, supervisor, self.clock())
+
     def _check_replica(self, endpoint: str) -> None:
         """Fail at once when a stale state file points at a replica that is gone: the client
-        libraries would retry a refused connection for minutes."""
+        libraries would retry a refused connection for minutes. A supervisor that crashed
+        may leave its emulators answering, so it is checked first."""
+        problem = self.replica_problem()
+        if problem is not None:
+            raise ReplicaDown(problem)
         url = urlsplit(endpoint if "//" in endpoint else f"//{endpoint}")
         try:
             socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), 2).close()
@@ -262,6 +326,25 @@ class CloudContext(Context):
     def check_backend(self) -> None:
         if self.config is not None and self.config.local and self.config.storage_endpoint:
             self._check_replica(self.config.storage_endpoint)
+
+    @property
+    def watch_store(self) -> BlobStore:
+        from pcp.adapters.gcs_store import GcsStore
+
+        store = self.store
+        if not isinstance(store, GcsStore):
+            return store
+        if self._watch_store is None:
+            self._watch_store = store.with_read_limits(timeout=READ_TIMEOUT_S, retry=None)
+        return self._watch_store
+
+    @property
+    def backend(self) -> str:
+        config = self.config
+        assert config is not None
+        if config.local:
+            return f"the stack bucket gs://{config.bucket} at {config.storage_endpoint}"
+        return f"Cloud Storage (gs://{config.bucket})"
 
     def _make_store(self) -> BlobStore:
         from pcp.adapters.gcs_store import GcsStore
@@ -279,7 +362,11 @@ class CloudContext(Context):
 
             client = storage.Client(project=config.project,
                                     credentials=self._google_credentials())
-        return GcsStore(config.bucket, client=client, project=config.project)
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        return GcsStore(config.bucket, client=client, project=config.project,
+                        read_limits={"timeout": READ_TIMEOUT_S,
+                                     "retry": DEFAULT_RETRY.with_timeout(READ_RETRY_S)})
 
     def _make_publisher(self) -> Any:
         config = self.config

@@ -50,6 +50,17 @@ def run_checks(ctx: Context) -> list[Check]:
     from google.auth.exceptions import DefaultCredentialsError, RefreshError
 
     checks: list[Check] = []
+    if ctx.config is not None and ctx.config.local and ctx.config.supervisor:
+        from pcp.cli.supervisor import supervisor_health
+
+        problem = ctx.replica_problem()
+        if problem is not None:
+            checks.append(Check("local replica", "fail", problem))
+            rest = ("credentials", "bucket", "stack state", "topics", "scheduler job", "quotas")
+            return checks + [Check(name, "skip", "not checked: the local replica is down")
+                             for name in rest]
+        checks.append(Check("local replica", "ok",
+                            supervisor_health(ctx.config.supervisor, ctx.clock())))
     try:
         checks.append(Check("credentials", "ok", ctx.credentials()))
     except DefaultCredentialsError:

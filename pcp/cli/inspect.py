@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,6 +17,7 @@ from pcp.cli.views import (
     failures,
     find_run,
     gpu_usage,
+    loss_curve,
     overview,
     recent_runs,
 )
@@ -141,28 +143,50 @@ def queue(as_json: bool) -> None:
 @click.option("--follow", "-f", "keep", is_flag=True, help="print new output until the run ends")
 @click.option("--stream", type=click.Choice(["both", "stdout", "stderr"]), default="both",
               show_default=True, help="which of the node's outputs to print")
+@click.option("--timestamps", "-t", is_flag=True,
+              help="start each line with the time its node wrote it (UTC)")
 @click.option("--poll", type=click.FloatRange(min=0, min_open=True), default=3.0,
               show_default=True, metavar="SECONDS")
-def logs(run_id: str, node: str | None, stream: str, keep: bool, poll: float) -> None:
-    """Print a run's stdout.log and stderr.log (runs/RUN_ID/NODE/)."""
+def logs(run_id: str, node: str | None, stream: str, timestamps: bool, keep: bool,
+         poll: float) -> None:
+    """Print a run's stdout.log and stderr.log (runs/RUN_ID/NODE/), every node's, merged in
+    the order they were written."""
+    from pcp.cli.logtimes import Line, Merger, in_time_order, read_index
+
     if node is not None and not NODE_RE.match(node):
         fail(f"--node {node!r}: use shepherd or worker-<n>", EXIT_USAGE)
     ctx = context()
     run_id = run_arg(ctx, run_id)
     tail = LogTail(ctx.store, run_id, node, None if stream == "both" else stream)
+    merger = Merger()
     current: list[str] = []
 
-    def show_new() -> bool:
+    def show(lines: list[Line]) -> None:
+        for line in lines:
+            if not current or current[-1] != line.log:
+                click.echo(f"==> {line.log} <==")
+                current.append(line.log)
+            stamp = ""
+            if timestamps:
+                stamp = (f"{line.at:%H:%M:%S}.{line.at.microsecond // 1000:03d} "
+                         if line.at is not None else "-            ")
+            click.echo(f"{stamp}{line.text}")
+
+    def show_new(final: bool = False) -> bool:
         chunks = tail.poll()
+        nodes = {name.split("/", 1)[0] for name, _ in chunks}
+        indexes = {n: read_index(ctx.store, run_id, n) for n in sorted(nodes)}
+        lines: list[Line] = []
         for name, data in chunks:
-            if not current or current[-1] != name:
-                click.echo(f"==> {name} <==")
-                current.append(name)
-            click.echo(data.decode("utf-8", errors="replace"), nl=False)
+            lines += merger.lines(name, tail.starts.get(name, 0), data,
+                                  indexes[name.split("/", 1)[0]])
+        show(in_time_order(lines))
+        if final:
+            show(merger.flush())
         return bool(chunks)
 
     view = find_run(ctx.store, run_id)
-    if not show_new() and view is None:
+    if not show_new(final=not keep) and view is None:
         unknown_run(ctx, run_id)
     if not keep:
         if not tail.seen:
@@ -173,9 +197,36 @@ def logs(run_id: str, node: str | None, stream: str, keep: bool, poll: float) ->
             ctx.sleep(poll)
             show_new()
             view = find_run(ctx.store, run_id)
-        show_new()  # what the nodes wrote just before the end
+        show_new(final=True)  # what the nodes wrote just before the end
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+#: The loss curve `pcp results` draws next to a run's files (never over one of them).
+LOSS_CURVE = "loss-curve.png"
+
+
+def write_loss_curve(root: Path, files: list[dict[str, Any]],
+                     prefer: str | None) -> dict[str, Any] | None:
+    """Draw the run's loss curve (its `pcp-progress` lines) into ROOT/loss-curve.png."""
+    from pcp.cli.plot import loss_png
+
+    if any(f["object"].endswith(f"/{LOSS_CURVE}") and f["object"].count("/") == 2
+           for f in files):
+        return None  # the run wrote one itself
+    logs = {}
+    for f in files:
+        parts = f["object"].split("/")
+        if len(parts) == 4 and parts[3] == "stdout.log":
+            logs[parts[2]] = Path(f["path"]).read_bytes()
+    losses = loss_curve(logs, prefer if isinstance(prefer, str) else None)
+    if len(losses) < 2:
+        return None
+    data = loss_png(losses, title=f"loss of run {root.name}")
+    path = root / LOSS_CURVE
+    path.write_bytes(data)
+    return {"object": None, "path": str(path), "bytes": len(data),
+            "made_by": "pcp results: the loss from the pcp-progress lines"}
 
 
 @click.command()
@@ -196,6 +247,9 @@ def results(run_id: str, dest: str, as_json: bool) -> None:
         unknown_run(ctx, run_id)
     root = Path(dest) / run_id
     files = download(ctx.store, run_id, root)
+    picture = write_loss_curve(root, files, (view.summary or {}).get("metrics_node"))
+    if picture is not None:
+        files.append(picture)
     if as_json:
         echo_json({"run_id": run_id, "dest": str(root), "files": files, "run": view.to_dict()})
         return

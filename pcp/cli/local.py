@@ -15,6 +15,10 @@ import click
 from pcp.cli.config import STACKS, ConfigError, local_dir, local_state_file, read_local_state
 from pcp.cli.errors import PcpGroup, fail, one_line
 
+#: What installs everything `pcp local up` runs (the `demo` extra of pyproject.toml).
+DEMO_INSTALL = ("pip install '.[demo]' in the checkout (or `make demo`, which installs "
+                "requirements-demo.txt into .venv)")
+
 
 @click.group(cls=PcpGroup)
 def local() -> None:
@@ -25,10 +29,11 @@ def _replica() -> Any:
     try:
         import pcp_dev.local.daemon as replica
     except ModuleNotFoundError as e:
-        if e.name not in ("pcp_dev", "pcp_dev.local", "pcp_dev.local.daemon"):
-            raise
-        fail("the local replica is not available in this version (pcp_dev.local.daemon is "
-             "missing)")
+        if e.name in ("pcp_dev", "pcp_dev.local", "pcp_dev.local.daemon"):
+            fail("the local replica is not available in this version (pcp_dev.local.daemon "
+                 "is missing)")
+        fail(f"the local replica needs the Python package that provides {e.name!r}, which is "
+             f"not installed: {DEMO_INSTALL}")
     return replica
 
 
@@ -43,7 +48,8 @@ def local_up(stack: str, no_gcs_limit: bool) -> None:
     replica = _replica()
     directory = local_dir(os.environ)
     try:
-        info = replica.up(stack, directory, **({"no_gcs_limit": True} if no_gcs_limit else {}))
+        info = replica.up(stack, directory, keep_bucket=True,
+                          **({"no_gcs_limit": True} if no_gcs_limit else {}))
     except (RuntimeError, OSError) as e:  # EmulatorMissing and friends say what to install
         fail(f"the local replica did not start: {one_line(e)}")
     path = local_state_file(directory, stack)
@@ -58,14 +64,26 @@ def local_up(stack: str, no_gcs_limit: bool) -> None:
 
 @local.command("down")
 @click.option("--stack", help="only this stack's replica (default: every one)")
-def local_down(stack: str | None) -> None:
-    """Stop the local replica and everything it started."""
+@click.option("--wipe", is_flag=True,
+              help="also delete the kept bucket (run history), so the next up starts clean")
+def local_down(stack: str | None, wipe: bool) -> None:
+    """Stop the local replica and everything it started (its bucket is kept)."""
+    if stack is not None and stack not in STACKS:
+        fail(f"unknown stack {stack!r}: use one of {', '.join(STACKS)}")
     replica = _replica()
-    stopped = replica.down(local_dir(os.environ), stack)
+    directory = local_dir(os.environ)
+    stopped = replica.down(directory, stack)
     if stopped:
         click.echo(f"local replica stopped: {', '.join(stopped)}")
     else:
         click.echo("no local replica was running")
+    if wipe:
+        wiped = replica.wipe(directory, stack)
+        click.echo(f"wiped the kept bucket and node directories of: {', '.join(wiped)}"
+                   if wiped else "nothing to wipe")
+    elif stopped:
+        click.echo("its bucket (run history) is kept for the next `pcp local up`; "
+                   "`pcp local down --wipe` deletes it")
 
 
 def _notice(stack: str, node: str, key: str, value: str) -> None:

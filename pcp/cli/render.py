@@ -166,6 +166,8 @@ class Progress:
         #: The latest line each node wrote to its log, shown under the node table.
         self.latest: dict[str, str] = {}
         self.training = TrainingProgress()
+        #: What the wait cannot reach right now (shown under the view), or None.
+        self.problem: str | None = None
         self.live = (Live(console=console, auto_refresh=False)
                      if console.is_terminal and not quiet else None)
 
@@ -184,8 +186,8 @@ class Progress:
         self.view = view
         elapsed = self.monotonic() - self.started
         if self.live is not None:
-            self.live.update(progress_table(view, self.run_id, elapsed, self.latest, self.training),
-                             refresh=True)
+            self.live.update(progress_table(view, self.run_id, elapsed, self.latest,
+                                            self.training, self.problem), refresh=True)
             return
         line = progress_line(view, self.run_id, elapsed)
         if line != self.last:
@@ -193,20 +195,39 @@ class Progress:
             self.console.print(f"[{int(elapsed):>5d}s] {line}", markup=False)
 
 
+    def trouble(self, text: str | None) -> None:
+        """Say the backend does not answer (None: it answers again), under the live view or
+        as one line when it starts and when it ends."""
+        if self.quiet or text == self.problem:
+            return
+        was, self.problem = self.problem, text
+        if self.live is not None:
+            self.tick()
+            return
+        elapsed = self.monotonic() - self.started
+        if text is not None and was is None:
+            self.console.print(f"[{int(elapsed):>5d}s] {text}", markup=False)
+        elif text is None:
+            self.console.print(f"[{int(elapsed):>5d}s] the backend answers again", markup=False)
+            self.last = ""  # print the run's state afresh
+
     def tick(self) -> None:
         """Between polls: redraw the live display so its clock moves every second."""
         if self.live is not None and not self.quiet:
             elapsed = self.monotonic() - self.started
             self.live.update(progress_table(self.view, self.run_id, elapsed, self.latest,
-                                                self.training),
-                             refresh=True)
+                                            self.training, self.problem), refresh=True)
 
 
 def progress_table(view: RunView | None, run_id: str, elapsed: float,
                    latest: dict[str, str] | None = None,
-                   training: TrainingProgress | None = None) -> RenderableType:
+                   training: TrainingProgress | None = None,
+                   problem: str | None = None) -> RenderableType:
     """The live display on a terminal, redrawn every second: the run, its nodes and the
-    latest line each node wrote to its log."""
+    latest line each node wrote to its log (and, under it, what cannot be reached)."""
+    if problem is not None:
+        return Group(progress_table(view, run_id, elapsed, latest, training),
+                     f"[yellow]{escape(problem)}[/]")
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]run[/]", escape(run_id), "[bold]elapsed[/]", duration(elapsed))
     if view is None:

@@ -10,13 +10,21 @@ from typing import Any
 
 import click
 
-from pcp.cli.context import Context, requested_by, utcnow
-from pcp.cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WAIT_TIMEOUT, fail
+from pcp.cli.context import Context, requested_by, unreachable, utcnow
+from pcp.cli.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    EXIT_WAIT_TIMEOUT,
+    fail,
+    one_line,
+)
 from pcp.cli.options import FLAGS, console, context, echo_json, resources
 from pcp.cli.views import (
     ACCEPT_WITHIN_S,
     LogTail,
     NotAccepted,
+    Unreachable,
     WaitTimeout,
     failures,
     find_run,
@@ -260,7 +268,16 @@ def wait_for(ctx: Context, run_id: str, *, timeout: float | None, poll: float,
 
     said: list[str] = []
 
-    tail = LogTail(ctx.store, run_id, stream="stdout")
+    store = ctx.watch_store
+    tail = LogTail(store, run_id, stream="stdout")
+
+    def trouble(error: BaseException | None, count: int) -> None:
+        if quiet:
+            return
+        show.trouble(None if error is None else
+                     f"cannot reach {ctx.backend} (last error: {type(error).__name__}: "
+                     f"{one_line(error)[:160]}), retrying ({count} in a row); see "
+                     f"`pcp doctor --stack {ctx.stack}`")
 
     def show_and_note(view: Any) -> None:
         if view is not None and not quiet and show.live is not None:
@@ -276,12 +293,17 @@ def wait_for(ctx: Context, run_id: str, *, timeout: float | None, poll: float,
 
     try:
         with Progress(console(), run_id, ctx.monotonic, quiet=quiet) as show:
-            return follow(ctx.store, run_id, on_view=show_and_note, sleep=ctx.sleep,
+            return follow(store, run_id, on_view=show_and_note, sleep=ctx.sleep,
                           monotonic=ctx.monotonic, poll=poll, timeout=timeout,
                           accept_within=accept_within, on_tick=show.tick,
-                          check=ctx.check_backend)
+                          check=ctx.check_backend, unreachable=unreachable,
+                          on_trouble=trouble)
     except NotAccepted as e:
         fail(str(e), EXIT_WAIT_TIMEOUT)
+    except Unreachable as e:
+        fail(f"cannot reach {ctx.backend}: {e}; stopped waiting (a run that was accepted "
+             f"goes on under its deadline): check with `pcp doctor --stack {ctx.stack}`",
+             EXIT_WAIT_TIMEOUT if e.timed_out else EXIT_FAILED)
     except KeyboardInterrupt:
         click.echo(f"\nstopped waiting; run {run_id} goes on. To stop it: "
                    f"pcp stop {run_id} --stack {ctx.stack}", err=True)

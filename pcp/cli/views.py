@@ -304,6 +304,8 @@ class LogTail:
         self.node = node
         self.stream = stream  # "stdout" or "stderr" for one of them; None for both
         self.offsets: dict[str, int] = {}
+        #: Where in its log each chunk of the last poll begins (0: from the start).
+        self.starts: dict[str, int] = {}
 
     @property
     def seen(self) -> bool:
@@ -327,6 +329,7 @@ class LogTail:
                 start = 0
             if len(blob.data) > start:
                 chunks.append((name.removeprefix(self.prefix), blob.data[start:]))
+                self.starts[name.removeprefix(self.prefix)] = start
             self.offsets[name] = len(blob.data)
         return chunks
 
@@ -400,12 +403,28 @@ def failures(store: BlobStore, view: RunView, lines: int = 10) -> list[NodeFailu
     return out
 
 
+class Unreachable(Exception):
+    """The backend did not answer for `UNREACHABLE_GIVE_UP_S` in a row while waiting (or
+    until `--timeout` passed, `timed_out`)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+#: How long a wait keeps retrying a backend that does not answer before it gives up.
+UNREACHABLE_GIVE_UP_S = 600.0
+
+
 def follow(store: BlobStore, run_id: str, *, on_view: Callable[[RunView | None], None],
            sleep: Callable[[float], None], monotonic: Callable[[], float],
            poll: float, timeout: float | None, settle: float = 15.0,
            accept_within: float | None = ACCEPT_WITHIN_S,
            on_tick: Callable[[], None] | None = None,
-           check: Callable[[], None] | None = None) -> RunView:
+           check: Callable[[], None] | None = None,
+           unreachable: Callable[[BaseException], bool] | None = None,
+           on_trouble: Callable[[BaseException | None, int], None] | None = None,
+           give_up: float = UNREACHABLE_GIVE_UP_S) -> RunView:
     """Poll until the run ends; `on_view` sees every poll (None: not accepted yet).
 
     The end is saved in the stack document a moment before the summary is archived, so an
@@ -414,37 +433,76 @@ def follow(store: BlobStore, run_id: str, *, on_view: Callable[[RunView | None],
     unaccepted when `timeout` passes raises it too (there is no run that goes on).
     Between polls `on_tick` is called every second (a live clock need not wait for a poll);
     before each poll `check` may raise when the backend is gone.
+    A poll that fails with an error `unreachable` accepts (the backend did not answer) is
+    retried at the next poll; `on_trouble(error, failures in a row)` hears of each, and of
+    the recovery (`None, 0`). After `give_up` seconds without an answer, `Unreachable`.
+    Time without an answer does not count towards `accept_within`.
     """
     started = monotonic()
     ended_at: float | None = None
     seen = False
+    failures, down_since, blind = 0, 0.0, 0.0
     while True:
-        if check is not None:
-            check()
-        view = find_run(store, run_id)
-        on_view(view)
+        try:
+            if check is not None:
+                check()
+            view = find_run(store, run_id)
+            on_view(view)
+        except Exception as e:
+            if unreachable is None or not unreachable(e):
+                raise
+            if failures == 0:
+                down_since = monotonic()
+            failures += 1
+            if on_trouble is not None:
+                on_trouble(e, failures)
+            if monotonic() - down_since >= give_up:
+                raise Unreachable(f"no answer for {monotonic() - down_since:.0f} s (last "
+                                  f"error: {type(e).__name__}: {_first_line(e)})") from e
+            if timeout is not None and monotonic() - started >= timeout:
+                raise Unreachable(f"no answer for {monotonic() - down_since:.0f} s when "
+                                  f"--timeout {timeout:g} s passed (last error: "
+                                  f"{type(e).__name__}: {_first_line(e)})",
+                                  timed_out=True) from e
+            _pause(min(poll, 2.0), sleep, on_tick)
+            continue
+        if failures:
+            blind += monotonic() - down_since
+            failures = 0
+            if on_trouble is not None:
+                on_trouble(None, 0)
         seen = seen or view is not None
         waited = monotonic() - started
         if view is not None and view.final:
             ended_at = monotonic() if ended_at is None else ended_at
             if view.summary is not None or monotonic() - ended_at >= settle:
                 return view
-        elif not seen and (accept_within is not None and waited >= accept_within or
+        elif not seen and (accept_within is not None and waited - blind >= accept_within or
                            timeout is not None and waited >= timeout):
             raise NotAccepted(f"no control plane accepted the request for run {run_id} "
                               f"within {waited:.0f} s, so nothing runs: check the stack with "
                               f"`pcp doctor` and the start function's logs")
         elif timeout is not None and waited >= timeout:
             raise WaitTimeout(f"gave up waiting for run {run_id} after {timeout:g} s")
-        if on_tick is None:
-            sleep(poll)
-            continue
-        left = poll
-        while left > 1e-9:
-            step = min(1.0, left)
-            sleep(step)
-            left -= step
-            on_tick()
+        _pause(poll, sleep, on_tick)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def _pause(seconds: float, sleep: Callable[[float], None],
+           on_tick: Callable[[], None] | None) -> None:
+    if on_tick is None:
+        sleep(seconds)
+        return
+    left = seconds
+    while left > 1e-9:
+        step = min(1.0, left)
+        sleep(step)
+        left -= step
+        on_tick()
 
 
 #: A binary reports its progress as stdout lines `pcp-progress step=N loss=X [key=value ...]`
@@ -461,6 +519,8 @@ class TrainingProgress:
     losses: list[float] = field(default_factory=list)
     #: The one node whose lines count (the first to report; every rank may print the same).
     node: str | None = None
+    #: How many losses to keep (the live view's sparkline needs only the recent ones).
+    keep: int = 500
 
     def read(self, chunks: list[tuple[str, bytes]]) -> TrainingProgress:
         for name, data in chunks:
@@ -486,8 +546,20 @@ class TrainingProgress:
                 if loss is not None:
                     self.loss = loss
                     self.losses.append(loss)
-                    del self.losses[:-500]
+                    del self.losses[:-self.keep]
         return self
+
+
+def loss_curve(logs: dict[str, bytes], prefer: str | None = None) -> list[float]:
+    """Every loss the binaries reported in their stdout logs (node -> stdout.log bytes): the
+    `prefer`red node's (the run's metrics node) when it reported any, else the first node's
+    to report."""
+    chunks = [(f"{node}/stdout.log", data) for node, data in sorted(logs.items())]
+    if prefer is not None and prefer in logs:
+        mine = TrainingProgress(node=prefer, keep=1_000_000).read(chunks)
+        if len(mine.losses) > 1:
+            return mine.losses
+    return TrainingProgress(keep=1_000_000).read(chunks).losses
 
 
 def last_lines(chunks: list[tuple[str, bytes]], into: dict[str, str]) -> dict[str, str]:

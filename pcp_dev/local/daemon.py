@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -23,8 +25,8 @@ from pcp_dev.local.emulators import (
 
 if TYPE_CHECKING:
     pass
-from pcp_dev.local.processes import _kill, token_pids
-from pcp_dev.local.replica import Options, Replica, check_prerequisites
+from pcp_dev.local.processes import _kill, same_process, stop_recorded
+from pcp_dev.local.replica import Options, Replica, bucket_dir, check_prerequisites
 
 
 @contextmanager
@@ -74,17 +76,29 @@ def _read_state(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+#: How often the supervisor renews its heartbeat (and its process list) in the state file.
+HEARTBEAT_S = 1.0
+
+
+def supervisor_state(replica: Replica) -> dict[str, Any]:
+    """The state file: how to reach the replica, its supervisor's pid and start, the
+    processes it started, and a heartbeat (the CLI calls a replica whose supervisor is gone
+    or silent down, `pcp local down` stops what it started)."""
+    return {**replica.info(), "heartbeat_at": datetime.now(UTC).isoformat()}
+
+
 def serve(options: Options) -> int:
     """Run a replica until SIGTERM or Ctrl-C, with its state file written while it is up."""
     path = state_file(options.state_dir, options.stack)
     with exit_on_signals():
         try:
             with Replica(options) as replica:
-                _write_json(path, replica.info())
+                _write_json(path, supervisor_state(replica))
                 try:
                     while True:
-                        time.sleep(1)
+                        time.sleep(HEARTBEAT_S)
                         replica.heal()
+                        _write_json(path, supervisor_state(replica))
                 finally:
                     state = _read_state(path)
                     if state is not None and state.get("pid") == os.getpid():
@@ -106,6 +120,8 @@ def up(stack: str, state_dir: Path | str, *, timeout: float = 120.0,
     current = _read_state(path)
     if current is not None and isinstance(current.get("pid"), int) and _alive(current["pid"]):
         return current
+    if current is not None:  # a supervisor that was killed: stop what it left running
+        stop_recorded(current.get("processes"), _token(current))
     path.unlink(missing_ok=True)
     check_prerequisites()  # a clear message here rather than in a background log
     argv = [sys.executable, "-m", "pcp_dev.local.daemon", "serve", "--stack", stack,
@@ -135,6 +151,23 @@ def up(stack: str, state_dir: Path | str, *, timeout: float = 120.0,
                        f"see {log_path}")
 
 
+def wipe(state_dir: Path | str, stack: str | None = None) -> list[str]:
+    """Delete the kept bucket and the nodes' work directories of `stack` (default: every
+    stack), so the next `up` starts clean. Returns the stacks wiped."""
+    root = Path(state_dir)
+    stacks = [stack] if stack is not None else sorted(
+        {p.name for sub in ("gcs", "nodes") if (root / sub).is_dir()
+         for p in (root / sub).iterdir() if p.is_dir()})
+    wiped = []
+    for name in stacks:
+        dirs = [bucket_dir(root, name), root / "nodes" / name]
+        if any(d.exists() for d in dirs):
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            wiped.append(name)
+    return wiped
+
+
 def down(state_dir: Path | str, stack: str | None = None, timeout: float = 60.0) -> list[str]:
     """Stop the background replica(s) in `state_dir` and everything they started."""
     stopped = []
@@ -142,21 +175,28 @@ def down(state_dir: Path | str, stack: str | None = None, timeout: float = 60.0)
         state = _read_state(path)
         if state is None or (stack is not None and state.get("stack") != stack):
             continue
-        pid, token = state.get("pid"), state.get("token")
-        if not isinstance(pid, int) or not isinstance(token, str):
+        pid = state.get("pid")
+        if not isinstance(pid, int):
             continue
-        if _alive(pid):
+        if _alive(pid) and (state.get("pid_start") is None
+                            or same_process(pid, state.get("pid_start"))):
             _kill(pid, signal.SIGTERM, group=False)
             deadline = time.monotonic() + timeout
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        if _alive(pid):  # the orderly stop did not finish in time
-            _kill(pid, signal.SIGKILL, group=False)
-        for leftover in token_pids(token):  # what a killed replica could not stop itself
-            _kill(leftover, signal.SIGKILL, group=False)
+            if _alive(pid):  # the orderly stop did not finish in time
+                _kill(pid, signal.SIGKILL, group=False)
+        # What a killed supervisor could not stop itself: every process it recorded, with
+        # what each started, and anything else carrying its token.
+        stop_recorded(state.get("processes"), _token(state))
         path.unlink(missing_ok=True)
         stopped.append(str(state.get("stack")))
     return stopped
+
+
+def _token(state: dict[str, Any]) -> str | None:
+    token = state.get("token")
+    return token if isinstance(token, str) and token else None
 
 
 def _tail(path: Path, limit: int = 1500) -> str:
@@ -183,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of Compute Engine's real boot and stop times (1: real)")
     s.add_argument("--no-gcs-limit", action="store_true",
                    help="lift the one-update-per-second-per-object limit (debugging only)")
+    s.add_argument("--keep-bucket", action="store_true",
+                   help="keep the bucket in STATE_DIR/gcs/STACK across restarts")
     args = p.parse_args(argv)
     return serve(Options(stack=args.stack, state_dir=args.state_dir,
                          sweep_interval=args.sweep_interval,
@@ -190,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                          keep_alive_hours=args.keep_alive_hours,
                          max_run_hours=args.max_run_hours, grace=args.grace,
                          gcs_mutation_interval=None if args.no_gcs_limit else 1.0,
-                         compute_time_scale=args.compute_time_scale))
+                         compute_time_scale=args.compute_time_scale,
+                         keep_bucket=args.keep_bucket))
 
 
 if __name__ == "__main__":

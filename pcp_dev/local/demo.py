@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from pcp.cli.render import progress_line
-from pcp.cli.views import RunView, find_run, load_json
+from pcp.cli.views import LogTail, RunView, TrainingProgress, find_run, last_lines, load_json
 from pcp.core.messages import StartRequest
-from pcp.core.names import SHEPHERD, node_file, run_prefix
+from pcp.core.names import SHEPHERD, node_file, run_prefix, summary_doc
 from pcp_dev.local.daemon import exit_on_signals
 from pcp_dev.local.emulators import EmulatorMissing
 from pcp_dev.local.replica import Options, Replica
@@ -41,6 +41,9 @@ class Demo:
         self.t0 = t0
         self._last = ""
         self._live: Any = None
+        self._latest: dict[str, str] = {}  # each node's latest stdout line
+        self._training = TrainingProgress()  # the binary's pcp-progress lines
+        self._tail: LogTail | None = None
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -76,6 +79,11 @@ class Demo:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             view = find_run(self.store, run_id)
+            if view is not None:
+                self._tail = self._tail or LogTail(self.store, run_id, stream="stdout")
+                chunks = self._tail.poll()
+                last_lines(chunks, self._latest)
+                self._training.read(chunks)
             show(view, run_id)
             if view is not None and view.final and view.summary is not None:
                 return view
@@ -84,6 +92,9 @@ class Demo:
 
     def _line(self, view: RunView | None, run_id: str) -> None:
         line = progress_line(view, run_id, 0)
+        t = self._training
+        if t.step is not None and t.loss is not None and view is not None and not view.final:
+            line += f", training step {t.step} loss {t.loss:.4g}"
         if line != self._last:
             self.say(f"{self.elapsed()} {line}")
             self._last = line
@@ -91,8 +102,8 @@ class Demo:
     def _table(self, view: RunView | None, run_id: str) -> None:
         from pcp.cli.render import progress_table
 
-        self._live.update(progress_table(view, run_id, time.monotonic() - self.t0),
-                          refresh=True)
+        self._live.update(progress_table(view, run_id, time.monotonic() - self.t0,
+                                         self._latest, self._training), refresh=True)
 
     def vm_states(self, settle: float = 10.0) -> dict[str, str]:
         """The worker VMs' statuses, once they have had a moment to power off."""
@@ -116,6 +127,11 @@ class Demo:
             target = dest / name[len(prefix):]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(blob.data)
+        from pcp.cli.inspect import write_loss_curve
+
+        summary = load_json(self.store, summary_doc(run_id)) or {}
+        write_loss_curve(dest, [{"object": n, "path": str(dest / n[len(prefix):])}
+                                for n in names], summary.get("metrics_node"))
         return names
 
     def report(self, view: RunView, results: Path) -> None:
@@ -143,6 +159,8 @@ class Demo:
         self.say(f"  results: gs://{o.bucket}/{run_prefix(view.run_id)} ({len(copied)} objects: "
                  "logs, metrics, checkpoint, summary)")
         self.say(f"           copied to {results}")
+        if (results / "loss-curve.png").exists():
+            self.say(f"  loss curve: {results / 'loss-curve.png'}")
         cost = view.cost_usd
         if cost is not None:
             self.say(f"  estimated cost on Google Cloud: ${cost:.4f} "

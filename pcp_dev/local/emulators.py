@@ -206,6 +206,11 @@ class _Server:
 
     _process: _Process | None = None
 
+    @property
+    def pid(self) -> int | None:
+        proc = self._process.proc if self._process is not None else None
+        return None if proc is None else proc.pid
+
     def start(self) -> Self:
         raise TypeError(f"{type(self).__name__} must define start()")
 
@@ -226,7 +231,8 @@ class _Server:
 
 
 class FakeGcs(_Server):
-    """fake-gcs-server, memory backend, optionally publishing object events into Pub/Sub.
+    """fake-gcs-server, memory backend (or, with `root`, the filesystem backend there),
+    optionally publishing object events into Pub/Sub.
 
     With `notify_project` and `notify_topic`, every finalized object (under `notify_prefix`
     when given) is published as a JSON_API_V1 notification, like a GCS Pub/Sub notification.
@@ -235,7 +241,12 @@ class FakeGcs(_Server):
 
     def __init__(self, *, notify_project: str | None = None, notify_topic: str | None = None,
                  notify_prefix: str | None = None, pubsub_host: str | None = None,
-                 port: int | None = None, startup_timeout: float = 15.0) -> None:
+                 port: int | None = None, startup_timeout: float = 15.0,
+                 env: dict[str, str] | None = None, root: Path | None = None) -> None:
+        self.extra_env = dict(env or {})  # added to the server's environment
+        # With a root, the filesystem backend keeps the buckets there across restarts;
+        # without, the memory backend forgets them when the server stops.
+        self.root = None if root is None else Path(root)
         if (notify_project is None) != (notify_topic is None):
             raise ValueError("notify_project and notify_topic go together")
         if notify_topic is not None and not pubsub_host:
@@ -256,7 +267,11 @@ class FakeGcs(_Server):
     def argv(self, port: int) -> list[str]:
         argv = [str(fake_gcs_binary()), "-scheme", "http", "-host", "127.0.0.1",
                 "-port", str(port), "-external-url", f"http://127.0.0.1:{port}",
-                "-backend", "memory", "-log-level", "warn"]
+                "-log-level", "warn"]
+        if self.root is None:
+            argv += ["-backend", "memory"]
+        else:
+            argv += ["-backend", "filesystem", "-filesystem-root", str(self.root)]
         if self.notify_topic is not None:
             argv += ["-event.pubsub-project-id", str(self.notify_project),
                      "-event.pubsub-topic", self.notify_topic, "-event.list", "finalize"]
@@ -269,6 +284,7 @@ class FakeGcs(_Server):
                if k not in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")}
         if self.pubsub_host:
             env["PUBSUB_EMULATOR_HOST"] = self.pubsub_host
+        env.update(self.extra_env)
         fake_gcs_binary()  # EmulatorMissing before anything starts
         self._process, self.port = _launch(
             "fake-gcs-server", self.argv, self._requested_port,
@@ -336,7 +352,8 @@ class PubSubEmulator(_Server):
     """Google's Pub/Sub emulator, run as `java -jar` (about twice as fast as via gcloud)."""
 
     def __init__(self, project: str = "pcp-local", *, port: int | None = None,
-                 startup_timeout: float = 60.0) -> None:
+                 startup_timeout: float = 60.0, env: dict[str, str] | None = None) -> None:
+        self.extra_env = dict(env or {})  # added to the emulator's environment
         self.project = project
         self._requested_port = port
         self.port = port or 0  # the real one once started
@@ -355,7 +372,7 @@ class PubSubEmulator(_Server):
             lambda port: [java, "-XX:-UsePerfData", "-jar", jar, "--host=127.0.0.1",
                           f"--port={port}"],
             self._requested_port, lambda port: _http_ok(f"http://127.0.0.1:{port}/", b"Ok"),
-            self.startup_timeout)
+            self.startup_timeout, {**os.environ, **self.extra_env} if self.extra_env else None)
         return self
 
 

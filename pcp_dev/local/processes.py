@@ -11,9 +11,10 @@ import urllib.request
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pcp.agent.procs import signal_group
+from pcp.cli.supervisor import process_start
 
 if TYPE_CHECKING:
     pass
@@ -73,6 +74,43 @@ def token_pids(token: str) -> list[int]:
         return []
     return [int(e.name) for e in proc.iterdir()
             if e.name.isdigit() and int(e.name) != os.getpid() and carries(int(e.name), token)]
+
+
+def same_process(pid: Any, start: Any) -> bool:
+    """Whether the process recorded as (`pid`, `start`) still runs."""
+    return isinstance(pid, int) and pid > 0 and start is not None and \
+        process_start(pid) == str(start)
+
+
+def record(name: str, pid: int | None) -> dict[str, Any] | None:
+    """What the state file keeps of one process the replica started: enough for `pcp local
+    down` to stop it, and all it started, when the replica itself can no longer."""
+    if pid is None:
+        return None
+    start = process_start(pid)
+    return None if start is None else {"name": name, "pid": pid, "start": start}
+
+
+def stop_recorded(records: Any, token: str | None) -> list[str]:
+    """SIGKILL every recorded process that still runs (checked by its start, so a reused
+    pid is never hit), its process group and everything it started; then whatever else
+    carries the replica's token. Returns the names of those that were running."""
+    stopped = []
+    for rec in records if isinstance(records, list) else []:
+        if not isinstance(rec, dict) or not same_process(rec.get("pid"), rec.get("start")):
+            continue
+        pid = int(rec["pid"])
+        tree = descendants(pid)
+        _kill(pid, signal.SIGKILL, group=True)
+        _kill(pid, signal.SIGKILL, group=False)
+        for child in tree:
+            _kill(child, signal.SIGKILL, group=True)
+            _kill(child, signal.SIGKILL, group=False)
+        stopped.append(str(rec.get("name")))
+    if token:
+        for pid in token_pids(token):
+            _kill(pid, signal.SIGKILL, group=False)
+    return stopped
 
 
 class Child:

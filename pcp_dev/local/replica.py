@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pcp
+from pcp.cli.supervisor import process_start
 from pcp.core.names import (
     LABEL_NODE,
     LABEL_ROLE,
@@ -71,6 +72,7 @@ from pcp_dev.local.processes import (
     Child,
     _http_answers,
     _kill,
+    record,
     token_pids,
 )
 from pcp_dev.local.secrets import SecretManagerStandIn
@@ -130,6 +132,9 @@ class Options:
     # installed, else podman) and what the engine needs in its environment (CONTAINERS_CONF).
     container_engine: str | None = None
     agent_extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Keep the bucket on disk (<state_dir>/gcs/<stack>/, fake-gcs-server's filesystem
+    # backend), so run history survives a restart; off: memory, gone when the replica stops.
+    keep_bucket: bool = False
 
     @property
     def worker_count(self) -> int:
@@ -140,9 +145,36 @@ class Options:
         return Names(self.stack, self.project).bucket
 
 
+#: What the replica's own processes import (module, package to install), beyond the CLI:
+#: the function servers, the agents and the reference trainer.
+PYTHON_NEEDS = (("functions_framework", "functions-framework"), ("cloudevents", "cloudevents"),
+                ("google.cloud.compute_v1", "google-cloud-compute"),
+                ("google.cloud.pubsub_v1", "google-cloud-pubsub"),
+                ("google.cloud.storage", "google-cloud-storage"),
+                ("googleapiclient", "google-api-python-client"), ("numpy", "numpy"))
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def bucket_dir(state_dir: Path, stack: str) -> Path:
+    """Where a kept bucket lives (fake-gcs-server's filesystem root)."""
+    return Path(state_dir) / "gcs" / stack
+
+
 def check_prerequisites() -> None:
     """Name every missing emulator or runtime at once, with how to install it."""
     missing = []
+    absent = [name for module, name in PYTHON_NEEDS if not _importable(module)]
+    if absent:
+        missing.append(f"the Python packages {', '.join(absent)} (pip install '.[demo]' in "
+                       "the checkout, or `make demo`)")
     for check in (java_binary, pubsub_jar, fake_gcs_binary):
         try:
             check()
@@ -180,6 +212,7 @@ class Replica:
         self.state_dir = Path(o.state_dir).resolve()
         self.log_dir = self.state_dir / "logs" / o.stack
         self.node_dir = self.state_dir / "nodes" / o.stack
+        self.bucket_dir = bucket_dir(self.state_dir, o.stack)
         self.tcp_port = free_port()
         self.vms = tuple(Names(o.stack).worker_vm(i) for i in range(o.worker_count))
         self.hold_boot: set[str] = set()  # VMs that come up but whose agent never starts
@@ -227,16 +260,24 @@ class Replica:
     def _start(self, source: Path) -> None:
         o = self.options
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.pubsub = PubSubEmulator(o.project).start()
+        token = {TOKEN_ENV: self.token}  # so `pcp local down` finds them if we cannot
+        self.pubsub = PubSubEmulator(o.project, env=token).start()
         host = self.pubsub.host
         for kind in TOPICS:
             ensure_topic(host, o.project, self.topic(kind))
         ensure_subscription(host, o.project, Names(o.stack).shepherd_subscription,
                             self.topic("shepherd"))
+        root = None
+        if o.keep_bucket:
+            root = self.bucket_dir
+            root.mkdir(parents=True, exist_ok=True)
         self.gcs = FakeGcs(notify_project=o.project, notify_topic=self.topic("markers"),
-                           notify_prefix="markers/", pubsub_host=host).start()
+                           notify_prefix="markers/", pubsub_host=host, env=token,
+                           root=root).start()
         self.gcs_proxy = GcsProxy(self.gcs.endpoint, o.gcs_mutation_interval).start()
-        storage_client(self.storage_endpoint, o.project).create_bucket(o.bucket)
+        client = storage_client(self.storage_endpoint, o.project)
+        if client.lookup_bucket(o.bucket) is None:  # kept from the last `pcp local up`
+            client.create_bucket(o.bucket)
         # What the Pulumi program writes at deploy time: the limits `pcp run` previews with.
         self.store().put(POLICY_DOC, self.policy().to_doc(), content_type="application/json")
         self.compute = LocalCompute(o.project, o.zone, on_start=self._vm_started,
@@ -406,8 +447,23 @@ class Replica:
             "worker_vms": list(self.vms), "sweep_interval_s": o.sweep_interval,
             "metadata_hosts": {vm: m.host for vm, m in self.metadata.items()},
             "logs": str(self.log_dir), "pid": os.getpid(), "token": self.token,
+            "pid_start": process_start(os.getpid()),
             "started_at": self.started_at.isoformat() if self.started_at else None,
+            "processes": self.processes(),
         }
+
+    def processes(self) -> list[dict[str, Any]]:
+        """Every process the replica started and that runs now, as `pcp local down` needs
+        them to stop each (with what it started) after the replica itself was killed."""
+        with self._lock:
+            children = [*self.functions.values(), *self.workers.values()]
+        if self.shepherd is not None:
+            children.append(self.shepherd)
+        found = [record(name, server.pid) for name, server in
+                 (("pubsub-emulator", self.pubsub), ("fake-gcs-server", self.gcs))
+                 if server is not None]
+        found += [record(c.name, c.pid) for c in children if c.running]
+        return [r for r in found if r is not None]
 
     # ------------------------------------------------------------ functions
 

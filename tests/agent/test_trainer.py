@@ -151,6 +151,20 @@ def test_training_converges(launch: Launch, workers: int) -> None:
     assert sum(sizes) == 4096 and max(sizes) - min(sizes) <= 1
 
 
+def test_the_shepherd_reports_progress_as_the_live_view_reads_it(launch: Launch) -> None:
+    """`pcp-progress step= loss=` lines (docs/agent.md): what `pcp run --wait` draws."""
+    from pcp.cli.views import TrainingProgress
+
+    nodes = start_cluster(launch, 1, "--steps", "100")
+    assert [node.wait() for node in nodes] == [0, 0], [n.stderr for n in nodes]
+    shepherd = nodes[0]
+    seen = TrainingProgress().read([("shepherd/stdout.log", shepherd.stdout.encode())])
+    assert seen.node == "shepherd" and seen.step == 100
+    assert len(seen.losses) == 50  # every other step of 100, the last included
+    assert seen.loss == pytest.approx(shepherd.metrics()["final_loss"], rel=1e-5)
+    assert seen.losses[-1] < seen.losses[0] / 10
+
+
 def test_failing_worker_is_named_by_the_shepherd(launch: Launch) -> None:
     nodes = start_cluster(launch, 2, "--steps", "20", "--fail-at-step", "5",
                           "--fail-exit-code", "7", "--fail-node", "1", "--peer-loss-grace", "1")

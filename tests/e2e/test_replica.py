@@ -54,11 +54,11 @@ def gone(pid: int) -> bool:
     return False
 
 
-def background(state_dir: Path) -> dict[str, Any]:
+def background(state_dir: Path, **options: Any) -> dict[str, Any]:
     if not Path("/proc").is_dir():
         pytest.skip("the orphan checks read /proc (Linux)")
     try:
-        return up("tiny", state_dir, **FAST)
+        return up("tiny", state_dir, **FAST, **options)
     except EmulatorMissing as exc:
         require_emulator("the local replica's emulators", exc)
 
@@ -92,7 +92,7 @@ def assert_all_gone(info: dict[str, Any], run_id: str) -> None:
 
 
 def test_local_up_serves_the_cli_and_down_leaves_nothing_behind(tmp_path: Path) -> None:
-    info = background(tmp_path)
+    info = background(tmp_path, keep_bucket=True)  # as `pcp local up` starts it
     try:
         assert STATE_KEYS <= set(info)
         assert json.loads((tmp_path / "tiny.json").read_text())["pid"] == info["pid"]
@@ -109,6 +109,17 @@ def test_local_up_serves_the_cli_and_down_leaves_nothing_behind(tmp_path: Path) 
     assert stopped == ["tiny"]
     assert not (tmp_path / "tiny.json").exists()
     assert_all_gone(info, "e2e-cli-long")
+    # The run history survives down and up (the bucket is kept on disk); --wipe deletes it.
+    background(tmp_path, keep_bucket=True)
+    try:
+        again = cli(tmp_path, "status", "e2e-cli-run", "--stack", "tiny", "--json")
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["status"] == "succeeded"
+    finally:
+        wiped = cli(tmp_path, "local", "down", "--wipe")
+    assert "local replica stopped: tiny" in wiped.stdout
+    assert "wiped the kept bucket and node directories of: tiny" in wiped.stdout
+    assert not (tmp_path / "gcs" / "tiny").exists() and not (tmp_path / "nodes" / "tiny").exists()
 
 
 def test_ctrl_c_mid_run_stops_every_process(tmp_path: Path) -> None:
@@ -138,3 +149,45 @@ def test_a_replica_that_fails_to_start_stops_what_it_started(tmp_path: Path) -> 
     assert token_pids(replica.token) == []
     log = (tmp_path / "logs" / "tiny" / "function-start.log").read_text()
     assert "PCP_WORKER_COUNT" in log  # the function's own words say why
+
+
+def test_a_killed_supervisor_is_said_and_local_down_stops_all_it_started(
+        tmp_path: Path) -> None:
+    info = background(tmp_path)
+    recorded: list[dict[str, Any]] = []
+    try:
+        start_long_run(info, "e2e-sigkill")
+
+        def agents_recorded() -> bool:
+            state = json.loads((tmp_path / "tiny.json").read_text())
+            recorded[:] = state.get("processes", [])
+            return {"pubsub-emulator", "fake-gcs-server", "function-start", "shepherd",
+                    "pcp-tiny-worker-0"} <= {p["name"] for p in recorded}
+
+        wait_for("the state file to record every process", agents_recorded, 30)
+        trainers = run_processes("e2e-sigkill")
+        os.kill(info["pid"], signal.SIGKILL)  # the supervisor dies; its children do not
+        wait_for("the supervisor to be gone", lambda: gone(info["pid"]), 30)
+        assert not refuses(info["pubsub_host"]), "the emulator should outlive its supervisor"
+        said = f"its supervisor (pid {info['pid']}) is not running"
+        for args in (("status", "--stack", "tiny"), ("run", "--stack", "tiny"),
+                     ("status", "e2e-sigkill", "--stack", "tiny")):
+            result = cli(tmp_path, *args)
+            assert result.returncode == 1, (args, result.stdout, result.stderr)
+            assert said in result.stderr and "pcp local down --stack tiny" in result.stderr
+            assert "Traceback" not in result.stderr
+        doctor = cli(tmp_path, "doctor", "--stack", "tiny")
+        assert doctor.returncode == 1
+        assert f"✗ local replica: the local replica of stack tiny is down: {said}" in doctor.stdout
+        down_cli = cli(tmp_path, "local", "down")
+        assert down_cli.returncode == 0, down_cli.stderr
+        assert "local replica stopped: tiny" in down_cli.stdout
+    finally:
+        down(tmp_path)
+    for pid in [p["pid"] for p in recorded] + trainers:
+        wait_for(f"process {pid} to be gone", lambda pid=pid: gone(pid), 10)
+    assert token_pids(info["token"]) == []
+    for address in (info["pubsub_host"], info["storage_endpoint"],
+                    *info["functions"].values()):
+        assert refuses(address), f"{address} still accepts connections"
+

@@ -299,3 +299,80 @@ def test_a_budget_notification_stops_the_stack_and_refuses_starts_until_resumed(
     wait_for("the hold to be lifted", lambda: "no budget hold" in CliRunner().invoke(
         cli, ["budget", "status"], obj=context).output, 30)
     wait_status(tiny, queued, "running", timeout=60)
+
+
+# ---------------------------------------------------------------- the CLI on the replica
+
+
+def replica_dir(tiny: Replica, tmp_path) -> dict[str, str]:
+    """A state file for the CLI (as `pcp local up` writes it) naming the shared replica."""
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny.info()))
+    return {"PCP_LOCAL_DIR": str(tmp_path)}
+
+
+def test_the_live_view_on_a_terminal_shows_the_training(tiny: Replica, tmp_path) -> None:
+    """`pcp run --wait` in a real terminal (tmux, 80 columns): the reference trainer's
+    pcp-progress lines become the step, the loss and a sparkline under the node table."""
+    import os
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    from tests.conftest import require_emulator
+
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        require_emulator("tmux", FileNotFoundError("tmux is not installed (apt-get install tmux)"))
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PCP_")}
+    env.update(replica_dir(tiny, tmp_path), TERM="xterm-256color", LANG="C.UTF-8")
+    command = shlex.join([sys.executable, "-m", "pcp.cli", "run", "--stack", "tiny",
+                          "--run-id", "e2e-live", "--config", "--steps 80 --step-sleep 0.1",
+                          "--wait", "--poll", "1"])
+    server = ["tmux", "-L", f"pcp-e2e-{uuid.uuid4().hex[:8]}"]
+    subprocess.run([*server, "new-session", "-d", "-s", "live", "-x", "80", "-y", "40",
+                    f"cd {shlex.quote(str(repo))} && {command}; echo EXIT=$?; sleep 120"],
+                   env=env, check=True, timeout=30)
+    frames: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not frames or "EXIT=" not in frames[-1]:
+            assert time.monotonic() < deadline, "\n".join(frames[-1:])
+            shot = subprocess.run([*server, "capture-pane", "-p", "-t", "live"], env=env,
+                                  capture_output=True, text=True, timeout=10, check=True)
+            frames.append(shot.stdout)
+            time.sleep(0.3)
+    finally:
+        subprocess.run([*server, "kill-server"], env=env, timeout=10, check=False)
+    assert "EXIT=0" in frames[-1], frames[-1]
+    live = [f for f in frames if "training  step" in f and "EXIT=" not in f]
+    assert live, "no frame showed the training:\n" + frames[-1]
+    assert any(set(f) & set("▁▂▃▄▅▆▇█") for f in live), live[-1]
+    assert any("shepherd  pcp-progress step=" in f for f in live), live[-1]
+    assert all(len(line) <= 80 for f in frames for line in f.splitlines())
+
+
+def test_a_typo_in_the_config_shows_the_trainers_usage_error_and_logs_merge(
+        tiny: Replica, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from pcp.cli import cli
+
+    env = replica_dir(tiny, tmp_path)
+    run = CliRunner().invoke(cli, ["run", "--stack", "tiny", "--run-id", "e2e-typo", "--config",
+                                   "--lrr 0.1", "--wait", "--poll", "0.5", "--timeout", "90"],
+                             env=env)
+    assert run.exit_code == 1, run.output
+    assert "exited with code 2" in run.stderr
+    assert "reference_trainer.py: error: unrecognized arguments: --lrr 0.1" in run.stdout
+    assert "all of its output: pcp logs e2e-typo --node" in run.stdout
+    assert tiny.store().get("runs/e2e-typo/shepherd/logtimes.txt") is not None
+    logs = CliRunner().invoke(cli, ["logs", "e2e-typo", "--stack", "tiny", "--timestamps"],
+                              env=env)
+    assert logs.exit_code == 0, logs.output
+    assert "==> shepherd/stderr.log <==" in logs.stdout
+    usage = next(line for line in logs.stdout.splitlines() if "unrecognized arguments" in line)
+    assert usage[2] == ":" and usage[5] == ":"  # HH:MM:SS.mmm, from logtimes.txt
