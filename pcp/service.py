@@ -34,7 +34,7 @@ from pcp.core.lifecycle import (
     markers_could_move_run,
     markers_in,
 )
-from pcp.core.messages import NodeMarker, decode_json, dump, metrics_node_of
+from pcp.core.messages import NodeMarker, decode_json, dump, metrics_node_of, run_layout
 from pcp.core.names import (
     STACK_DOC,
     corrupt_stack_doc,
@@ -281,7 +281,9 @@ class Service:
         files = [n for n in self.store.list(prefix)
                  if n not in (run_doc(run.run_id), summary_doc(run.run_id))]
         metrics = {}
-        node = metrics_node_of(run.request.layout or self.policy.default_layout,
+        binary = run.request.binary if run.request.binary is not None \
+            else self.policy.default_binary
+        node = metrics_node_of(run_layout(run.request.layout, binary, self.policy.default_layout),
                                run.request.metrics_node)
         blob = self.store.get(f"{prefix}{node}/metrics.json")
         if blob is not None:

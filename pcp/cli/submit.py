@@ -24,7 +24,7 @@ from pcp.cli.views import (
     last_lines,
 )
 from pcp.core.errors import PermanentError
-from pcp.core.messages import LAYOUTS, StartRequest
+from pcp.core.messages import LAYOUTS, TORCHRUN_PREFIX, StartRequest
 from pcp.core.state import Status
 
 
@@ -42,6 +42,8 @@ def _check_ref(ref: Any, what: str) -> None:
 
 
 def _binary(ref: str) -> Any:
+    if ref.startswith(TORCHRUN_PREFIX):
+        return ref  # the core's parser checks it, with the forms in its message
     if not ref.lstrip().startswith("{"):
         _check_ref(ref, "--binary")
         return ref
@@ -99,6 +101,10 @@ def capped(view: Any) -> str | None:
               help="extra arguments for the binary, split like a shell would (none runs)")
 @click.option("--binary", metavar="REF", help="flake reference or store path, or a JSON map "
                                               "platform -> store path")
+@click.option("--torchrun", "torchrun_target", metavar="TARGET",
+              help="run a stock torchrun script (/abs/train.py), module (pkg.train) or Nix "
+                   "REF!PROGRAM under torchrun on the workers; same as --binary "
+                   "torchrun:TARGET (docs/trainers.md)")
 @click.option("--max-hours", type=float, help="deadline in hours (capped by the stack)")
 @click.option("--max-restarts", type=int, help="restarts after a lost node or boot timeout")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="rank layout (docs/agent.md); "
@@ -112,8 +118,8 @@ def capped(view: Any) -> str | None:
               show_default=True, metavar="SECONDS", help="with --wait: how often to poll")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
-        max_hours: float | None, max_restarts: int | None, layout: str | None,
-        run_id: str | None, wait: bool, timeout: float | None, poll: float,
+        torchrun_target: str | None, max_hours: float | None, max_restarts: int | None,
+        layout: str | None, run_id: str | None, wait: bool, timeout: float | None, poll: float,
         as_json: bool) -> None:
     """Request a training run; print its id (and with --wait, follow it to the end)."""
     flags = click.get_current_context().meta.get(FLAGS, {})
@@ -124,6 +130,10 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
                             "keep_vm_alive": keep_vm_alive, "requested_by": requested_by()}
     if training_config is not None:
         body["training_config"] = training_config
+    if torchrun_target is not None:
+        if binary is not None:
+            fail("--torchrun and --binary both name what runs: give one", EXIT_USAGE)
+        binary = TORCHRUN_PREFIX + torchrun_target
     if binary is not None:
         body["binary"] = _binary(binary)
     if max_hours is not None:

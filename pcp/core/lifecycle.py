@@ -35,6 +35,7 @@ from pcp.core.messages import (
     ShepherdCommand,
     StartRequest,
     StopRequest,
+    run_layout,
 )
 from pcp.core.names import LABEL_KEEP_ALIVE, LABEL_RUN
 from pcp.core.policy import Policy
@@ -562,7 +563,7 @@ def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
             boot_deadline=run.started_at + policy.boot_timeout,
             keep_vm_alive=run.request.keep_vm_alive,
             secret=run.secret,
-            layout=run.request.layout or policy.default_layout,
+            layout=run_layout(run.request.layout, binary, policy.default_layout),
         )
         for rank, name in enumerate(policy.node_names)
     )

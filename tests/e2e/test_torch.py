@@ -87,6 +87,29 @@ def test_a_rank_that_raises_fails_the_run(small_replica: Replica) -> None:
     wait_no_processes(run_id)
 
 
+def test_the_stock_script_runs_under_the_torchrun_launcher(small_replica: Replica) -> None:
+    """`torchrun:SCRIPT`: torchrun on each worker, the c10d rendezvous at the shepherd."""
+    run_id = "e2e-torch-torchrun"
+    start(small_replica, run_id, "--steps 3 --timeout 60", binary=f"torchrun:{TRAINER}")
+    assert exit_codes(small_replica, run_id) == dict.fromkeys(NODES, 0)
+    ranks = {f"worker-{i}": metrics(small_replica, run_id, f"worker-{i}") for i in range(3)}
+    # torchrun numbers the ranks (its rendezvous decides which node is group rank 0).
+    assert sorted(m["rank"] for m in ranks.values()) == [0, 1, 2]
+    assert {m["world_size"] for m in ranks.values()} == {3}
+    assert {m["local_rank"] for m in ranks.values()} == {0}
+    assert len({tuple(m["loss"]) for m in ranks.values()}) == 1
+    done = wait_final(small_replica, run_id)
+    assert done.summary is not None and done.summary["metrics_node"] == "worker-0"
+    assert done.summary["metrics"]["steps_completed"] == 3
+    files = set(small_replica.store().list(f"runs/{run_id}/"))
+    first = next(n for n, m in ranks.items() if m["rank"] == 0)
+    assert f"runs/{run_id}/{first}/checkpoint.pt" in files
+    assert f"runs/{run_id}/shepherd/metrics.json" not in files  # the shepherd is no rank
+    shepherd_log = small_replica.store().get(f"runs/{run_id}/shepherd/stdout.log")
+    assert shepherd_log is not None and b"c10d store listening" in shepherd_log.data
+    wait_no_processes(run_id)
+
+
 def test_the_same_script_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
     """A stock torchrun launch: two processes on one node, LOCAL_RANK 0 and 1."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PCP_", "MASTER_"))}
