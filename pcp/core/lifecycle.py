@@ -87,6 +87,7 @@ class NoteKind(StrEnum):
     RUN_RESTARTING = "run_restarting"
     RECORD_REWRITTEN = "record_rewritten"
     START_FAILURE_STALE = "start_failure_stale"
+    LATE_DONE_RECORDED = "late_done_recorded"  # an ended run's record took a late exit code
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,33 @@ def fold_markers(state: StackState, markers: tuple[NodeMarker, ...]) -> StackSta
     tx = _Tx(state)
     _apply_news(tx, markers)
     return tx.state
+
+
+def late_markers(run: Run, markers: Iterable[NodeMarker]) -> Run | None:
+    """An ended run with what its nodes' late markers say, or None when they add nothing.
+
+    A node that was still running when the run ended (the others were stopped after the
+    first failure, or the shepherd was still lingering) writes `done` afterwards. Its exit
+    code, signal and duration belong in the record and the summary; the run's outcome
+    (reason, detail, status, history) stays what decide() made it. Only markers of the
+    attempt that ended count, and a node's recorded `done` is never replaced."""
+    if run.phase is not Phase.ENDED:
+        return None
+    updated = run
+    for m in sorted(markers, key=lambda m: (m.kind != "booted", m.at)):
+        node = updated.node(m.node)
+        if m.run_id != run.run_id or m.attempt != run.attempt or node is None \
+                or node.phase is NodePhase.DONE:
+            continue
+        if m.kind == "booted":
+            if node.phase is NodePhase.PENDING:
+                updated = updated.with_node(replace(node, phase=NodePhase.BOOTED,
+                                                    booted_at=m.at))
+            continue
+        updated = updated.with_node(replace(
+            node, phase=NodePhase.DONE, booted_at=node.booted_at or m.at, done_at=m.at,
+            exit_code=m.exit_code, signal=m.signal, duration_s=m.duration_s))
+    return None if updated == run else updated
 
 
 def markers_in(listing: Iterable[Listed]) -> tuple[tuple[NodeMarker, ...], tuple[str, ...]]:
