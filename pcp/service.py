@@ -31,10 +31,11 @@ from pcp.core.lifecycle import (
     Transition,
     compact,
     decide,
+    late_markers,
     markers_could_move_run,
     markers_in,
 )
-from pcp.core.messages import NodeMarker, decode_json, dump, metrics_node_of
+from pcp.core.messages import NodeMarker, decode_json, dump, metrics_node_of, run_layout
 from pcp.core.names import (
     LABEL_RUN,
     STACK_DOC,
@@ -51,6 +52,8 @@ from pcp.core.ports import BlobStore, Bus, Fleet, Listed
 from pcp.core.state import Phase, Run, StackState
 from pcp.core.timefmt import iso
 from pcp.progress import observe
+
+LATE_ATTEMPTS = 5  # lost races on a run record before a late marker's update gives up
 
 
 class ConflictExhausted(Exception):
@@ -174,8 +177,45 @@ class Service:
             text = (f"{marker.node} booted" if marker.kind == "booted" else
                     f"{marker.node} exited with code {marker.exit_code}")
             note = Note(kind, marker.run_id, text)
-            return Outcome(Transition(StackState(), (), (note,)), saved=False)
-        return self.handle(marker, now, unless_marker=object_name, listing=listing)
+            outcome = Outcome(Transition(StackState(), (), (note,)), saved=False)
+        else:
+            outcome = self.handle(marker, now, unless_marker=object_name, listing=listing)
+        if marker.kind == "done" and self.record_late(marker.run_id, (*described, marker)):
+            note = Note(NoteKind.LATE_DONE_RECORDED, marker.run_id,
+                        f"{marker.node} exited after run {marker.run_id} ended: its exit "
+                        "code is recorded, the run's outcome stays")
+            outcome.transition = replace(outcome.transition,
+                                         notes=(*outcome.transition.notes, note))
+        return outcome
+
+    def record_late(self, run_id: str, markers: tuple[NodeMarker, ...]) -> bool:
+        """Put what late `done` markers say into an ended run's record and summary.
+
+        One read of the record; a write only when a node it shows unfinished has exited
+        since (`late_markers`), under a generation precondition so that concurrent late
+        markers do not undo each other. The run's outcome is never changed."""
+        for attempt in range(LATE_ATTEMPTS):
+            blob = self.store.get(run_doc(run_id))
+            if blob is None:
+                return False
+            try:
+                run = Run.from_json(blob.data)
+            except CorruptState:
+                return False  # the sweeper rewrites it from the stack document
+            if attempt:  # a lost race: markers written meanwhile count too
+                markers = (*markers, *self._markers_of(run_id))
+            late = late_markers(run, markers)
+            if late is None:
+                return False
+            try:
+                self.store.put(run_doc(run_id), late.to_json(),
+                               if_generation_match=blob.generation)
+            except Conflict:
+                self.sleep(0.2 * random.uniform(0.5, 1.5))
+                continue
+            self.store.put(summary_doc(run_id), dump(self.summary(late)))
+            return True
+        return False
 
     def reject(self, run_id: str, detail: str, now: datetime) -> Outcome:
         return self.handle(Rejected(run_id, detail), now)
@@ -290,7 +330,21 @@ class Service:
         return {"project": project, "entity": entity, "group": run.run_id,
                 "url": wandb_group_url(entity, project, run.run_id)}
 
+    def _markers_of(self, run_id: str) -> tuple[NodeMarker, ...]:
+        """Every readable marker of a run: one listing, and a read of any that does not
+        describe itself in its metadata."""
+        found, unread = markers_in(self.store.scan(markers_prefix(run_id)))
+        for name in unread:
+            blob = self.store.get(name)
+            try:
+                found = (*found, NodeMarker.from_json(blob.data, name)) if blob else found
+            except PermanentError:
+                continue
+        return found
+
     def archive(self, run: Run) -> None:
+        if run.phase is Phase.ENDED:  # nodes that exited since the end (record_late)
+            run = late_markers(run, self._markers_of(run.run_id)) or run
         wandb = self.wandb(run)
         # The record with where its wandb runs are (readers of Run ignore the extra key).
         self.store.put(run_doc(run.run_id), run.to_json() if wandb is None
@@ -303,7 +357,9 @@ class Service:
         files = [n for n in self.store.list(prefix)
                  if n not in (run_doc(run.run_id), summary_doc(run.run_id))]
         metrics = {}
-        node = metrics_node_of(run.request.layout or self.policy.default_layout,
+        binary = run.request.binary if run.request.binary is not None \
+            else self.policy.default_binary
+        node = metrics_node_of(run_layout(run.request.layout, binary, self.policy.default_layout),
                                run.request.metrics_node)
         blob = self.store.get(f"{prefix}{node}/metrics.json")
         if blob is not None:

@@ -4,6 +4,8 @@
   # (the shepherd, which in the workers-only layout only hosts the rendezvous store).
   #   nix build .#train        -> result/bin/torch-ddp
   #   pcp run --binary 'github:OWNER/REPO?dir=examples/torch-ddp#train' --layout workers-only
+  #   nix build .#env          -> result/bin/{python3,train}, for the torchrun launcher:
+  #   pcp run --torchrun 'github:OWNER/REPO?dir=examples/torch-ddp#env!train'
   description = "pcp example: a small PyTorch DistributedDataParallel trainer";
 
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
@@ -32,6 +34,15 @@
           '';
           # The interpreter with torch (and torchrun), for running the script by hand.
           inherit python;
+          # For pcp's torchrun launcher: bin/ holds python3 (with torch) and the script as
+          # `train`; pcp run --torchrun 'github:OWNER/REPO?dir=examples/torch-ddp#env!train'
+          env = pkgs.buildEnv {
+            name = "torch-ddp-env";
+            paths = [
+              python
+              (pkgs.writeScriptBin "train" ("#!${python}/bin/python\n" + builtins.readFile ./train.py))
+            ];
+          };
           default = train;
         });
     };

@@ -6,7 +6,9 @@ It runs three ways, from the same file:
   and ``train.py worker --head-node=H:P`` the other ranks;
 - in the `workers-only` layout: the workers are ranks 0..N-1 and the shepherd only hosts the
   rendezvous store (a TCPStore on MASTER_PORT) until every rank has finished;
-- as a stock torchrun script: ``torchrun --nproc-per-node=2 train.py --steps 5``.
+- as a stock torchrun script: ``torchrun --nproc-per-node=2 train.py --steps 5``, and so under
+  pcp's torchrun launcher (binary ``torchrun:/abs/train.py``), which starts torchrun on every
+  worker with a c10d rendezvous at the shepherd.
 
 It reads only the standard variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
 and init_method="env://". Rank 0 writes ``metrics.json`` and ``checkpoint.pt`` to
@@ -85,8 +87,9 @@ def host_store(args: argparse.Namespace, out: Path) -> int:
 
 
 def shepherd_store(args: argparse.Namespace) -> dist.TCPStore | None:
-    """A client of the store the shepherd hosts in the `workers-only` layout, else None."""
-    if os.environ.get("PCP_LAYOUT") != "workers-only":
+    """A client of the store the shepherd hosts in the `workers-only` layout, else None
+    (also under pcp's torchrun launcher, whose shepherd hosts only the rendezvous)."""
+    if os.environ.get("PCP_LAYOUT") != "workers-only" or os.environ.get("PCP_LAUNCHER"):
         return None
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None, False,
                          timedelta(seconds=30))

@@ -11,7 +11,10 @@ Accepted forms (docs/agent.md):
 - an absolute path to an executable file (local replica, tests);
 - `python:<module>` or `python:/abs/path/script.py`: run the module or script with the agent's own
   interpreter (local replica and tests only; the reference trainer is
-  `examples/reference-trainer/reference_trainer.py`).
+  `examples/reference-trainer/reference_trainer.py`);
+- `torchrun:<target>`: a stock torchrun script, module or program, started under torchrun on
+  the workers (pcp/agent/torchrun.py); the target is one of the forms above
+  (`pcp.core.messages.torchrun_target` checks it), realised the same way.
 
 Nix is always invoked with an argument list, never through a shell, in its own process group.
 A stop while Nix runs sends SIGTERM to that group, waits `grace` seconds, then SIGKILLs it: as
@@ -30,9 +33,12 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Literal
+
+from pcp.core.errors import PermanentError
+from pcp.core.messages import TORCHRUN_PREFIX, torchrun_target
 
 NOT_REALISED = 127  # the shell's "command not found": the node's exit code when this fails
 STORE_DIR = "/nix/store/"
@@ -58,6 +64,7 @@ class Plan:
     target: str  # module, path, store path (root) or flake reference
     program: str | None = None  # executable name under <out>/bin, when given
     subpath: str = ""  # for a store path like /nix/store/x/bin/y: "bin/y"
+    torchrun: bool = False  # a `torchrun:` binary: the target runs under torchrun
 
 
 def host_platform(machine: str | None = None, sys_platform: str | None = None) -> str:
@@ -80,6 +87,16 @@ def plan(spec: str | dict[str, str] | None, host: str) -> Plan:
                               f"(it has {', '.join(sorted(spec))})")
         spec = spec[host]
     spec = spec.strip()
+    if spec.startswith(TORCHRUN_PREFIX):
+        try:
+            target = torchrun_target(spec)
+        except PermanentError as e:
+            raise BinaryError(str(e)) from None
+        assert target is not None
+        if (target.endswith(".py") and not target.startswith(STORE_DIR)) \
+                or MODULE_RE.match(target):
+            return replace(plan(f"python:{target}", host), torchrun=True)
+        return replace(plan(target, host), torchrun=True)
     if spec.startswith("python:"):
         module = spec.removeprefix("python:")
         if module.startswith("/") and module.endswith(".py") and ".." not in Path(module).parts:

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from pcp.agent import container, gpu
-from pcp.agent.binary import NOT_REALISED, BinaryError, Realiser
+from pcp.agent import container, gpu, torchrun
+from pcp.agent.binary import NOT_REALISED, BinaryError, Realiser, host_platform, plan
 from pcp.agent.config import AgentConfig
 from pcp.agent.log import Log
 from pcp.agent.logtimes import LogTimes
@@ -32,7 +32,9 @@ from pcp.agent.ticker import Task, Ticker
 from pcp.agent.uploader import Uploader
 from pcp.agent.wandb import KeySource, wandb_env
 from pcp.core.images import ImageRef
+from pcp.core.lifecycle import markers_in
 from pcp.core.messages import Assignment
+from pcp.core.names import markers_prefix
 from pcp.core.ports import BlobStore
 
 LOOP_SECONDS = 0.1
@@ -74,6 +76,7 @@ class Session:
         self.runner: Runner | None = None
         self.image: ImageRef | None = None  # the pulled image, when the node runs one
         self.engine: container.Engine | None = None
+        self.workers_done = False  # set by the torchrun shepherd's watch_workers task
 
     @property
     def key(self) -> tuple[str, int]:
@@ -116,11 +119,13 @@ class Session:
             with open(self.stderr, "ab") as nix_log:
                 if self.a.image is not None:
                     prefix = self.pull_image(nix_log)
+                    argv = prefix  # the container's command line is built at launch
                 else:
                     realiser = Realiser(self.cfg.nix_bin_dir, log_to=nix_log,
                                         cancelled=lambda: self.stopping() is not None,
                                         grace=self.cfg.grace)
                     prefix = realiser.realise(self.a.binary)
+                    argv = self.command(prefix)
         except BinaryError as e:
             if self.stopping() is not None:
                 return Result(False, None, self.stopping())
@@ -135,7 +140,15 @@ class Session:
         if why is not None:
             self.log.info("not_started", why)
             return Result(False, None, why)
-        return self.launch(prefix)
+        return self.launch(argv)
+
+    def command(self, prefix: list[str]) -> list[str]:
+        """The argument list to start: the contract's, or the torchrun launcher's."""
+        if self.a.launcher != "torchrun":
+            return prefix + self.a.argv(prefix[0])[1:]
+        p = plan(self.a.binary, host_platform())
+        gpus = gpu.parse_count(self.gpus) if self.a.role == "worker" else 0
+        return torchrun.argv(p, prefix, self.a, gpus)
 
     def pull_image(self, log_to: IO[bytes]) -> list[str]:
         """Pull the assignment's pinned image (docs/trainers.md); the engine's command is the
@@ -193,7 +206,7 @@ class Session:
                 self._watch_run()
             self._stop.wait(0.5)
 
-    def launch(self, prefix: list[str]) -> Result:
+    def launch(self, argv: list[str]) -> Result:
         contract = self.a.env(str(self.output))
         env = {**os.environ, **contract}
         sockets = {k: v for k, v in socket_env(self.cfg.socket_ifname).items() if k not in env}
@@ -210,7 +223,6 @@ class Session:
             runner = container.ContainerRunner(self.engine, container.container_name(self.a),
                                                argv, env, self.dir, self.stdout, self.stderr)
         else:
-            argv = prefix + self.a.argv(prefix[0])[1:]
             runner = Runner(argv, env, self.dir, self.stdout, self.stderr)
         self.uploader.marker("booted")
         started = time.monotonic()
@@ -230,6 +242,8 @@ class Session:
             Task("heartbeat", self.cfg.upload_interval, lambda: self._heartbeat(runner.pid)),
             Task("watch_run", self.cfg.poll_interval, self._watch_run),
             Task("upload_output", self.cfg.output_interval, lambda: up.output(self.output)),
+            *([Task("watch_workers", self.cfg.poll_interval, self._watch_workers)]
+              if self.hosts_rendezvous else []),
         ]
         sampler = self._gpu_sampler(time.monotonic())
         if sampler is not None:
@@ -239,6 +253,11 @@ class Session:
         ending: str | None = None
         try:
             while runner.poll() is None:
+                if self.workers_done and stopped is None:
+                    stopped = "every worker finished"
+                    self.log.info("rendezvous_done", "every worker exited with code 0: "
+                                  "stopping the rendezvous store")
+                    runner.terminate(self.cfg.grace)
                 why = self.stopping()
                 if why is not None and stopped is None:
                     stopped, ending = why, self.end_reason
@@ -255,6 +274,9 @@ class Session:
                 watch.stop()
         runner.reap_group()
         result = runner.exit()
+        if self.workers_done and result.exit_code == 0:
+            # The store did its job: stopping it is this node's success, not a signal.
+            result, stopped = Exit(0, None, result.duration_s), None
         self.log.info("binary_exited", f"exit code {result.exit_code}", exit_code=result.exit_code,
                       signal=result.signal, duration_s=result.duration_s)
         self._finish(result, heartbeat=True, end_reason=ending)
@@ -323,6 +345,20 @@ class Session:
                 self.log.error("upload_failed", f"{name}: {type(e).__name__}: {e}")
         self.uploader.marker("done", result.exit_code, result.signal, result.duration_s,
                              end_reason=end_reason)
+
+    @property
+    def hosts_rendezvous(self) -> bool:
+        """The shepherd of a torchrun run: it hosts the store until the workers are done."""
+        return self.a.role == "shepherd" and self.a.launcher == "torchrun"
+
+    def _watch_workers(self) -> None:
+        """Whether every worker of this attempt wrote a done marker with exit code 0."""
+        found, _ = markers_in(self.store.scan(markers_prefix(self.a.run_id)))
+        ok = {m.node for m in found if m.kind == "done" and m.attempt == self.a.attempt
+              and m.succeeded}
+        workers = {f"worker-{i}" for i in range(self.a.num_nodes - 1)}
+        if workers and workers <= ok:
+            self.workers_done = True
 
     def _watch_run(self) -> None:
         self.record = read_run(self.store, self.a.run_id)

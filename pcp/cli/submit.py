@@ -32,7 +32,7 @@ from pcp.cli.views import (
     last_lines,
 )
 from pcp.core.errors import PermanentError
-from pcp.core.messages import LAYOUTS, GpuIdle, StartRequest
+from pcp.core.messages import LAYOUTS, TORCHRUN_PREFIX, GpuIdle, StartRequest
 from pcp.core.names import POLICY_DOC
 from pcp.core.policy import Policy
 from pcp.core.state import Status
@@ -52,6 +52,8 @@ def _check_ref(ref: Any, what: str) -> None:
 
 
 def _binary(ref: str) -> Any:
+    if ref.startswith(TORCHRUN_PREFIX):
+        return ref  # the core's parser checks it, with the forms in its message
     if not ref.lstrip().startswith("{"):
         _check_ref(ref, "--binary")
         return ref
@@ -149,6 +151,10 @@ def capped(view: Any) -> str | None:
 @click.option("--image", metavar="REF", help="OCI image to run instead of a binary, "
               "REGISTRY/REPO[:TAG][@sha256:...] (a tag is pinned to its digest at start; "
               "with --binary too, the shepherd runs the binary)")
+@click.option("--torchrun", "torchrun_target", metavar="TARGET",
+              help="run a stock torchrun script (/abs/train.py), module (pkg.train) or Nix "
+                   "REF!PROGRAM under torchrun on the workers; same as --binary "
+                   "torchrun:TARGET (docs/trainers.md)")
 @click.option("--max-hours", type=float, help="deadline in hours (capped by the stack)")
 @click.option("--max-restarts", type=int, help="restarts after a lost node or boot timeout")
 @click.option("--max-cost", "max_cost", type=float, metavar="USD",
@@ -173,7 +179,8 @@ def capped(view: Any) -> str | None:
               show_default=True, metavar="SECONDS", help="with --wait: how often to poll")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
-        image: str | None, max_hours: float | None, max_restarts: int | None,
+        torchrun_target: str | None, image: str | None, max_hours: float | None,
+        max_restarts: int | None,
         max_cost: float | None, layout: str | None, gpu_idle: str | None, run_id: str | None,
         wandb_project: str | None, wandb_entity: str | None, wait: bool,
         timeout: float | None, poll: float, as_json: bool) -> None:
@@ -186,6 +193,10 @@ def run(keep_vm_alive: bool, training_config: str | None, binary: str | None,
                             "keep_vm_alive": keep_vm_alive, "requested_by": requested_by()}
     if training_config is not None:
         body["training_config"] = training_config
+    if torchrun_target is not None:
+        if binary is not None:
+            fail("--torchrun and --binary both name what runs: give one", EXIT_USAGE)
+        binary = TORCHRUN_PREFIX + torchrun_target
     if binary is not None:
         body["binary"] = _binary(binary)
     if image is not None:

@@ -38,6 +38,7 @@ from pcp.core.messages import (
     ShepherdCommand,
     StartRequest,
     StopRequest,
+    run_layout,
 )
 from pcp.core.names import LABEL_KEEP_ALIVE, LABEL_RUN
 from pcp.core.policy import Policy
@@ -102,6 +103,7 @@ class NoteKind(StrEnum):
     BUDGET_LIFTED_PERIOD = "budget_lifted_period"  # over, in a period a person lifted: no-op
     BUDGET_RESUMED = "budget_resumed"
     BUDGET_RESUME_NOOP = "budget_resume_noop"
+    LATE_DONE_RECORDED = "late_done_recorded"  # an ended run's record took a late exit code
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,33 @@ def fold_markers(state: StackState, markers: tuple[NodeMarker, ...]) -> StackSta
     tx = _Tx(state)
     _apply_news(tx, markers)
     return tx.state
+
+
+def late_markers(run: Run, markers: Iterable[NodeMarker]) -> Run | None:
+    """An ended run with what its nodes' late markers say, or None when they add nothing.
+
+    A node that was still running when the run ended (the others were stopped after the
+    first failure, or the shepherd was still lingering) writes `done` afterwards. Its exit
+    code, signal and duration belong in the record and the summary; the run's outcome
+    (reason, detail, status, history) stays what decide() made it. Only markers of the
+    attempt that ended count, and a node's recorded `done` is never replaced."""
+    if run.phase is not Phase.ENDED:
+        return None
+    updated = run
+    for m in sorted(markers, key=lambda m: (m.kind != "booted", m.at)):
+        node = updated.node(m.node)
+        if m.run_id != run.run_id or m.attempt != run.attempt or node is None \
+                or node.phase is NodePhase.DONE:
+            continue
+        if m.kind == "booted":
+            if node.phase is NodePhase.PENDING:
+                updated = updated.with_node(replace(node, phase=NodePhase.BOOTED,
+                                                    booted_at=m.at))
+            continue
+        updated = updated.with_node(replace(
+            node, phase=NodePhase.DONE, booted_at=node.booted_at or m.at, done_at=m.at,
+            exit_code=m.exit_code, signal=m.signal, duration_s=m.duration_s))
+    return None if updated == run else updated
 
 
 def markers_in(listing: Iterable[Listed]) -> tuple[tuple[NodeMarker, ...], tuple[str, ...]]:
@@ -641,6 +670,8 @@ def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
                          run.image or None)
     if program.image is not None:
         program = replace(program, image=run.image or None)
+    # A torchrun binary makes the run workers-only, whatever the request's layout says.
+    layout = run_layout(run.request.layout, program.for_role("worker")[0], policy.default_layout)
     return tuple(
         Assignment(
             run_id=run.run_id,
@@ -659,7 +690,7 @@ def _assignments(run: Run, policy: Policy) -> tuple[Assignment, ...]:
             boot_deadline=run.started_at + policy.boot_timeout,
             keep_vm_alive=run.request.keep_vm_alive,
             secret=run.secret,
-            layout=run.request.layout or policy.default_layout,
+            layout=layout,
             gpu_idle=run.request.gpu_idle or policy.default_gpu_idle,
             wandb_project=run.request.wandb_project or policy.default_wandb_project,
             wandb_entity=run.request.wandb_entity or policy.default_wandb_entity,

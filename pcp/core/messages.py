@@ -259,6 +259,63 @@ def split_training_config(value: object) -> tuple[str, ...]:
     return args
 
 
+#: A binary of this form is a stock torchrun script, module or program, started under
+#: torchrun on the workers (docs/agent.md, "The torchrun launcher").
+TORCHRUN_PREFIX = "torchrun:"
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+PROGRAM_RE = re.compile(r"^[A-Za-z0-9._+-]+$")
+NIX_STORE = "/nix/store/"
+TORCHRUN_FORMS = ("torchrun:/abs/script.py, torchrun:package.module, "
+                  "torchrun:FLAKE#PKG!PROGRAM or torchrun:/nix/store/...!PROGRAM")
+
+
+def torchrun_target(spec: str, what: str = "binary") -> str | None:
+    """What a `torchrun:` binary names (the text after the prefix), or None for any other
+    binary. Strict, because the target becomes an element of torchrun's argument list:
+    one word, never an option (a leading '-'), no '..', and of one of the forms
+    `TORCHRUN_FORMS` lists."""
+    if not spec.startswith(TORCHRUN_PREFIX):
+        return None
+    target = spec.removeprefix(TORCHRUN_PREFIX)
+    forms = f"use {TORCHRUN_FORMS}"
+    if not target or any(c.isspace() for c in target) or "\x00" in target:
+        raise PermanentError(f"{what}: {spec!r} must name one word after torchrun: ({forms})")
+    if target.startswith("-"):
+        raise PermanentError(f"{what}: {spec!r}: the target must not start with '-' "
+                             f"(torchrun would read it as one of its options); {forms}")
+    base, bang, program = target.rpartition("!") if "!" in target else (target, "", "")
+    if bang and (not base or not PROGRAM_RE.match(program)):
+        raise PermanentError(f"{what}: {spec!r}: after '!' must come a program name under "
+                             f"bin/ ({forms})")
+    if base.startswith("/"):
+        if ".." in base.split("/"):
+            raise PermanentError(f"{what}: {spec!r}: the path must not contain '..'")
+        if bang and not base.startswith(NIX_STORE):
+            raise PermanentError(f"{what}: {spec!r}: '!PROGRAM' applies only to a Nix store "
+                                 f"path or a flake ({forms})")
+        return target
+    if base.endswith(".py"):
+        raise PermanentError(f"{what}: {spec!r}: a script must be an absolute path (it is "
+                             f"read on the workers); {forms}")
+    if MODULE_RE.match(base) and not bang:
+        return target
+    if "#" in base or re.match(r"^[a-z][a-z0-9+.-]*:", base):
+        if not bang:
+            raise PermanentError(f"{what}: {spec!r}: a flake under torchrun must name its "
+                                 "program, FLAKE#PKG!PROGRAM (the output is a Python "
+                                 "environment with torch, whose bin/ holds several programs)")
+        return target
+    raise PermanentError(f"{what}: {spec!r} is neither an absolute path, a dotted module "
+                         f"name nor a Nix reference; {forms}")
+
+
+def is_torchrun(binary: str | dict[str, str] | None) -> bool:
+    """Whether a (validated) binary runs under the torchrun launcher."""
+    if isinstance(binary, dict):
+        return any(v.startswith(TORCHRUN_PREFIX) for v in binary.values())
+    return binary is not None and binary.startswith(TORCHRUN_PREFIX)
+
+
 def _binary(obj: JsonObj, what: str) -> str | dict[str, str] | None:
     """A flake reference or store path, or a map platform -> store path."""
     v = obj.get("binary")
@@ -268,6 +325,7 @@ def _binary(obj: JsonObj, what: str) -> str | dict[str, str] | None:
         text = _text(obj, "binary", what)
         if not text or not text.strip() or any(c in text for c in "\n\r"):
             raise PermanentError(f"{what}: binary must be a non-empty single line")
+        torchrun_target(text, f"{what}: binary")
         return text
     if isinstance(v, dict):
         if not v:
@@ -281,7 +339,11 @@ def _binary(obj: JsonObj, what: str) -> str | dict[str, str] | None:
             if not isinstance(ref, str) or not ref.strip() or "\n" in ref or len(ref) > MAX_TEXT:
                 raise PermanentError(f"{what}: binary for {platform} must be a non-empty line")
             utf8(ref, f"{what}: binary for {platform}")
+            torchrun_target(ref, f"{what}: binary for {platform}")
             out[platform] = ref
+        if len({ref.startswith(TORCHRUN_PREFIX) for ref in out.values()}) > 1:
+            raise PermanentError(f"{what}: binary map mixes torchrun: and other binaries; "
+                                 "a run is launched one way on every platform")
         return out
     raise PermanentError(f"{what}: binary must be a string or a platform map")
 
@@ -439,6 +501,14 @@ def metrics_node_of(layout: str, named: str | None = None) -> str:
     return "worker-0" if layout == "workers-only" else "shepherd"
 
 
+def run_layout(layout: str | None, binary: str | dict[str, str] | None, default: str) -> str:
+    """The layout a run gets: `workers-only` under the torchrun launcher (the workers are
+    the ranks, the shepherd hosts the rendezvous), else the request's, else the stack's."""
+    if is_torchrun(binary):
+        return "workers-only"
+    return layout or default
+
+
 def validate_layout(value: object, what: str) -> str | None:
     if value is None:
         return None
@@ -512,16 +582,22 @@ class StartRequest:
             if not max_hours > 0 or max_hours != max_hours or max_hours == float("inf"):
                 raise PermanentError(f"{what}: max_hours must be positive, got {max_hours}")
             max_hours = float(max_hours)
+        binary = _binary(obj, what)
+        layout = validate_layout(obj.get("layout"), what)
+        if layout == "all-nodes" and is_torchrun(binary):
+            raise PermanentError(f"{what}: layout all-nodes cannot apply to a torchrun: binary "
+                                 "(torchrun runs the ranks on the workers and the shepherd "
+                                 "hosts the rendezvous); drop layout or use workers-only")
         return cls(
             run_id=run_id,
             keep_vm_alive=_bool(obj, "keep_vm_alive", what),
             training_args=split_training_config(obj.get("training_config")),
-            binary=_binary(obj, what),
+            binary=binary,
             max_hours=max_hours,
             max_restarts=_int(obj, "max_restarts", what, 0, MAX_RESTARTS, 0),
             requested_by=_text(obj, "requested_by", what, 256),
             stack=stack,
-            layout=validate_layout(obj.get("layout"), what),
+            layout=layout,
             metrics_node=_metrics_node(obj.get("metrics_node"), what),
             gpu_idle=GpuIdle.from_value(obj.get("gpu_idle"), f"{what}: gpu_idle"),
             max_cost_usd=positive_usd(obj.get("max_cost_usd"), f"{what}: max_cost_usd"),
@@ -822,6 +898,11 @@ class Assignment:
     def head_node(self) -> str:
         return f"{self.head_host}:{self.port}"
 
+    @property
+    def launcher(self) -> str:
+        """`torchrun` for a `torchrun:` binary (docs/agent.md), else `contract`."""
+        return "torchrun" if is_torchrun(self.binary) else "contract"
+
     def argv(self, executable: str) -> list[str]:
         """The binary's argument list (the contract in docs/agent.md). Never through a shell."""
         if self.role == "shepherd":
@@ -855,6 +936,12 @@ class Assignment:
         }
         if self.role == "worker":
             env["PCP_WORKER_RANK"] = str(self.rank - 1)
+        if self.launcher == "torchrun":
+            # torchrun gives its processes RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and the
+            # rest from its rendezvous; the launcher itself reads none of them.
+            env["PCP_LAUNCHER"] = "torchrun"
+            del env["MASTER_ADDR"], env["MASTER_PORT"]
+            return env
         if self.layout == "workers-only":
             env["WORLD_SIZE"] = str(workers)
             if self.role == "worker":
@@ -1158,6 +1245,10 @@ __all__ = [
     "BudgetResume",
     "parse_stop_topic",
     "DEFAULT_LAYOUT",
+    "TORCHRUN_PREFIX",
+    "is_torchrun",
+    "run_layout",
+    "torchrun_target",
     "LAYOUTS",
     "metrics_node_of",
     "Assignment",

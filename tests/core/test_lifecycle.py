@@ -8,9 +8,10 @@ import pytest
 
 from pcp.core.commands import ArchiveRun, CommandShepherd, LabelNodes, StartNodes, StopNodes
 from pcp.core.events import Reconcile, Rejected, StartFailed, VmView
+from pcp.core.lifecycle import late_markers
 from pcp.core.messages import StopRequest
 from pcp.core.names import LABEL_KEEP_ALIVE
-from pcp.core.state import NodePhase, Phase, Reason, StackState, Status
+from pcp.core.state import NodePhase, Phase, Reason, Run, StackState, Status
 from tests.core.helpers import Stack, at, kinds, marker, of, policy, req
 
 pytestmark = pytest.mark.core
@@ -237,6 +238,59 @@ def test_late_marker_for_archived_run_is_a_noop() -> None:
     t = s(marker("r1", "worker-0", "done", 9, code=1))
     assert t.state == before and t.commands == ()
     assert "(succeeded): no-op" in t.reason
+
+
+def ended_after_a_failure() -> tuple[Stack, Run]:
+    """worker-1 fails; worker-0 and the shepherd are still running when the run ends."""
+    s = Stack(policy(workers=2))
+    s(req("r1"))
+    s.boot_all()
+    s(marker("r1", "worker-1", "done", 5, code=3), minute=5)
+    ended = s.state.unarchived[-1]
+    assert ended.phase is Phase.ENDED and ended.node("worker-0").phase is NodePhase.BOOTED
+    return s, ended
+
+
+def test_late_done_markers_fill_in_the_exit_codes_of_an_ended_run() -> None:
+    s, ended = ended_after_a_failure()
+    late = (marker("r1", "worker-0", "done", 6, code=None, signal="SIGTERM"),
+            marker("r1", "shepherd", "done", 7, code=143))
+    updated = late_markers(ended, late)
+    assert updated is not None
+    assert [(n.name, n.phase, n.exit_code, n.signal) for n in updated.nodes] == [
+        ("shepherd", NodePhase.DONE, 143, None), ("worker-0", NodePhase.DONE, None, "SIGTERM"),
+        ("worker-1", NodePhase.DONE, 3, None)]
+    assert updated.node("shepherd").done_at == at(7)
+    # The outcome stays: reason, detail, status, end time and history are untouched.
+    assert (updated.reason, updated.detail, updated.status, updated.ended_at,
+            updated.history) == (ended.reason, ended.detail, ended.status, ended.ended_at,
+                                 ended.history)
+    assert updated.status is Status.FAILED
+    # decide() itself leaves the stack alone: the late marker changes no decision.
+    before = s.state
+    t = s(late[0], minute=6)
+    assert t.state == before and t.commands == ()
+
+
+def test_late_markers_never_replace_a_recorded_exit_or_cross_attempts() -> None:
+    _, ended = ended_after_a_failure()
+    assert late_markers(ended, (marker("r1", "worker-1", "done", 9, code=0),)) is None
+    assert late_markers(ended, (marker("r1", "worker-0", "done", 9, attempt=2),)) is None
+    assert late_markers(ended, (marker("r2", "worker-0", "done", 9),)) is None
+    assert late_markers(ended, (marker("r1", "worker-9", "done", 9),)) is None
+    assert late_markers(ended, ()) is None
+    # Two done markers for one node (a redelivery): the first written wins.
+    twice = late_markers(ended, (marker("r1", "worker-0", "done", 8, code=2),
+                                 marker("r1", "worker-0", "done", 6, code=143)))
+    assert twice is not None and twice.node("worker-0").exit_code == 143
+
+
+def test_late_markers_leave_a_live_run_to_decide() -> None:
+    s = Stack()
+    s(req("r1"))
+    s.boot_all()
+    assert s.state.active is not None
+    assert late_markers(s.state.active, (marker("r1", "worker-0", "done", 5),)) is None
 
 
 # ---------------------------------------------------------------- stop requests

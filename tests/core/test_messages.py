@@ -9,13 +9,17 @@ import pytest
 
 from pcp.core.errors import PermanentError
 from pcp.core.messages import (
+    TORCHRUN_PREFIX,
     Assignment,
     NodeMarker,
     ShepherdCommand,
     StartRequest,
     StopRequest,
     SweepTick,
+    is_torchrun,
     run_id_from_message_id,
+    run_layout,
+    torchrun_target,
 )
 
 pytestmark = pytest.mark.core
@@ -285,3 +289,67 @@ def test_metrics_node_is_a_start_request_field() -> None:
     assert req.metrics_node == "worker-2" and StartRequest.from_json(req.to_json()) == req
     with pytest.raises(PermanentError, match="metrics_node 'gpu-1' must be shepherd or worker"):
         StartRequest.from_json(b'{"run_id": "exp-1", "metrics_node": "gpu-1"}')
+
+
+# ---------------------------------------------------------------- the torchrun launcher
+
+TORCHRUN_OK = ("torchrun:/srv/train.py", "torchrun:pkg.train", "torchrun:train",
+               "torchrun:/nix/store/abc-env/bin/train", "torchrun:/nix/store/abc-env!train",
+               "torchrun:github:org/repo?dir=x#env!train", "torchrun:.#env!train",
+               "torchrun:/opt/bin/trainer")
+
+
+@pytest.mark.parametrize("binary", TORCHRUN_OK)
+def test_torchrun_binaries_are_accepted_and_imply_workers_only(binary: str) -> None:
+    req = start({"run_id": "exp-1", "binary": binary})
+    assert req.binary == binary and is_torchrun(req.binary)
+    assert torchrun_target(binary) == binary.removeprefix(TORCHRUN_PREFIX)
+    assert run_layout(req.layout, req.binary, "all-nodes") == "workers-only"
+    assert StartRequest.from_json(req.to_json()) == req
+
+
+@pytest.mark.parametrize(("binary", "fragment"), [
+    ("torchrun:", "must name one word after torchrun:"),
+    ("torchrun:/srv/my train.py", "must name one word"),
+    ("torchrun:--standalone", "must not start with '-'"),
+    ("torchrun:-m", "torchrun would read it as one of its options"),
+    ("torchrun:train.py", "a script must be an absolute path"),
+    ("torchrun:/srv/../etc/x.py", "must not contain '..'"),
+    ("torchrun:/srv/train.py!x", "'!PROGRAM' applies only to a Nix store path or a flake"),
+    ("torchrun:github:org/repo#env", "must name its program, FLAKE#PKG!PROGRAM"),
+    ("torchrun:.#env!", "after '!' must come a program name"),
+    ("torchrun:.#env!a/b", "after '!' must come a program name"),
+    ("torchrun:1bad", "neither an absolute path, a dotted module name nor a Nix reference"),
+])
+def test_torchrun_binaries_are_checked_strictly(binary: str, fragment: str) -> None:
+    rejects({"run_id": "exp-1", "binary": binary}, fragment)
+    rejects({"run_id": "exp-1", "binary": {"x86_64-linux": binary}}, fragment)
+
+
+def test_torchrun_refuses_the_all_nodes_layout_and_mixed_maps() -> None:
+    rejects({"run_id": "exp-1", "binary": "torchrun:pkg.train", "layout": "all-nodes"},
+            "layout all-nodes cannot apply to a torchrun: binary")
+    req = start({"run_id": "exp-1", "binary": "torchrun:pkg.train", "layout": "workers-only"})
+    assert req.layout == "workers-only"
+    rejects({"run_id": "exp-1", "binary": {"x86_64-linux": "torchrun:.#env!train",
+                                           "aarch64-darwin": ".#train"}},
+            "binary map mixes torchrun: and other binaries")
+    both = start({"run_id": "exp-1", "binary": {"x86_64-linux": "torchrun:.#env!train",
+                                               "aarch64-darwin": "torchrun:.#env!train"}})
+    assert is_torchrun(both.binary)
+    assert not is_torchrun("python:pkg.train") and not is_torchrun(None)
+    assert run_layout(None, ".#train", "all-nodes") == "all-nodes"
+    assert run_layout("workers-only", ".#train", "all-nodes") == "workers-only"
+
+
+def test_a_torchrun_node_gets_only_pcp_variables() -> None:
+    """torchrun numbers the processes; the launcher itself reads no RANK or MASTER_*."""
+    worker = assignment(binary="torchrun:pkg.train", num_nodes=4, rank=2,
+                        layout="workers-only")
+    assert worker.launcher == "torchrun" and assignment().launcher == "contract"
+    env = worker.env("/out")
+    assert not set(TORCH_VARS) & set(env)
+    assert env["PCP_LAUNCHER"] == "torchrun" and env["PCP_WORKER_RANK"] == "1"
+    assert env["PCP_NUM_WORKERS"] == "3" and env["PCP_LAYOUT"] == "workers-only"
+    assert "PCP_LAUNCHER" not in assignment().env("/out")
+    assert Assignment.from_json(worker.to_json()) == worker

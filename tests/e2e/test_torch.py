@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from pcp.cli.views import RunView
 from pcp_dev.local.replica import Replica
 from tests.conftest import require_emulator
-from tests.e2e.helpers import metrics, start, wait_final, wait_no_processes
+from tests.e2e.helpers import metrics, start, view, wait_final, wait_for, wait_no_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
 
@@ -84,6 +85,46 @@ def test_a_rank_that_raises_fails_the_run(small_replica: Replica) -> None:
     # Fail fast ends the run at the first non-zero exit: the raising rank, or a peer whose
     # collective broke a moment earlier (gloo), so either worker may be named.
     assert "worker-" in (done.detail or "") and "exited with code" in (done.detail or "")
+    # The nodes stopped after the end write done late: `pcp status` (this view) shows their
+    # exit codes, and the outcome stays.
+    def every_node_done() -> RunView | None:
+        v = view(small_replica, run_id)
+        return v if v is not None and v.run is not None and all(
+            n.phase.value == "done" for n in v.run.nodes) else None
+
+    try:
+        late = wait_for("every node's exit code in the ended run's record", every_node_done, 60)
+    except BaseException:
+        v = view(small_replica, run_id)
+        print("nodes:", v and v.run and [(n.name, n.phase.value, n.exit_code) for n in v.run.nodes],
+              "markers:", sorted(small_replica.store().list(f"markers/{run_id}/")))
+        raise
+    assert late.status.value == "failed" and late.detail == done.detail
+    assert late.summary is not None and all(
+        n["exit_code"] is not None or n["signal"] is not None for n in late.summary["nodes"])
+    wait_no_processes(run_id)
+
+
+def test_the_stock_script_runs_under_the_torchrun_launcher(small_replica: Replica) -> None:
+    """`torchrun:SCRIPT`: torchrun on each worker, the c10d rendezvous at the shepherd."""
+    run_id = "e2e-torch-torchrun"
+    start(small_replica, run_id, "--steps 3 --timeout 60", binary=f"torchrun:{TRAINER}")
+    assert exit_codes(small_replica, run_id) == dict.fromkeys(NODES, 0)
+    ranks = {f"worker-{i}": metrics(small_replica, run_id, f"worker-{i}") for i in range(3)}
+    # torchrun numbers the ranks (its rendezvous decides which node is group rank 0).
+    assert sorted(m["rank"] for m in ranks.values()) == [0, 1, 2]
+    assert {m["world_size"] for m in ranks.values()} == {3}
+    assert {m["local_rank"] for m in ranks.values()} == {0}
+    assert len({tuple(m["loss"]) for m in ranks.values()}) == 1
+    done = wait_final(small_replica, run_id)
+    assert done.summary is not None and done.summary["metrics_node"] == "worker-0"
+    assert done.summary["metrics"]["steps_completed"] == 3
+    files = set(small_replica.store().list(f"runs/{run_id}/"))
+    first = next(n for n, m in ranks.items() if m["rank"] == 0)
+    assert f"runs/{run_id}/{first}/checkpoint.pt" in files
+    assert f"runs/{run_id}/shepherd/metrics.json" not in files  # the shepherd is no rank
+    shepherd_log = small_replica.store().get(f"runs/{run_id}/shepherd/stdout.log")
+    assert shepherd_log is not None and b"c10d store listening" in shepherd_log.data
     wait_no_processes(run_id)
 
 

@@ -350,3 +350,74 @@ def test_the_summary_takes_the_metrics_of_rank_0_or_the_node_the_run_names(
     summary = json.loads(store.get(summary_doc("r1")).data)  # type: ignore[union-attr]
     assert summary["status"] == "succeeded"
     assert summary["metrics"] == {"from": node} and summary["metrics_node"] == node
+
+
+def test_late_done_markers_update_an_ended_runs_record_not_its_outcome() -> None:
+    svc, store, _, _ = make(policy(workers=2))
+    svc.handle(req("r1"), at(0))
+    for node in ("shepherd", "worker-0", "worker-1"):
+        svc.handle_marker(write_marker(store, marker("r1", node, "booted", 1)), at(1))
+    out = svc.handle_marker(write_marker(store, marker("r1", "worker-1", "done", 5, code=3)),
+                            at(5))
+    assert "failed: worker-1 exited with code 3" in out.reason
+
+    def nodes(doc: str) -> dict[str, object]:
+        blob = store.get(doc)
+        assert blob is not None
+        return {n["name"]: (n["phase"], n["exit_code"], n["signal"])
+                for n in json.loads(blob.data)["nodes"]}
+
+    assert nodes(summary_doc("r1"))["worker-0"] == ("booted", None, None)
+    late = marker("r1", "worker-0", "done", 6, code=None, signal="SIGTERM")
+    out = svc.handle_marker(write_marker(store, late), at(6))
+    assert "worker-0 exited after run r1 ended" in out.reason
+    svc.handle_marker(write_marker(store, marker("r1", "shepherd", "done", 7, code=143)), at(7))
+    for doc in (run_doc("r1"), summary_doc("r1")):
+        assert nodes(doc) == {"shepherd": ("done", 143, None),
+                              "worker-0": ("done", None, "SIGTERM"),
+                              "worker-1": ("done", 3, None)}
+    summary = json.loads(store.get(summary_doc("r1")).data)  # type: ignore[union-attr]
+    assert summary["status"] == "failed"
+    assert summary["detail"] == "worker-1 exited with code 3"
+    assert stack(store).recent[0].status is Status.FAILED
+    # A redelivered late marker writes nothing more.
+    generation = store.get(run_doc("r1")).generation  # type: ignore[union-attr]
+    again = svc.handle_marker(late.path, at(8))
+    assert "exited after run" not in again.reason
+    assert store.get(run_doc("r1")).generation == generation  # type: ignore[union-attr]
+
+
+def test_a_late_marker_that_loses_a_race_on_the_record_is_not_lost() -> None:
+    svc, store, _, _ = make(policy(workers=2))
+    svc.handle(req("r1"), at(0))
+    for node in ("shepherd", "worker-0", "worker-1"):
+        svc.handle_marker(write_marker(store, marker("r1", node, "booted", 1)), at(1))
+    svc.handle_marker(write_marker(store, marker("r1", "worker-1", "done", 5, code=3)), at(5))
+    original_put, lost = store.put, {"once": False}
+
+    def put(name: str, data: bytes, **kw: object) -> int:
+        if name == run_doc("r1") and kw.get("if_generation_match") and not lost["once"]:
+            lost["once"] = True  # meanwhile the shepherd's late marker lands
+            write_marker(store, marker("r1", "shepherd", "done", 6, code=0))
+            raise Conflict(name)
+        return original_put(name, data, **kw)  # type: ignore[arg-type]
+
+    store.put = put  # type: ignore[method-assign]
+    svc.handle_marker(write_marker(store, marker("r1", "worker-0", "done", 6, code=143)), at(6))
+    assert lost["once"]
+    record = json.loads(store.get(run_doc("r1")).data)  # type: ignore[union-attr]
+    assert {n["name"]: n["exit_code"] for n in record["nodes"]} == {
+        "shepherd": 0, "worker-0": 143, "worker-1": 3}
+    assert record["status"] == "failed"
+
+
+def test_a_torchrun_run_takes_its_metrics_from_worker_0() -> None:
+    svc, store, _, _ = make(policy(workers=1))
+    svc.handle(req("r1", binary="torchrun:pkg.train"), at(0))
+    store.put("runs/r1/worker-0/metrics.json", b'{"final_loss": 0.5}')
+    for node in ("shepherd", "worker-0"):
+        svc.handle_marker(write_marker(store, marker("r1", node, "booted", 1)), at(1))
+    for node in ("worker-0", "shepherd"):
+        svc.handle_marker(write_marker(store, marker("r1", node, "done", 2)), at(2))
+    summary = json.loads(store.get(summary_doc("r1")).data)  # type: ignore[union-attr]
+    assert summary["metrics_node"] == "worker-0" and summary["metrics"] == {"final_loss": 0.5}
