@@ -52,8 +52,11 @@ REPO = Path(__file__).resolve().parents[2]
 STARTUP = REPO / "infra" / "bootstrap" / "worker-startup.sh"
 FEATURES = ("--extra-experimental-features", "nix-command flakes")
 #: What the image's own /etc/nix/nix.conf stands for here: Debian's package turns the sandbox
-#: off, no default cache (no network), and an experimental feature pcp.conf must keep.
-BASE_CONF = "sandbox = false\nsubstituters =\nexperimental-features = ca-derivations\n"
+#: off, no default cache (no network), and an experimental feature pcp.conf must keep. As root
+#: with no daemon, Nix builds as root itself: no `nixbld` build users (Nix's default for root
+#: names that group, which only Debian's nix-setup-systemd creates).
+BASE_CONF = ("sandbox = false\nsubstituters =\nexperimental-features = ca-derivations\n"
+             "build-users-group =\n")
 RUN_OVERRIDES = "substitute = true\nmin-free = 0\n"
 
 
