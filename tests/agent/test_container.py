@@ -48,9 +48,9 @@ PODMAN = container.Engine(("/usr/bin/podman", "--runtime", "runc"))
 def test_run_argv_is_the_contract_with_every_variable_by_name() -> None:
     a = assignment()
     ref = parse_image(a.image)
-    env = a.env("/work/r1/1/output")
+    env = a.env("/opt/pcp/work/r1/1/output")
     argv = container.run_argv(PODMAN, a, ref, [*env, "GLOO_SOCKET_IFNAME"],
-                              "/work/r1/1/output", gpus=0, grace=7.5)
+                              "/opt/pcp/work/r1/1/output", gpus=0, grace=7.5)
     image_at = argv.index(ref.by_digest)
     # IMAGE worker --head-node=H:P, then the training config as literal arguments
     assert argv[image_at + 1:] == ["worker", "--head-node=10.0.0.2:9000", "--lr", "0.1",
@@ -63,7 +63,7 @@ def test_run_argv_is_the_contract_with_every_variable_by_name() -> None:
     assert pairs["--name"] == "pcp-r1-worker-0"
     assert pairs["--network"] == "host"
     assert pairs["--stop-signal"] == "SIGTERM" and pairs["--stop-timeout"] == "8"
-    assert pairs["--volume"] == "/work/r1/1/output:/work/r1/1/output"
+    assert pairs["--volume"] == "/opt/pcp/work/r1/1/output:/opt/pcp/work/r1/1/output"
     assert pairs["--pull"] == "never"
     assert {opts[i + 1] for i, o in enumerate(opts) if o == "--label"} == {
         "pcp-run=r1", "pcp-node=worker-0"}
