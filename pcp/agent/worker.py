@@ -50,6 +50,9 @@ def fetch(metadata: Metadata) -> tuple[Assignment | None, str]:
     return a, ""
 
 
+#: Done reasons after which Compute Engine stops the VM itself (docs/agent.md).
+NOTICE_REASONS = frozenset({"maintenance", "preempted"})
+
 class Worker:
     def __init__(self, cfg: AgentConfig, metadata: Metadata, make_store: StoreFactory,
                  log: Log, agent_stop: threading.Event) -> None:
@@ -89,9 +92,15 @@ class Worker:
         elif over is not None:
             log.info("run_over", f"not starting: {over}")
         else:
-            Session(a, store, self.cfg, log, self.agent_stop,
-                    gpus=self._meta(META_GPU_COUNT), notices_host=self.metadata.host,
-                    wandb_key=self.wandb_key(a)).run()
+            result = Session(a, store, self.cfg, log, self.agent_stop,
+                             gpus=self._meta(META_GPU_COUNT), notices_host=self.metadata.host,
+                             wandb_key=self.wandb_key(a)).run()
+            if result.end_reason in NOTICE_REASONS and not self.agent_stop.is_set():
+                # Compute Engine stops this VM anyway: taking the next attempt here would
+                # have it killed mid-boot. The VM goes down now, and the control plane
+                # starts it again for the next attempt on a fresh boot.
+                return self.power_off(f"a {result.end_reason} notice: this VM is going down; "
+                                      "the next attempt starts on a fresh boot", log)
         if self.agent_stop.is_set():
             log.info("agent_exit", "SIGTERM: leaving the VM to whoever stops it")
             return 0

@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pcp.logs import log
 from pcp_dev.local.compute_schema import ComputeSchema, RequestInvalid, ResponseInvalid, compute_v1
+from pcp_dev.local.loopback import QuietHTTPServer
 
 UP = frozenset({"PROVISIONING", "STAGING", "RUNNING"})
 MUTATIONS = ("start", "stop", "setMetadata", "setLabels", "setScheduling")
@@ -334,7 +335,7 @@ class LocalCompute:
 
     def start(self) -> LocalCompute:
         handler = type("Handler", (_Handler,), {"compute": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = QuietHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._stopping.clear()
         # A short poll interval: shutdown() waits for the loop to notice, 0.5 s by default.

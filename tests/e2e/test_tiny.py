@@ -216,7 +216,7 @@ def test_pcp_events_shows_an_orphan_stop_and_a_dead_man_stop(tiny: Replica) -> N
     def events(*args: str) -> list[dict]:
         result = CliRunner().invoke(cli, ["events", "--json", *args], obj=context)
         assert result.exit_code == 0, result.output
-        return json.loads(result.output)["events"]
+        return json.loads(result.stdout)["events"]
 
     def orphan_stops() -> list[dict]:
         return [r for r in events("--kind", "orphans_stopped") if VM in r["text"]]
