@@ -22,6 +22,15 @@ from tests.conftest import require_emulator
 from tests.e2e.helpers import settle
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each e2e test runs whole training runs on a replica shared with the module's other
+    tests, on two loaded cores; a failure is run once more, and both are reported (`R` in
+    the progress line, `rerun` in the summary). A test that fails twice fails the tier."""
+    for item in items:
+        if "tests/e2e/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.flaky(reruns=1))
+
+
 def launch(options: Options) -> Replica:
     try:
         return Replica(options).start()
