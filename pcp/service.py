@@ -7,6 +7,7 @@ between save and execute is healed by the next event or sweep (level-triggered).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -193,29 +194,58 @@ class Service:
 
         One read of the record; a write only when a node it shows unfinished has exited
         since (`late_markers`), under a generation precondition so that concurrent late
-        markers do not undo each other. The run's outcome is never changed."""
+        markers do not undo each other. The run's outcome is never changed. True when this
+        call changed the record."""
+        return self._settle(run_id, markers, summarised=None)
+
+    def _settle(self, run_id: str, markers: tuple[NodeMarker, ...] | None,
+                summarised: int | None) -> bool:
+        """Bring an ended run's record up to its markers, then its summary up to its record.
+
+        `markers` None: list them afresh after reading the record. `summarised`: the
+        generation of the record the summary in the bucket was last built from by this
+        caller (None: no summary written yet by this caller, and none is written unless the
+        record changes here). Each pass reads the record, folds in late markers under a
+        generation precondition, writes the summary from what it wrote or read, and reads
+        the record again: a writer that changed it meanwhile may have had its summary
+        overwritten by this one, so the pass repeats until the record stands still.
+
+        Why nothing is lost (docs/reliability.md, "Failure modes"): the only
+        unconditional writes of the record are `archive`'s, and each is followed by a
+        listing here. A marker written before that listing is folded in by it; one written
+        after it is read by its own event's handler from a record that is already ended."""
+        changed = False
         for attempt in range(LATE_ATTEMPTS):
             blob = self.store.get(run_doc(run_id))
             if blob is None:
-                return False
+                return changed
             try:
                 run = Run.from_json(blob.data)
             except CorruptState:
-                return False  # the sweeper rewrites it from the stack document
-            if attempt:  # a lost race: markers written meanwhile count too
-                markers = (*markers, *self._markers_of(run_id))
-            late = late_markers(run, markers)
-            if late is None:
-                return False
-            try:
-                self.store.put(run_doc(run_id), late.to_json(),
-                               if_generation_match=blob.generation)
-            except Conflict:
-                self.sleep(0.2 * random.uniform(0.5, 1.5))
-                continue
-            self.store.put(summary_doc(run_id), dump(self.summary(late)))
-            return True
-        return False
+                return changed  # the sweeper rewrites it from the stack document
+            extra = {k: v for k, v in json.loads(blob.data).items() if k == "wandb"}
+            found = markers if markers is not None and not attempt else self._markers_of(run_id)
+            if markers is not None and attempt:  # a lost race: markers written meanwhile count
+                found = (*markers, *found)
+            late = late_markers(run, found)
+            generation = blob.generation
+            if late is not None:
+                try:
+                    generation = self.store.put(run_doc(run_id), self._record(late, extra),
+                                                if_generation_match=blob.generation)
+                except Conflict:
+                    self.sleep(0.2 * random.uniform(0.5, 1.5))
+                    continue
+                changed, run = True, late
+            elif summarised is None and not changed:
+                return False  # nothing new, and the summary was not touched by this caller
+            if generation != summarised:
+                self.store.put(summary_doc(run_id), dump(self.summary(run)))
+                summarised = generation
+            again = self.store.get(run_doc(run_id))
+            if again is None or again.generation == generation:
+                return changed
+        return changed
 
     def reject(self, run_id: str, detail: str, now: datetime) -> Outcome:
         return self.handle(Rejected(run_id, detail), now)
@@ -343,14 +373,23 @@ class Service:
         return found
 
     def archive(self, run: Run) -> None:
+        """Write a run's record; an ended run's also gets its summary and late markers."""
         if run.phase is Phase.ENDED:  # nodes that exited since the end (record_late)
             run = late_markers(run, self._markers_of(run.run_id)) or run
         wandb = self.wandb(run)
-        # The record with where its wandb runs are (readers of Run ignore the extra key).
-        self.store.put(run_doc(run.run_id), run.to_json() if wandb is None
-                       else dump({**run.to_dict(), "wandb": wandb}))
+        generation = self.store.put(run_doc(run.run_id), self._record(
+            run, {} if wandb is None else {"wandb": wandb}))
         if run.phase is Phase.ENDED:
             self.store.put(summary_doc(run.run_id), dump(self.summary(run)))
+            # A marker may have landed between the listing above and the write, and its
+            # handler may have read the record before the write: list again (_settle).
+            self._settle(run.run_id, None, summarised=generation)
+
+    @staticmethod
+    def _record(run: Run, extra: Mapping[str, Any]) -> bytes:
+        """The run record: the run, and where its wandb runs are (readers of Run ignore
+        the extra key)."""
+        return run.to_json() if not extra else dump({**run.to_dict(), **extra})
 
     def summary(self, run: Run) -> dict[str, Any]:
         prefix = run_prefix(run.run_id)

@@ -311,9 +311,9 @@ class Session:
                     self.end("gpu_idle", broken)
         return sample
 
-    def _heartbeat(self, pid: int | None, phase: str = "running") -> None:
+    def _heartbeat(self, pid: int | None, phase: str = "running", force: bool = False) -> None:
         gpus = None if self.gpu_samples is None else [s.to_dict() for s in self.gpu_samples]
-        self.uploader.heartbeat(phase, pid, gpus=gpus, gpu_error=self.gpu_error)
+        self.uploader.heartbeat(phase, pid, gpus=gpus, gpu_error=self.gpu_error, force=force)
 
     # ------------------------------------------------------------ helpers
 
@@ -328,7 +328,8 @@ class Session:
 
         When the agent itself was told to stop (a VM stop: 30 s in all on a Spot VM), the
         output uploads get `stop_upload_budget` seconds, so done is still written in time; so
-        they do after a maintenance or preemption notice, which leaves as little time."""
+        they do after a maintenance or preemption notice, which leaves as little time. The
+        last heartbeat ("exited") goes after done: nothing waits for it."""
         short = self.agent_stop.is_set() or end_reason in ("maintenance", "preempted")
         until = time.monotonic() + self.cfg.stop_upload_budget if short else None
         self.times.observe(force=True)
@@ -336,8 +337,6 @@ class Session:
             ("upload_logs", lambda: self.uploader.logs(self.stdout, self.stderr, True,
                                                        times=self.times.index)),
             ("upload_output", lambda: self.uploader.output(self.output, until))]
-        if heartbeat:
-            steps.append(("heartbeat", lambda: self._heartbeat(None, "exited")))
         for name, step in steps:
             try:
                 step()
@@ -345,6 +344,11 @@ class Session:
                 self.log.error("upload_failed", f"{name}: {type(e).__name__}: {e}")
         self.uploader.marker("done", result.exit_code, result.signal, result.duration_s,
                              end_reason=end_reason)
+        if heartbeat:
+            try:
+                self._heartbeat(None, "exited", force=True)
+            except Exception as e:  # noqa: BLE001 - done is written; this is only a status
+                self.log.error("upload_failed", f"heartbeat: {type(e).__name__}: {e}")
 
     @property
     def hosts_rendezvous(self) -> bool:

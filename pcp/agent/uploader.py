@@ -4,6 +4,12 @@ GCS objects are immutable, so a growing log is re-uploaded whole; a file is sent
 when its size or modification time changed since the last upload. Everything lands under
 `runs/<run_id>/<node>/`, except the markers, which go under `markers/` (the only prefix that
 raises events), so logs and checkpoints never invoke a function.
+
+Cloud Storage takes about one update a second on each object; faster, it answers 429 and the
+client backs off for a second or more, holding up the agent's loop. So the uploader paces
+itself: a periodic upload (a log, the heartbeat, an output file) of an object written less
+than `MIN_OBJECT_GAP` seconds ago is skipped until the next tick, and a final one (`force`)
+waits out the rest of the gap. The markers are written once each and never wait.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import mimetypes
 import os
 import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,8 @@ from pcp.core.timefmt import iso
 
 # Names the agent writes itself; an output file of the same name would overwrite them.
 RESERVED = frozenset({"stdout.log", "stderr.log", "logtimes.txt", "heartbeat.json"})
+#: Seconds between two writes of one object: Cloud Storage's per-object update limit.
+MIN_OBJECT_GAP = 1.0
 
 
 def content_type(name: str) -> str:
@@ -35,13 +44,33 @@ def content_type(name: str) -> str:
 
 
 class Uploader:
-    def __init__(self, store: BlobStore, assignment: Assignment, log: Log) -> None:
+    def __init__(self, store: BlobStore, assignment: Assignment, log: Log, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.store = store
         self.a = assignment
         self.log = log
         self.prefix = node_prefix(assignment.run_id, assignment.node)
         self.host = socket.gethostname()
         self._sent: dict[str, tuple[int, int]] = {}
+        self._written: dict[str, float] = {}  # object name -> clock() of its last write
+        self.clock, self.sleep = clock, sleep
+
+    def _paced(self, name: str, force: bool) -> bool:
+        """Whether `name` may be written now. A forced write waits out the per-object gap;
+        another one written too recently is left for the next tick."""
+        last = self._written.get(name)
+        wait = 0.0 if last is None else last + MIN_OBJECT_GAP - self.clock()
+        if wait <= 0:
+            return True
+        if not force:
+            return False
+        self.sleep(wait)
+        return True
+
+    def _put(self, name: str, write: Callable[[], object]) -> None:
+        write()
+        self._written[name] = self.clock()
 
     def file(self, path: Path, name: str, force: bool = False) -> bool:
         """Upload `path` as `name` if it changed since last time (or `force`)."""
@@ -52,11 +81,14 @@ class Uploader:
         stamp = (st.st_size, st.st_mtime_ns)
         if not force and self._sent.get(name) == stamp:
             return False
+        if not self._paced(name, force):
+            return False
         put_file = getattr(self.store, "put_file", None)  # streams big files when offered
         if callable(put_file):
-            put_file(name, path, content_type=content_type(name))
+            self._put(name, lambda: put_file(name, path, content_type=content_type(name)))
         else:
-            self.store.put(name, path.read_bytes(), content_type=content_type(name))
+            self._put(name, lambda: self.store.put(name, path.read_bytes(),
+                                                   content_type=content_type(name)))
         self._sent[name] = stamp
         return True
 
@@ -98,9 +130,14 @@ class Uploader:
         return sent
 
     def heartbeat(self, phase: str, pid: int | None, now: datetime | None = None,
-                  gpus: list[dict[str, Any]] | None = None, gpu_error: str | None = None) -> None:
+                  gpus: list[dict[str, Any]] | None = None, gpu_error: str | None = None,
+                  force: bool = False) -> bool:
         """heartbeat.json; `gpus`: the last nvidia-smi sample, one entry per GPU (`index`,
-        `utilization_percent`, `memory_used_mib`), `gpu_error` why the last sample failed."""
+        `utilization_percent`, `memory_used_mib`), `gpu_error` why the last sample failed.
+        False when it was skipped (written less than a second ago, and not `force`)."""
+        name = self.prefix + "heartbeat.json"
+        if not self._paced(name, force):
+            return False
         body: dict[str, Any] = {
             "run_id": self.a.run_id, "node": self.a.node, "attempt": self.a.attempt,
             "at": iso(now or datetime.now(UTC)), "host": self.host, "phase": phase, "pid": pid,
@@ -109,8 +146,8 @@ class Uploader:
             body["gpus"] = gpus
         if gpu_error is not None:
             body["gpu_error"] = gpu_error
-        self.store.put(self.prefix + "heartbeat.json",
-                       json.dumps(body, sort_keys=True).encode())
+        self._put(name, lambda: self.store.put(name, json.dumps(body, sort_keys=True).encode()))
+        return True
 
     def marker(self, kind: str, exit_code: int | None = None, signal: str | None = None,
                duration_s: float | None = None, tries: int = 3,

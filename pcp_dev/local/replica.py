@@ -110,7 +110,11 @@ class Options:
     max_run_hours: float = 1.0
     binary: str = REFERENCE_BINARY
     agent_interval: float = 1.0  # the agents' upload and poll intervals, seconds
-    grace: float = 5.0  # SIGTERM -> SIGKILL, for agents and for the binary
+    grace: float = 5.0  # the agents' SIGTERM -> SIGKILL for the binary (--grace)
+    # A VM stop: SIGTERM to the agent, SIGKILL this long after (the guest's soft-off window:
+    # 120 s on a Standard VM, 30 s on a Spot one). Default: `grace`, plus 3 s for the agent
+    # to upload its logs and write done once the binary is gone.
+    soft_off_seconds: float | None = None
     # Cloud Storage's per-object mutation limit, held by a proxy in front of fake-gcs-server;
     # None turns it off (for debugging only: the cloud has it).
     gcs_mutation_interval: float | None = 1.0
@@ -670,7 +674,7 @@ class Replica:
                 return
             old = self.workers.get(vm.name)
         if old is not None and old.running:
-            old.stop(self.options.grace)
+            old.stop(self.soft_off)
         argv = self._agent_argv("worker", vm.name) + ["--poweroff-command", "",
                                                       "--boot-grace", "10"]
         self.metadata[vm.name].reset()  # a new boot: no notice pending
@@ -699,9 +703,16 @@ class Replica:
                 reason=f"{name}: agent exited with code {child.proc.returncode}; VM powered off")
             self.compute.power_off(name)
 
+    @property
+    def soft_off(self) -> float:
+        """Seconds from a VM stop's SIGTERM to the agent to its SIGKILL."""
+        o = self.options
+        return o.soft_off_seconds if o.soft_off_seconds is not None else o.grace + 3.0
+
     def _vm_stopping(self, vm: VmRecord) -> None:
-        """LocalCompute's on_stop: an ACPI shutdown, SIGTERM to the agent, SIGKILL after grace."""
+        """LocalCompute's on_stop: an ACPI shutdown, SIGTERM to the agent, SIGKILL after the
+        soft-off window."""
         with self._lock:
             child = self.workers.get(vm.name)
         if child is not None and child.running:
-            child.stop(self.options.grace)
+            child.stop(self.soft_off)

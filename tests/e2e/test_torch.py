@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from pcp.cli.views import RunView
 from pcp_dev.local.replica import Replica
 from tests.conftest import require_emulator
-from tests.e2e.helpers import metrics, start, wait_final, wait_no_processes
+from tests.e2e.helpers import metrics, start, view, wait_final, wait_for, wait_no_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.emulator]
 
@@ -86,8 +87,21 @@ def test_a_rank_that_raises_fails_the_run(small_replica: Replica) -> None:
     assert "worker-" in (done.detail or "") and "exited with code" in (done.detail or "")
     # The nodes stopped after the end write done late: `pcp status` (this view) shows their
     # exit codes, and the outcome stays.
-    # Late exit codes in the ended run's record: tests/core and tests/service (the e2e wait
-    # for them raced the archive; see docs/reliability.md).
+    def every_node_done() -> RunView | None:
+        v = view(small_replica, run_id)
+        return v if v is not None and v.run is not None and all(
+            n.phase.value == "done" for n in v.run.nodes) else None
+
+    try:
+        late = wait_for("every node's exit code in the ended run's record", every_node_done, 60)
+    except BaseException:
+        v = view(small_replica, run_id)
+        print("nodes:", v and v.run and [(n.name, n.phase.value, n.exit_code) for n in v.run.nodes],
+              "markers:", sorted(small_replica.store().list(f"markers/{run_id}/")))
+        raise
+    assert late.status.value == "failed" and late.detail == done.detail
+    assert late.summary is not None and all(
+        n["exit_code"] is not None or n["signal"] is not None for n in late.summary["nodes"])
     wait_no_processes(run_id)
 
 

@@ -411,6 +411,79 @@ def test_a_late_marker_that_loses_a_race_on_the_record_is_not_lost() -> None:
     assert record["status"] == "failed"
 
 
+def _failed_run_with_two_nodes_running(p: Policy | None = None) -> tuple[Service, MemoryStore]:
+    """r1 booted on every node; ending it is the next marker's job (worker-1 exits 3)."""
+    svc, store, _, _ = make(p or policy(workers=2))
+    svc.handle(req("r1"), at(0))
+    for node in ("shepherd", "worker-0", "worker-1"):
+        svc.handle_marker(write_marker(store, marker("r1", node, "booted", 1)), at(1))
+    return svc, store
+
+
+def _exit_codes(store: MemoryStore, doc: str) -> dict[str, int | None]:
+    blob = store.get(doc)
+    assert blob is not None, doc
+    return {n["name"]: n["exit_code"] for n in json.loads(blob.data)["nodes"]}
+
+
+def test_a_marker_landing_while_the_archive_writes_the_ended_record_is_not_lost() -> None:
+    """The archive lists the markers, then writes the record. A `done` that lands between
+    the two, and whose handler reads the record before that write (still the record of
+    the start), is found by the archive's listing after its write."""
+    svc, store = _failed_run_with_two_nodes_running()
+    original_put, raced = store.put, {"done": False}
+
+    def put(name: str, data: bytes, **kw: object) -> int:
+        if name == run_doc("r1") and kw.get("if_generation_match") is None \
+                and json.loads(data)["phase"] == "ended" and not raced["done"]:
+            raced["done"] = True
+            late = write_marker(store, marker("r1", "worker-0", "done", 6, code=143))
+            out = svc.handle_marker(late, at(6))  # reads the record of the start
+            assert "exited after run" not in out.reason
+        return original_put(name, data, **kw)  # type: ignore[arg-type]
+
+    store.put = put  # type: ignore[method-assign]
+    svc.handle_marker(write_marker(store, marker("r1", "worker-1", "done", 5, code=3)), at(5))
+    assert raced["done"]
+    for doc in (run_doc("r1"), summary_doc("r1")):
+        assert _exit_codes(store, doc) == {"shepherd": None, "worker-0": 143, "worker-1": 3}
+    record = json.loads(store.get(run_doc("r1")).data)  # type: ignore[union-attr]
+    assert record["status"] == "failed" and record["detail"] == "worker-1 exited with code 3"
+
+
+def test_a_summary_the_archive_overwrites_after_a_late_marker_is_written_again() -> None:
+    """A late marker's handler updates the record and summary between the archive's
+    record and summary writes; the archive's stale summary does not stay."""
+    svc, store = _failed_run_with_two_nodes_running()
+    original_put, raced = store.put, {"done": False}
+
+    def put(name: str, data: bytes, **kw: object) -> int:
+        if name == summary_doc("r1") and not raced["done"]:
+            raced["done"] = True
+            late = write_marker(store, marker("r1", "shepherd", "done", 6, code=0))
+            out = svc.handle_marker(late, at(6))
+            assert "shepherd exited after run r1 ended" in out.reason
+        return original_put(name, data, **kw)  # type: ignore[arg-type]
+
+    store.put = put  # type: ignore[method-assign]
+    svc.handle_marker(write_marker(store, marker("r1", "worker-1", "done", 5, code=3)), at(5))
+    assert raced["done"]
+    assert _exit_codes(store, summary_doc("r1")) == {"shepherd": 0, "worker-0": None,
+                                                      "worker-1": 3}
+    assert _exit_codes(store, run_doc("r1")) == _exit_codes(store, summary_doc("r1"))
+
+
+def test_a_late_marker_keeps_the_records_wandb_links() -> None:
+    svc, store = _failed_run_with_two_nodes_running(
+        policy(workers=2, default_wandb_project="proj", default_wandb_entity="team"))
+    svc.handle_marker(write_marker(store, marker("r1", "worker-1", "done", 5, code=3)), at(5))
+    out = svc.handle_marker(write_marker(store, marker("r1", "worker-0", "done", 6)), at(6))
+    assert "worker-0 exited after run r1 ended" in out.reason
+    record = json.loads(store.get(run_doc("r1")).data)  # type: ignore[union-attr]
+    assert record["wandb"]["project"] == "proj" and record["wandb"]["group"] == "r1"
+    assert _exit_codes(store, run_doc("r1"))["worker-0"] == 0
+
+
 def test_a_torchrun_run_takes_its_metrics_from_worker_0() -> None:
     svc, store, _, _ = make(policy(workers=1))
     svc.handle(req("r1", binary="torchrun:pkg.train"), at(0))
