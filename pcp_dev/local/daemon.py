@@ -65,7 +65,23 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # Exited but not reaped by its parent (a supervisor that `up` started in a process that
+    # still runs, seen from another process such as `pcp local down`): a zombie is gone.
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].startswith(("Z", "X"))
+    except (OSError, ValueError):
+        pass
+    try:  # no /proc (macOS)
+        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
+                             text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.startswith("Z")
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:
