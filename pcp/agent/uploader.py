@@ -98,8 +98,18 @@ class Uploader:
         that sees the index finds logs at least as long as the index says."""
         self.file(stdout, self.prefix + "stdout.log", force)
         self.file(stderr, self.prefix + "stderr.log", force)
-        if times is not None:
+        held = any(self._unsent(path, self.prefix + name)
+                   for path, name in ((stdout, "stdout.log"), (stderr, "stderr.log")))
+        if times is not None and not held:  # a log left for the next tick holds its index
             self.file(times, self.prefix + "logtimes.txt", force)
+
+    def _unsent(self, path: Path, name: str) -> bool:
+        """Whether `path` changed since its last upload as `name` (one left for a tick)."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        return self._sent.get(name) != (st.st_size, st.st_mtime_ns)
 
     def output(self, directory: Path, until: float | None = None) -> int:
         """Upload every changed regular file under `directory`, keeping relative paths.

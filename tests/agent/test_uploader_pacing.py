@@ -102,3 +102,27 @@ def test_the_final_logs_wait_and_other_objects_do_not(tmp_path: Path) -> None:
     assert store.names.count(up.prefix + "stdout.log") == 2
     up.marker("done", 0)  # a marker never waits
     assert len(clock.slept) == 1
+
+
+def test_the_log_index_waits_for_a_log_left_for_the_next_tick(tmp_path: Path) -> None:
+    """logtimes.txt must never promise more of a log than the bucket holds."""
+    up, store, clock = uploader()
+    out, err, times = tmp_path / "stdout", tmp_path / "stderr", tmp_path / "logtimes"
+    index = up.prefix + "logtimes.txt"
+    times.write_text("t0 stdout=0 stderr=0\n")
+    up.file(times, index)
+    clock.now += 0.8
+    out.write_text("one\n")
+    err.write_text("")
+    up.logs(out, err)  # the logs, 0.8 s after the index
+    clock.now += 0.4  # the index could go again, stdout.log not yet
+    out.write_text("one\ntwo\n")
+    times.write_text("t0 stdout=0 stderr=0\nt1 stdout=8 stderr=0\n")
+    count = len(store.names)
+    up.logs(out, err, times=times)
+    assert store.names[count:] == []  # stdout.log held back, so its index too
+    clock.now += 0.6
+    up.logs(out, err, times=times)
+    assert store.names[count:] == [up.prefix + "stdout.log", index]
+    blob = store.get(index)
+    assert blob is not None and b"stdout=8" in blob.data
