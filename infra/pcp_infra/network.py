@@ -57,8 +57,10 @@ class WorkerNetwork(PcpComponent):
         )
 
         self.firewalls: list[gcp.compute.Firewall] = [
-            # Worker <-> worker on every unprivileged TCP port (and the run's ports): gloo and
-            # NCCL listen on ephemeral ports on every rank and either side of a pair may dial.
+            # Worker <-> worker on every TCP port (no `ports`: all of them): gloo and NCCL
+            # listen on ephemeral ports on every rank, the store on any free port, and either
+            # side of a pair may dial. The sources are the stack's own subnet (its VPC holds
+            # nothing else) and the worker tag; nothing outside the stack matches either.
             gcp.compute.Firewall(
                 f"{prefix}-fw-worker-internal",
                 project=cfg.project,
@@ -66,13 +68,14 @@ class WorkerNetwork(PcpComponent):
                 network=self.network.id,
                 direction="INGRESS",
                 allows=[
-                    gcp.compute.FirewallAllowArgs(
-                        protocol="tcp", ports=sorted({"1024-65535", *cfg.worker_ports})),
+                    gcp.compute.FirewallAllowArgs(protocol="tcp"),
                     gcp.compute.FirewallAllowArgs(protocol="icmp"),
                 ],
+                source_ranges=[WORKER_SUBNET_CIDR],
                 source_tags=[tag],
                 target_tags=[tag],
-                description="pcp workers talk to each other on every unprivileged TCP port",
+                description="pcp workers talk to each other on every TCP port inside the "
+                            "stack's subnet",
                 opts=self.child_opts(),
             ),
             # SSH only through IAP TCP forwarding (`gcloud compute ssh --tunnel-through-iap`).

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pcp_infra.network import WORKER_SUBNET_CIDR
+
 pytestmark = pytest.mark.infra
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
@@ -773,24 +775,19 @@ def test_firewall_never_open_to_the_internet(any_run):
             assert ipaddress.ip_network(cidr).prefixlen > 0, f"{name} admits {cidr}"
         assert rule.get("sourceRanges") or rule.get("sourceTags"), name
     internal = rules[f"{any_run.prefix}-worker-internal"]
-    assert internal["sourceTags"] == [tag] and not internal.get("sourceRanges")
+    # Every TCP port between the workers (gloo and NCCL listen on ephemeral ports, the store
+    # on any free one), from the stack's subnet and its worker tag only.
+    assert internal["sourceTags"] == [tag] and internal["sourceRanges"] == [WORKER_SUBNET_CIDR]
     tcp = [a for a in internal["allows"] if a["protocol"] == "tcp"]
-    assert tcp and all(a.get("ports") for a in tcp)
-    port = int(any_run.config["pcp:tcp_port"])
-    covered = any(
-        int(spec.split("-")[0]) <= port <= int(spec.split("-")[-1])
-        for a in tcp
-        for spec in a["ports"]
-    )
-    assert covered
-    # gloo and NCCL listen on ephemeral ports: the whole unprivileged range between workers.
-    assert any("1024-65535" in a["ports"] for a in tcp)
+    assert tcp == [{"protocol": "tcp"}], "no `ports`: every TCP port"
+    subnets = any_run.of_type("gcp:compute/subnetwork:Subnetwork")
+    assert [sn["inputs"]["ipCidrRange"] for sn in subnets] == [WORKER_SUBNET_CIDR]
     ssh = rules[f"{any_run.prefix}-worker-ssh"]
     assert ssh["sourceRanges"] == ["35.235.240.0/20"]
     assert ssh["allows"] == [{"protocol": "tcp", "ports": ["22"]}]
-    # 22 is open from nowhere else.
+    # 22 is open from outside the stack through IAP only.
     for name, rule in rules.items():
-        if name != f"{any_run.prefix}-worker-ssh":
+        if name not in (f"{any_run.prefix}-worker-ssh", f"{any_run.prefix}-worker-internal"):
             for a in rule["allows"]:
                 assert "22" not in a.get("ports", []), name
 
