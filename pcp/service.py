@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pcp.core.commands import (
@@ -55,6 +55,9 @@ from pcp.core.timefmt import iso
 from pcp.progress import observe
 
 LATE_ATTEMPTS = 5  # lost races on a run record before a late marker's update gives up
+#: How long after its end a run's record is still checked for late markers by the sweeper:
+#: the nodes still running at the end are stopped then, and exit within a VM's soft-off.
+LATE_WINDOW = timedelta(hours=1)
 
 
 class ConflictExhausted(Exception):
@@ -266,6 +269,14 @@ class Service:
                              archived=self._archived(loaded.state))
 
         outcome = self.handle(observation, now)
+        late = self._sweep_late(outcome.transition.state, now)
+        if late:
+            notes = tuple(Note(NoteKind.LATE_DONE_RECORDED, run_id,
+                               f"run {run_id} ended before some of its nodes exited: their exit "
+                               "codes, whose marker events were lost, are recorded now")
+                          for run_id in late)
+            outcome = replace(outcome, transition=replace(
+                outcome.transition, notes=(*outcome.transition.notes, *notes)))
         vms = seen.pop("vms", ())
         capped = hard_cap_stops(vms, now, self.policy.sweep_interval.total_seconds())
         outcome = replace(outcome, hard_cap_stops=tuple(v.name for v in capped))
@@ -287,6 +298,13 @@ class Service:
         }
         self.store.put(sweep_doc(iso(now)), dump(record))
         return outcome
+
+    def _sweep_late(self, state: StackState, now: datetime) -> list[str]:
+        """Late `done` markers whose events were lost: the runs that ended in the last
+        `LATE_WINDOW` get their records brought up to their markers (one read and one listing
+        each; a write only where a marker adds an exit code)."""
+        return [r.run_id for r in state.recent
+                if now - r.ended_at <= LATE_WINDOW and self._settle(r.run_id, None, None)]
 
     def _archived(self, state: StackState) -> frozenset[str]:
         """Which of the ended runs kept in the state have their ended record written."""

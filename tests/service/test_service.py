@@ -473,6 +473,23 @@ def test_a_summary_the_archive_overwrites_after_a_late_marker_is_written_again()
     assert _exit_codes(store, run_doc("r1")) == _exit_codes(store, summary_doc("r1"))
 
 
+def test_the_sweep_records_a_late_marker_whose_event_was_lost() -> None:
+    svc, store = _failed_run_with_two_nodes_running()
+    svc.handle_marker(write_marker(store, marker("r1", "worker-1", "done", 5, code=3)), at(5))
+    write_marker(store, marker("r1", "worker-0", "done", 6, code=143))  # no event comes
+    out = svc.sweep(at(7))
+    assert "worker-0" not in out.reason and any(
+        n.kind.value == "late_done_recorded" and n.run_id == "r1" for n in out.transition.notes)
+    for doc in (run_doc("r1"), summary_doc("r1")):
+        assert _exit_codes(store, doc) == {"shepherd": None, "worker-0": 143, "worker-1": 3}
+    generation = store.get(run_doc("r1")).generation  # type: ignore[union-attr]
+    svc.sweep(at(8))  # nothing new: nothing written
+    assert store.get(run_doc("r1")).generation == generation  # type: ignore[union-attr]
+    write_marker(store, marker("r1", "shepherd", "done", 70, code=0))
+    svc.sweep(at(5 + 61))  # more than an hour after the end: no longer looked at
+    assert _exit_codes(store, run_doc("r1"))["shepherd"] is None
+
+
 def test_a_late_marker_keeps_the_records_wandb_links() -> None:
     svc, store = _failed_run_with_two_nodes_running(
         policy(workers=2, default_wandb_project="proj", default_wandb_entity="team"))
