@@ -207,23 +207,9 @@ class Session:
             self._stop.wait(0.5)
 
     def launch(self, argv: list[str]) -> Result:
-        contract = self.a.env(str(self.output))
-        env = {**os.environ, **contract}
-        sockets = {k: v for k, v in socket_env(self.cfg.socket_ifname).items() if k not in env}
-        env.update(sockets)
-        wandb = wandb_env(self.a, str(self.output), self.wandb_key, self.log)
-        env.update(wandb)
-        runner: Runner
-        if self.image is not None and self.engine is not None:
-            # Every contract variable by name (the value is in the engine's environment).
-            gpus = gpu.parse_count(self.gpus) if self.a.role == "worker" else 0
-            names = [*contract, *sockets, *wandb]
-            argv = container.run_argv(self.engine, self.a, self.image, names,
-                                      str(self.output), gpus, self.cfg.grace)
-            runner = container.ContainerRunner(self.engine, container.container_name(self.a),
-                                               argv, env, self.dir, self.stdout, self.stderr)
-        else:
-            runner = Runner(argv, env, self.dir, self.stdout, self.stderr)
+        """Start the binary (natively or in its container), supervise it until it exits, then
+        upload and write done."""
+        runner = self._runner(argv)
         self.uploader.marker("booted")
         started = time.monotonic()
         try:
@@ -233,6 +219,39 @@ class Session:
             return self._fail(CANNOT_EXECUTE, f"cannot start {argv[0]}: {e}", started)
         self.runner = runner
         self.log.info("binary_started", f"pid {runner.pid}", argv=argv)
+        stopped, ending = self._supervise(runner)
+        runner.reap_group()
+        result = runner.exit()
+        if self.workers_done and result.exit_code == 0:
+            # The store did its job: stopping it is this node's success, not a signal.
+            result, stopped = Exit(0, None, result.duration_s), None
+        self.log.info("binary_exited", f"exit code {result.exit_code}", exit_code=result.exit_code,
+                      signal=result.signal, duration_s=result.duration_s)
+        self._finish(result, heartbeat=True, end_reason=ending)
+        return Result(True, result, stopped, ending)
+
+    def _runner(self, argv: list[str]) -> Runner:
+        """The binary's process: the contract's environment (docs/agent.md) on top of the
+        agent's, run natively or, for an image, by the container engine."""
+        contract = self.a.env(str(self.output))
+        env = {**os.environ, **contract}
+        sockets = {k: v for k, v in socket_env(self.cfg.socket_ifname).items() if k not in env}
+        env.update(sockets)
+        wandb = wandb_env(self.a, str(self.output), self.wandb_key, self.log)
+        env.update(wandb)
+        if self.image is None or self.engine is None:
+            return Runner(argv, env, self.dir, self.stdout, self.stderr)
+        # Every contract variable by name (the value is in the engine's environment).
+        gpus = gpu.parse_count(self.gpus) if self.a.role == "worker" else 0
+        names = [*contract, *sockets, *wandb]
+        argv = container.run_argv(self.engine, self.a, self.image, names,
+                                  str(self.output), gpus, self.cfg.grace)
+        return container.ContainerRunner(self.engine, container.container_name(self.a),
+                                         argv, env, self.dir, self.stdout, self.stderr)
+
+    def _supervise(self, runner: Runner) -> tuple[str | None, str | None]:
+        """Run the periodic tasks until the binary exits, stopping it when told to. Returns
+        why it was stopped (None: it exited on its own) and the node's end reason."""
         up = self.uploader
         watch = (NoticeWatch(self.notices_host, self.end, self.log).start()
                  if self.notices_host else None)
@@ -272,15 +291,7 @@ class Session:
         finally:
             if watch is not None:
                 watch.stop()
-        runner.reap_group()
-        result = runner.exit()
-        if self.workers_done and result.exit_code == 0:
-            # The store did its job: stopping it is this node's success, not a signal.
-            result, stopped = Exit(0, None, result.duration_s), None
-        self.log.info("binary_exited", f"exit code {result.exit_code}", exit_code=result.exit_code,
-                      signal=result.signal, duration_s=result.duration_s)
-        self._finish(result, heartbeat=True, end_reason=ending)
-        return Result(True, result, stopped, ending)
+        return stopped, ending
 
     def _gpu_sampler(self, started: float) -> Callable[[], None] | None:
         """The GPU task: sample nvidia-smi for the heartbeat and apply the gpu_idle policy.
@@ -291,8 +302,9 @@ class Session:
                 self.log.warning("gpu_idle_unenforced", f"gpu_idle policy {policy.text} is not "
                                  f"enforced on {self.a.node}: {gpu.NVIDIA_SMI} is not installed")
             return None
-        watch = gpu.IdleWatch(policy, started, self.cfg.gpu_minute_seconds) if policy else None
-        if watch is not None:
+        watch = None
+        if policy is not None:
+            watch = gpu.IdleWatch(policy, started, self.cfg.gpu_minute_seconds)
             self.log.info("gpu_idle_policy", f"ending the node if every GPU stays below "
                           f"{policy.below_percent:g}% for {policy.minutes:g} min after the "
                           f"first {policy.after_minutes:g} min", policy=policy.text)
