@@ -38,6 +38,7 @@ from pcp.core.lifecycle import (
 )
 from pcp.core.messages import NodeMarker, decode_json, dump, metrics_node_of, run_layout
 from pcp.core.names import (
+    AUDIT_KINDS,
     LABEL_RUN,
     STACK_DOC,
     corrupt_stack_doc,
@@ -296,7 +297,7 @@ class Service:
             "actions": [describe(c) for c in outcome.commands],
             "errors": outcome.errors,
         }
-        self.store.put(sweep_doc(iso(now)), dump(record))
+        self.store.put(sweep_doc(iso(now)), dump(record), metadata=audit_metadata(record))
         return outcome
 
     def _sweep_late(self, state: StackState, now: datetime) -> list[str]:
@@ -463,6 +464,17 @@ def describe(command: Command) -> dict[str, Any]:
                 "labels": dict(command.labels)}
     return {"command": "archive_run", "run_id": command.run.run_id,
             "status": command.run.status.value}
+
+
+def audit_metadata(record: Mapping[str, Any]) -> dict[str, str]:
+    """The kinds and heals of a sweep audit's notes (and `hard_cap_stop`), space-separated,
+    as its object metadata: a listing then tells `pcp events` which audits have anything to
+    say, so a month of quiet sweeps is never read."""
+    kinds = {str(n.get(k)) for n in record.get("notes", []) for k in ("kind", "heal")
+             if n.get(k)}
+    if record.get("hard_cap_stops"):
+        kinds.add("hard_cap_stop")
+    return {AUDIT_KINDS: " ".join(sorted(kinds)) or "-"}  # "-": nothing (never empty)
 
 
 def note_record(note: Note) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import click
 from pcp.cli.options import console, context, echo_json, resources
 from pcp.cli.views import load_json
 from pcp.core.errors import CorruptState
-from pcp.core.names import RUNS, SWEEPS, run_doc
+from pcp.core.names import AUDIT_KINDS, RUNS, SWEEPS, run_doc
 from pcp.core.ports import BlobStore
 from pcp.core.state import Run
 
@@ -84,8 +84,11 @@ def collect(store: BlobStore, run_id: str | None = None,
             kinds: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Every event, oldest first, of one run or all, of the given kinds (kind or heal)."""
     rows: list[dict[str, Any]] = []
-    for name in sorted(store.list(SWEEPS)):
-        rows.extend(r for r in sweep_rows(store, name)
+    for item in store.scan(SWEEPS):
+        said = item.metadata.get(AUDIT_KINDS)  # absent on audits older than audit_metadata
+        if said is not None and (said == "-" or (kinds and not set(said.split()) & set(kinds))):
+            continue  # its metadata says it holds nothing asked for: not read
+        rows.extend(r for r in sweep_rows(store, item.name)
                     if run_id is None or r["run_id"] == run_id)
     for rid in [run_id] if run_id is not None else run_ids(store):
         rows.extend(run_rows(store, rid))

@@ -51,6 +51,8 @@ STACK_DOC = "control/stack.json"
 #: Pulumi program or the local replica): what `pcp run` reads to show a run's deadline first.
 POLICY_DOC = "control/policy.json"
 SWEEPS = "control/sweeps/"
+#: A sweep audit's object metadata: the kinds and heals of its notes, space-separated.
+AUDIT_KINDS = "pcp-kinds"
 REJECTED = "control/rejected/"
 RUNS = "runs/"
 MARKERS = "markers/"

@@ -87,7 +87,8 @@ def test_unknown_stack_is_one_line(stack, invoke) -> None:
 
 
 def test_run_wait_success(stack, invoke, control_plane) -> None:
-    control_plane(stack.store, stack.bus, {})
+    # Half a second in each state: the wait must see the run starting even on a busy machine.
+    control_plane(stack.store, stack.bus, {}, delay=0.5)
     result = invoke(["run", "--run-id", "r-ok", "--wait", "--poll", "0.01", "--timeout", "20"],
                     obj=stack.context)
     assert result.exit_code == 0, result.output

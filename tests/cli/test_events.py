@@ -84,3 +84,41 @@ def test_events_tell_a_hard_cap_stop_once(invoke, stack: Stack) -> None:
     assert (row["run_id"], row["source"]) == ("r1", "sweep")
     assert row["at"].startswith((T0 + timedelta(minutes=58)).isoformat()[:16])
     assert row["text"].startswith("pcp-tiny-worker-0: ")
+
+
+def test_events_read_only_the_audits_whose_metadata_says_they_hold_something(
+        invoke, stack: Stack) -> None:
+    """A month of quiet sweeps (8,640 audits at the default 5 minutes) must not be 8,640
+    reads: each audit's object metadata names its notes' kinds, and a listing tells which to
+    read. An audit written before that metadata existed is still read."""
+    from pcp.core.names import AUDIT_KINDS, SWEEPS
+
+    _story(stack)
+    for minute in range(40, 60):  # quiet sweeps: nothing to say
+        stack.service.sweep(T0 + timedelta(minutes=minute))
+    audits = stack.store.scan(SWEEPS)
+    quiet = [a.name for a in audits if a.metadata.get(AUDIT_KINDS) == "-"]
+    assert len(quiet) >= 20
+    orphan = [a for a in audits if "orphans_stopped" in a.metadata.get(AUDIT_KINDS, "").split()]
+    assert len(orphan) == 1
+    # An audit from before the metadata: a bare object, read and shown.
+    old = {"at": (T0 - timedelta(minutes=5)).isoformat(), "notes": [
+        {"kind": "orphans_stopped", "heal": "orphans_stopped", "run_id": None,
+         "text": "stopped pcp-tiny-worker-0 (old audit)"}]}
+    stack.store.put(f"{SWEEPS}{old['at']}.json", json.dumps(old).encode())
+    reads: list[str] = []
+    get = stack.store.get
+
+    def counting_get(name: str):  # type: ignore[no-untyped-def]
+        reads.append(name)
+        return get(name)
+
+    stack.store.get = counting_get  # type: ignore[method-assign]
+    rows = _events(invoke, stack, "--kind", "orphans_stopped")
+    assert [r["text"] for r in rows][0] == "stopped pcp-tiny-worker-0 (old audit)"
+    assert len(rows) == 2
+    assert not set(quiet) & set(reads)
+    assert len([n for n in reads if n.startswith(SWEEPS)]) == 2  # the old one and the orphan's
+    everything = _events(invoke, stack)
+    assert [r["kind"] for r in everything].count("orphans_stopped") == 2
+    assert not set(quiet) & set(reads)
