@@ -24,9 +24,18 @@ from pcp.core.commands import (
     StopNodes,
 )
 from pcp.core.errors import CapacityError, Conflict, CorruptState, PermanentError
-from pcp.core.events import Event, Reconcile, Rejected, StartFailed, hard_cap_stops
+from pcp.core.events import (
+    Event,
+    Reconcile,
+    Rejected,
+    StartFailed,
+    VmView,
+    hard_cap_stops,
+    holds_attempt,
+)
 from pcp.core.heals import heal_of, heals
 from pcp.core.lifecycle import (
+    LIVE,
     Note,
     NoteKind,
     Transition,
@@ -51,7 +60,7 @@ from pcp.core.names import (
 )
 from pcp.core.policy import Policy
 from pcp.core.ports import BlobStore, Bus, Fleet, Listed
-from pcp.core.state import Phase, Run, StackState
+from pcp.core.state import NodePhase, Phase, Run, StackState
 from pcp.core.timefmt import iso
 from pcp.progress import observe
 
@@ -266,8 +275,8 @@ class Service:
             # the next one would look lost under that run's fresh booted marker).
             vms = tuple(self.fleet.list())
             seen.update(state_lost=loaded.lost, markers=len(loaded.markers), vms=vms)
-            return Reconcile(vms=vms, state_lost=loaded.lost,
-                             archived=self._archived(loaded.state))
+            return Reconcile(vms=vms, markers=self._done_since(loaded, vms),
+                             state_lost=loaded.lost, archived=self._archived(loaded.state))
 
         outcome = self.handle(observation, now)
         late = self._sweep_late(outcome.transition.state, now)
@@ -299,6 +308,26 @@ class Service:
         }
         self.store.put(sweep_doc(iso(now)), dump(record), metadata=audit_metadata(record))
         return outcome
+
+    def _done_since(self, loaded: Loaded, vms: tuple[VmView, ...]) -> tuple[NodeMarker, ...]:
+        """`done` markers written between the sweep's marker listing and its VM listing.
+
+        A node writes `done`, then powers its VM off (the dead-man's switch). Both can fall
+        between the two listings: the sweep would then see a booted node on a VM that is
+        down, and end the run as `node_lost`. So when a node looks lost, the markers are
+        listed again after the VMs, and only `done` counts from that listing: a `booted`
+        written meanwhile, on a VM that was still starting when listed, would make a
+        node look lost that is not."""
+        run = loaded.state.active
+        if run is None or run.phase not in LIVE:
+            return ()
+        up = {v.name for v in vms if v.up and holds_attempt(v.labels, run.run_id, run.attempt)}
+        suspect = [n for n in run.nodes if n.phase is NodePhase.BOOTED
+                   and (vm := self.policy.vm_of(n.name)) is not None and vm not in up]
+        if not suspect:
+            return ()
+        return tuple(m for m in self._markers_of(run.run_id)
+                     if m.kind == "done" and m not in loaded.markers)
 
     def _sweep_late(self, state: StackState, now: datetime) -> list[str]:
         """Late `done` markers whose events were lost: the runs that ended in the last

@@ -490,6 +490,32 @@ def test_the_sweep_records_a_late_marker_whose_event_was_lost() -> None:
     assert _exit_codes(store, run_doc("r1"))["shepherd"] is None
 
 
+def test_a_node_that_writes_done_and_powers_off_during_a_sweep_is_not_lost() -> None:
+    """The sweep lists the markers, then the VMs. A worker that writes `done` and powers
+    its VM off (the dead-man's switch) in between looks booted on a VM that is down; the
+    sweep lists the markers again before calling it lost."""
+    svc, store, fleet, _ = make(policy(workers=2))
+    svc.handle(req("r1"), at(0))
+    for node in ("shepherd", "worker-0", "worker-1"):
+        svc.handle_marker(write_marker(store, marker("r1", node, "booted", 1)), at(1))
+    original_list = fleet.list
+
+    def list_after_the_power_off() -> list:  # type: ignore[type-arg]
+        write_marker(store, marker("r1", "worker-0", "done", 2))  # its event is still on the way
+        fleet.vms["pcp-tiny-worker-0"].status = "TERMINATED"
+        return original_list()
+
+    fleet.list = list_after_the_power_off  # type: ignore[method-assign]
+    out = svc.sweep(at(2))
+    assert "lost" not in out.reason, out.reason
+    active = stack(store).active
+    assert active is not None and active.status is Status.RUNNING
+    fleet.list = original_list  # type: ignore[method-assign]
+    # A node whose VM went down with no done marker is still lost.
+    fleet.vms["pcp-tiny-worker-1"].status = "TERMINATED"
+    assert "worker-1 lost" in svc.sweep(at(3)).reason
+
+
 def test_a_late_marker_keeps_the_records_wandb_links() -> None:
     svc, store = _failed_run_with_two_nodes_running(
         policy(workers=2, default_wandb_project="proj", default_wandb_entity="team"))
