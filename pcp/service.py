@@ -192,15 +192,32 @@ class Service:
                     f"{marker.node} exited with code {marker.exit_code}")
             note = Note(kind, marker.run_id, text)
             outcome = Outcome(Transition(StackState(), (), (note,)), saved=False)
+            # A success that cannot move a live run: should the run have ended already (a
+            # stop that raced a node's own exit), the sweeper records it (_sweep_late).
+            may_be_late = False
         else:
             outcome = self.handle(marker, now, unless_marker=object_name, listing=listing)
-        if marker.kind == "done" and self.record_late(marker.run_id, (*described, marker)):
+            may_be_late = self._ended_before(marker, outcome)
+        if marker.kind == "done" and may_be_late and \
+                self.record_late(marker.run_id, (*described, marker)):
             note = Note(NoteKind.LATE_DONE_RECORDED, marker.run_id,
                         f"{marker.node} exited after run {marker.run_id} ended: its exit "
                         "code is recorded, the run's outcome stays")
             outcome.transition = replace(outcome.transition,
                                          notes=(*outcome.transition.notes, note))
         return outcome
+
+    @staticmethod
+    def _ended_before(marker: NodeMarker, outcome: Outcome) -> bool:
+        """Whether `marker`'s run may have ended before this handler decided, so its record
+        is worth a read for a late exit code. Not when the decided state still has the run
+        active (the marker was folded in), nor when this very decision ended it: its
+        archive lists the markers after writing the ended record (`archive`)."""
+        active = outcome.transition.state.active
+        if active is not None and active.run_id == marker.run_id:
+            return False
+        return not any(isinstance(c, ArchiveRun) and c.run.run_id == marker.run_id
+                       and c.run.phase is Phase.ENDED for c in outcome.commands)
 
     def record_late(self, run_id: str, markers: tuple[NodeMarker, ...]) -> bool:
         """Put what late `done` markers say into an ended run's record and summary.
@@ -422,16 +439,18 @@ class Service:
 
     def archive(self, run: Run) -> None:
         """Write a run's record; an ended run's also gets its summary and late markers."""
-        if run.phase is Phase.ENDED:  # nodes that exited since the end (record_late)
-            run = late_markers(run, self._markers_of(run.run_id)) or run
         wandb = self.wandb(run)
         generation = self.store.put(run_doc(run.run_id), self._record(
             run, {} if wandb is None else {"wandb": wandb}))
         if run.phase is Phase.ENDED:
             self.store.put(summary_doc(run.run_id), dump(self.summary(run)))
-            # A marker may have landed between the listing above and the write, and its
-            # handler may have read the record before the write: list again (_settle).
-            self._settle(run.run_id, None, summarised=generation)
+            # A marker may have landed since the decision's listing, and its handler may
+            # have read the record before this write: list the markers after it. When that
+            # listing adds nothing to what was written, nothing is read: a writer that
+            # changes the record after this write holds a marker this listing did not see,
+            # so its record and summary writes come after this one's (_settle says why).
+            if late_markers(run, self._markers_of(run.run_id)) is not None:
+                self._settle(run.run_id, None, summarised=generation)
 
     @staticmethod
     def _record(run: Run, extra: Mapping[str, Any]) -> bytes:
