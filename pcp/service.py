@@ -7,7 +7,6 @@ between save and execute is healed by the next event or sweep (level-triggered).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +30,6 @@ from pcp.core.events import (
     StartFailed,
     VmView,
     hard_cap_stops,
-    holds_attempt,
 )
 from pcp.core.heals import heal_of, heals
 from pcp.core.lifecycle import (
@@ -42,6 +40,7 @@ from pcp.core.lifecycle import (
     compact,
     decide,
     late_markers,
+    looks_lost,
     markers_could_move_run,
     markers_in,
 )
@@ -60,7 +59,7 @@ from pcp.core.names import (
 )
 from pcp.core.policy import Policy
 from pcp.core.ports import BlobStore, Bus, Fleet, Listed
-from pcp.core.state import NodePhase, Phase, Run, StackState
+from pcp.core.state import Phase, Run, StackState
 from pcp.core.timefmt import iso
 from pcp.progress import observe
 
@@ -253,15 +252,14 @@ class Service:
                 run = Run.from_json(blob.data)
             except CorruptState:
                 return changed  # the sweeper rewrites it from the stack document
-            extra = {k: v for k, v in json.loads(blob.data).items() if k == "wandb"}
-            found = markers if markers is not None and not attempt else self._markers_of(run_id)
-            if markers is not None and attempt:  # a lost race: markers written meanwhile count
-                found = (*markers, *found)
-            late = late_markers(run, found)
+            # Listed afresh when none were given, and after a lost race (markers written
+            # meanwhile count too).
+            listed = self._markers_of(run_id) if markers is None or attempt else ()
+            late = late_markers(run, (*(markers or ()), *listed))
             generation = blob.generation
             if late is not None:
                 try:
-                    generation = self.store.put(run_doc(run_id), self._record(late, extra),
+                    generation = self.store.put(run_doc(run_id), self._record(late),
                                                 if_generation_match=blob.generation)
                 except Conflict:
                     self.sleep(0.2 * random.uniform(0.5, 1.5))
@@ -336,12 +334,7 @@ class Service:
         written meanwhile, on a VM that was still starting when listed, would make a
         node look lost that is not."""
         run = loaded.state.active
-        if run is None or run.phase not in LIVE:
-            return ()
-        up = {v.name for v in vms if v.up and holds_attempt(v.labels, run.run_id, run.attempt)}
-        suspect = [n for n in run.nodes if n.phase is NodePhase.BOOTED
-                   and (vm := self.policy.vm_of(n.name)) is not None and vm not in up]
-        if not suspect:
+        if run is None or run.phase not in LIVE or not looks_lost(run, vms, self.policy):
             return ()
         return tuple(m for m in self._markers_of(run.run_id)
                      if m.kind == "done" and m not in loaded.markers)
@@ -439,9 +432,7 @@ class Service:
 
     def archive(self, run: Run) -> None:
         """Write a run's record; an ended run's also gets its summary and late markers."""
-        wandb = self.wandb(run)
-        generation = self.store.put(run_doc(run.run_id), self._record(
-            run, {} if wandb is None else {"wandb": wandb}))
+        generation = self.store.put(run_doc(run.run_id), self._record(run))
         if run.phase is Phase.ENDED:
             self.store.put(summary_doc(run.run_id), dump(self.summary(run)))
             # A marker may have landed since the decision's listing, and its handler may
@@ -452,11 +443,11 @@ class Service:
             if late_markers(run, self._markers_of(run.run_id)) is not None:
                 self._settle(run.run_id, None, summarised=generation)
 
-    @staticmethod
-    def _record(run: Run, extra: Mapping[str, Any]) -> bytes:
+    def _record(self, run: Run) -> bytes:
         """The run record: the run, and where its wandb runs are (readers of Run ignore
         the extra key)."""
-        return run.to_json() if not extra else dump({**run.to_dict(), **extra})
+        wandb = self.wandb(run)
+        return run.to_json() if wandb is None else dump({**run.to_dict(), "wandb": wandb})
 
     def summary(self, run: Run) -> dict[str, Any]:
         prefix = run_prefix(run.run_id)

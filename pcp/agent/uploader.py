@@ -43,6 +43,15 @@ def content_type(name: str) -> str:
     return guessed or "application/octet-stream"
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """What tells a changed file: its size and modification time (None: no such file)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 class Uploader:
     def __init__(self, store: BlobStore, assignment: Assignment, log: Log, *,
                  clock: Callable[[], float] = time.monotonic,
@@ -74,11 +83,9 @@ class Uploader:
 
     def file(self, path: Path, name: str, force: bool = False) -> bool:
         """Upload `path` as `name` if it changed since last time (or `force`)."""
-        try:
-            st = path.stat()
-        except FileNotFoundError:
+        stamp = _stamp(path)
+        if stamp is None:
             return False
-        stamp = (st.st_size, st.st_mtime_ns)
         if not force and self._sent.get(name) == stamp:
             return False
         if not self._paced(name, force):
@@ -105,11 +112,8 @@ class Uploader:
 
     def _unsent(self, path: Path, name: str) -> bool:
         """Whether `path` changed since its last upload as `name` (one left for a tick)."""
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return False
-        return self._sent.get(name) != (st.st_size, st.st_mtime_ns)
+        stamp = _stamp(path)
+        return stamp is not None and self._sent.get(name) != stamp
 
     def output(self, directory: Path, until: float | None = None) -> int:
         """Upload every changed regular file under `directory`, keeping relative paths.

@@ -520,18 +520,28 @@ def marker_would_change(state: StackState, run_id: str, node_name: str, kind: st
     return kind == "done" or node.phase is NodePhase.PENDING
 
 
+def vm_holds(run: Run, vm: VmView | None) -> bool:
+    """Whether `vm` is up under `run`'s current attempt."""
+    return vm is not None and vm.up and holds_attempt(vm.labels, run.run_id, run.attempt)
+
+
+def looks_lost(run: Run, vms: Iterable[VmView], policy: Policy) -> bool:
+    """Whether a booted, unfinished worker of `run` has no VM up under its attempt: what
+    the sweep ends a run for (`node_lost`)."""
+    views = {v.name: v for v in vms}
+    return any(n.phase is NodePhase.BOOTED and (vm := policy.vm_of(n.name)) is not None
+               and not vm_holds(run, views.get(vm)) for n in run.nodes)
+
+
 def _check_nodes(tx: _Tx, run: Run, views: dict[str, VmView], now: datetime,
                  policy: Policy) -> None:
     """Fail fast on a lost node; re-issue what a crash between save and execute dropped."""
     restart: list[str] = []
     for node in run.nodes:
         vm_name = policy.vm_of(node.name)
-        if vm_name is None or node.phase is NodePhase.DONE:
+        if vm_name is None or node.phase is NodePhase.DONE or vm_holds(run, views.get(vm_name)):
             continue
         vm = views.get(vm_name)
-        ours = vm is not None and holds_attempt(vm.labels, run.run_id, run.attempt)
-        if vm is not None and vm.up and ours:
-            continue
         if node.phase is NodePhase.BOOTED:
             status = "missing" if vm is None else vm.status
             _end(tx, Reason.NODE_LOST, f"{node.name} lost: VM {vm_name} is {status}", now,
